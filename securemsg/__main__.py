@@ -1,0 +1,3 @@
+from securemsg.cli import main
+
+raise SystemExit(main())

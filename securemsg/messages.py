@@ -1,0 +1,297 @@
+"""The wire messages: one msgspec Struct per type, tagged on ``"type"``, sans-I/O.
+
+Client-to-server and server-to-client messages form two separate unions (the two ``ack``
+shapes differ). Bodies are kept as :class:`msgspec.Raw` so the server relays them without
+decoding; the client decodes them with :func:`decode_body`.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated, Any, Final, Literal
+
+import msgspec
+
+from securemsg.exceptions import ProtocolError
+from securemsg.frames import encode_frame
+
+__all__ = [
+    "FATAL_CODES",
+    "PROTOCOL_VERSION",
+    "Ack",
+    "Bye",
+    "ClientMessage",
+    "Direct",
+    "Error",
+    "ErrorCode",
+    "Heartbeat",
+    "Hello",
+    "Join",
+    "Leave",
+    "Members",
+    "Message",
+    "Ping",
+    "Pong",
+    "Presence",
+    "Publish",
+    "ServerAck",
+    "ServerMessage",
+    "Welcome",
+    "Who",
+    "decode_body",
+    "decode_client",
+    "decode_server",
+    "encode",
+    "encode_body",
+    "encode_frame_of",
+]
+
+PROTOCOL_VERSION: Final = 1
+
+#: Room names: dot-separated tokens of letters, digits, ``_`` and ``-``.
+ROOM_PATTERN: Final = r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$"
+#: Room patterns for join/leave: a token may be ``*`` (one token), the last may be ``>`` (rest).
+ROOM_FILTER_PATTERN: Final = r"^([A-Za-z0-9_-]+|\*)(\.([A-Za-z0-9_-]+|\*))*(\.>)?$|^>$"
+#: Client names: 1 to 64 of letters, digits, ``_``, ``-``, ``.`` and ``@``.
+NAME_PATTERN: Final = r"^[A-Za-z0-9_.@-]{1,64}$"
+
+Room = Annotated[str, msgspec.Meta(pattern=ROOM_PATTERN, max_length=255)]
+RoomFilter = Annotated[str, msgspec.Meta(pattern=ROOM_FILTER_PATTERN, max_length=255)]
+Name = Annotated[str, msgspec.Meta(pattern=NAME_PATTERN)]
+MsgId = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+Token = Annotated[str, msgspec.Meta(max_length=1024)]
+Seq = Annotated[int, msgspec.Meta(ge=0)]
+
+
+class ErrorCode(StrEnum):
+    BAD_FRAME = "bad_frame"
+    TOO_LARGE = "too_large"
+    BAD_MESSAGE = "bad_message"
+    UNKNOWN_TYPE = "unknown_type"
+    UNSUPPORTED_VERSION = "unsupported_version"
+    HANDSHAKE_TIMEOUT = "handshake_timeout"
+    HEARTBEAT_TIMEOUT = "heartbeat_timeout"
+    UNAUTHORIZED = "unauthorized"
+    NAME_TAKEN = "name_taken"
+    NO_SUCH_USER = "no_such_user"
+    NOT_MEMBER = "not_member"
+    RATE_LIMITED = "rate_limited"
+    SLOW_CONSUMER = "slow_consumer"
+    SERVER_SHUTDOWN = "server_shutdown"
+    SERVER_BUSY = "server_busy"
+
+
+#: Codes after which the sender closes the connection. The others answer one message and
+#: the connection carries on.
+FATAL_CODES: Final = frozenset(
+    {
+        ErrorCode.BAD_FRAME,
+        ErrorCode.TOO_LARGE,
+        ErrorCode.UNSUPPORTED_VERSION,
+        ErrorCode.HANDSHAKE_TIMEOUT,
+        ErrorCode.HEARTBEAT_TIMEOUT,
+        ErrorCode.UNAUTHORIZED,
+        ErrorCode.NAME_TAKEN,
+        ErrorCode.SLOW_CONSUMER,
+        ErrorCode.SERVER_SHUTDOWN,
+        ErrorCode.SERVER_BUSY,
+    }
+)
+
+
+class _Base(msgspec.Struct, tag_field="type", kw_only=True, omit_defaults=True, frozen=True):
+    pass
+
+
+# -- both directions -------------------------------------------------------------------------
+
+
+class Ping(_Base, tag="ping"):
+    id: Seq
+
+
+class Pong(_Base, tag="pong"):
+    id: Seq
+
+
+class Bye(_Base, tag="bye"):
+    reason: str | None = None
+
+
+# -- client to server ------------------------------------------------------------------------
+
+
+class Hello(_Base, tag="hello"):
+    version: int
+    #: Optional under mutual TLS, where the certificate names the client.
+    name: Name | None = None
+    token: Token | None = None
+    session: Token | None = None
+    last_seq: Seq | None = None
+
+
+class Join(_Base, tag="join"):
+    room: RoomFilter
+    id: MsgId | None = None
+
+
+class Leave(_Base, tag="leave"):
+    room: RoomFilter
+    id: MsgId | None = None
+
+
+class Publish(_Base, tag="publish"):
+    room: Room
+    body: msgspec.Raw
+    id: MsgId | None = None
+    reply_to: Token | None = None
+
+
+class Direct(_Base, tag="direct"):
+    to: Name
+    body: msgspec.Raw
+    id: MsgId | None = None
+    re: Token | None = None
+
+
+class Who(_Base, tag="who"):
+    room: RoomFilter
+    id: MsgId | None = None
+
+
+class Ack(_Base, tag="ack"):
+    """Client to server: every message up to and including ``seq`` was received."""
+
+    seq: Seq
+
+
+ClientMessage = Hello | Join | Leave | Publish | Direct | Who | Ack | Ping | Pong | Bye
+
+
+# -- server to client ------------------------------------------------------------------------
+
+
+class Heartbeat(msgspec.Struct, kw_only=True, frozen=True):
+    interval: float
+    timeout: float
+
+
+class Welcome(_Base, tag="welcome"):
+    version: int
+    session: str
+    name: str
+    resumed: bool
+    heartbeat: Heartbeat
+    max_frame: int
+
+
+class Message(_Base, tag="message", kw_only=True):
+    """A delivered message. ``seq`` is last so the server can splice it into a shared prefix."""
+
+    room: str | None = None
+    sender: str = msgspec.field(name="from")
+    to: str | None = None
+    body: msgspec.Raw
+    id: str | None = None
+    reply_to: str | None = None
+    re: str | None = None
+    ts: float
+    seq: int
+
+
+class ServerAck(_Base, tag="ack"):
+    """Server to client: the message that carried ``id`` was routed (or the join/leave holds)."""
+
+    id: str
+
+
+class Presence(_Base, tag="presence"):
+    room: str
+    name: str
+    event: Literal["join", "leave"]
+
+
+class Members(_Base, tag="members"):
+    room: str
+    names: list[str]
+    ref: str | None = None
+
+
+class Error(_Base, tag="error"):
+    code: str
+    message: str
+    ref: str | None = None
+
+
+ServerMessage = Welcome | Message | ServerAck | Presence | Members | Error | Ping | Pong | Bye
+
+_CLIENT_TYPES: Final = frozenset(
+    {"hello", "join", "leave", "publish", "direct", "who", "ack", "ping", "pong", "bye"}
+)
+_SERVER_TYPES: Final = frozenset(
+    {"welcome", "message", "ack", "presence", "members", "error", "ping", "pong", "bye"}
+)
+
+_encoder = msgspec.json.Encoder()
+_client_decoder = msgspec.json.Decoder(ClientMessage)
+_server_decoder = msgspec.json.Decoder(ServerMessage)
+_any_decoder = msgspec.json.Decoder()
+
+encode = _encoder.encode
+
+
+def encode_frame_of(message: msgspec.Struct) -> bytes:
+    """Encode ``message`` as one whole frame, header included."""
+    return encode_frame(_encoder.encode(message))
+
+
+def encode_body(value: Any) -> msgspec.Raw:
+    """Encode an application value (any JSON value) as a message body."""
+    try:
+        return msgspec.Raw(_encoder.encode(value))
+    except (TypeError, msgspec.EncodeError) as exc:
+        raise TypeError(f"message body is not JSON-serialisable: {exc}") from None
+
+
+def decode_body(body: msgspec.Raw) -> Any:
+    return _any_decoder.decode(body)
+
+
+def decode_client(payload: bytes) -> ClientMessage:
+    """Decode one client-to-server payload or raise :class:`ProtocolError`."""
+    return _decode(payload, _client_decoder, _CLIENT_TYPES)  # type: ignore[no-any-return]
+
+
+def decode_server(payload: bytes) -> ServerMessage:
+    """Decode one server-to-client payload or raise :class:`ProtocolError`."""
+    return _decode(payload, _server_decoder, _SERVER_TYPES)  # type: ignore[no-any-return]
+
+
+def _decode(payload: bytes, decoder: msgspec.json.Decoder[Any], types: frozenset[str]) -> Any:
+    # msgspec does not check UTF-8 inside Raw bodies; isascii() is a cheap pass for most frames.
+    if not payload.isascii():
+        try:
+            payload.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ProtocolError("bad_frame", f"frame is not valid UTF-8 ({exc.reason})") from None
+    try:
+        return decoder.decode(payload)
+    except msgspec.ValidationError as exc:
+        raise _classify(payload, str(exc), types) from None
+    except msgspec.DecodeError as exc:
+        raise ProtocolError("bad_frame", f"frame is not valid JSON: {exc}") from None
+
+
+def _classify(payload: bytes, detail: str, types: frozenset[str]) -> ProtocolError:
+    # The slow path, taken only for invalid messages: work out which rule was broken.
+    obj = _any_decoder.decode(payload)
+    if not isinstance(obj, dict):
+        return ProtocolError("bad_frame", f"frame is not a JSON object: {detail}")
+    ref = obj.get("id")
+    ref = ref if isinstance(ref, str) else None
+    kind = obj.get("type")
+    if not isinstance(kind, str):
+        return ProtocolError("bad_message", "message has no string field 'type'", ref=ref)
+    if kind not in types:
+        return ProtocolError("unknown_type", f"unknown message type {kind!r}", ref=ref)
+    return ProtocolError("bad_message", f"invalid {kind!r} message: {detail}", ref=ref)
