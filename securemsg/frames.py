@@ -29,8 +29,9 @@ def encode_frame(payload: bytes) -> bytes:
 class FrameDecoder:
     """Incremental decoder: ``feed(data)`` returns the payloads completed by ``data``.
 
-    After a :class:`ProtocolError` the stream cannot be resynchronised, so the decoder stays
-    failed and raises the same error on every later call.
+    A bad length prefix raises :class:`ProtocolError`. Frames that were complete before it in
+    the same call are returned first, with the error kept in :attr:`error` and raised by the
+    next call: the stream cannot be resynchronised, so the decoder stays failed.
     """
 
     __slots__ = ("_buffer", "_error", "max_frame")
@@ -41,6 +42,10 @@ class FrameDecoder:
         self.max_frame = max_frame
         self._buffer = bytearray()
         self._error: ProtocolError | None = None
+
+    @property
+    def error(self) -> ProtocolError | None:
+        return self._error
 
     @property
     def buffered(self) -> int:
@@ -60,6 +65,9 @@ class FrameDecoder:
             (length,) = _unpack_header_from(buffer, offset)
             if length == 0 or length > max_frame:
                 self._fail(length)
+                if frames:
+                    return frames
+                raise self._error  # type: ignore[misc]
             start = offset + HEADER_SIZE
             if end - start < length:
                 break
@@ -77,4 +85,3 @@ class FrameDecoder:
             self._error = ProtocolError(
                 "too_large", f"frame of {length} bytes exceeds max_frame {self.max_frame}"
             )
-        raise self._error
