@@ -284,7 +284,11 @@ def _decode(payload: bytes, decoder: msgspec.json.Decoder[Any], types: frozenset
 
 def _classify(payload: bytes, detail: str, types: frozenset[str]) -> ProtocolError:
     # The slow path, taken only for invalid messages: work out which rule was broken.
-    obj = _any_decoder.decode(payload)
+    # The typed decoder stops at the first invalid value, so the rest may not even be JSON.
+    try:
+        obj = _any_decoder.decode(payload)
+    except msgspec.DecodeError as exc:
+        return ProtocolError("bad_frame", f"frame is not valid JSON: {exc}")
     if not isinstance(obj, dict):
         return ProtocolError("bad_frame", f"frame is not a JSON object: {detail}")
     ref = obj.get("id")

@@ -159,6 +159,9 @@ class Connection:
             fatal = exc.code in FATAL_CODES or self.state is ConnectionState.HANDSHAKE
             return self._reject(exc, fatal=fatal)
         self.last_received = now
+        if self.state is ConnectionState.HANDSHAKE:
+            # Not even ping or pong may come before hello (on the client: before welcome).
+            return self._check_message(message)
         if type(message) is Ping:
             self.send(Pong(id=message.id))
             return None

@@ -100,6 +100,9 @@ class RecentIds:
             del ids[next(iter(ids))]
         return False
 
+    def forget(self, msg_id: str) -> None:
+        self._ids.pop(msg_id, None)
+
     def __len__(self) -> int:
         return len(self._ids)
 

@@ -1,0 +1,530 @@
+"""Typed configuration: defaults < TOML file < environment < command-line flags.
+
+One name, four spellings. ``heartbeat_interval`` is the attribute and keyword, the key
+``heartbeat_interval`` in the ``[server]`` (or ``[client]``) table of a TOML file, the
+environment variable ``SECUREMSG_HEARTBEAT_INTERVAL`` and the flag ``--heartbeat-interval``.
+:func:`load_config` merges them in that order (a flag beats the environment, which beats the
+file, which beats the default), types every value and then validates the whole. Every
+mistake is a :class:`~securemsg.exceptions.ConfigError` whose message is one sentence that
+starts with where the value came from (the file, the variable or the flag)::
+
+    config/server.toml: unknown key 'heartbeat_intervall' in [server] (did you mean ...?)
+    SECUREMSG_PORT: expected an integer, got 'abc'
+    --heartbeat-timeout: heartbeat_timeout (1.0) must be greater than heartbeat_interval (10.0)
+
+Empty environment variables count as unset. The token is never shown: ``repr()`` masks it,
+:func:`add_config_flags` adds no ``--token`` flag (command lines are visible to every user
+of the machine) and the example files leave it out; pass it in ``SECUREMSG_TOKEN`` or put it
+in ``token_file``. Certificate files are checked by :mod:`securemsg.tls`, not here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import functools
+import math
+import os
+import re
+import tomllib
+from collections.abc import Collection, Mapping
+from pathlib import Path
+from typing import Any, ClassVar, Final, Literal, NamedTuple, TypeVar, cast, get_args
+
+import msgspec
+
+from securemsg.exceptions import ConfigError
+from securemsg.messages import NAME_PATTERN
+
+__all__ = [
+    "ENV_PREFIX",
+    "FIELD_HELP",
+    "LOG_FORMATS",
+    "LOG_LEVELS",
+    "ClientConfig",
+    "LogFormat",
+    "LogLevel",
+    "ServerConfig",
+    "add_config_flags",
+    "fields_with_defaults",
+    "load_config",
+    "overrides_from_args",
+    "read_token",
+]
+
+LogFormat = Literal["auto", "json", "console"]
+LogLevel = Literal["debug", "info", "warning", "error", "critical"]
+LOG_FORMATS: Final = ("auto", "json", "console")
+LOG_LEVELS: Final = ("debug", "info", "warning", "error", "critical")
+ENV_PREFIX: Final = "SECUREMSG_"
+_MIB: Final = 1024 * 1024
+
+
+class _Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Shared behaviour: validation on construction and a repr that masks the token."""
+
+    section: ClassVar[str]
+
+    def __post_init__(self) -> None:
+        problem = _find_problem(cast("ServerConfig | ClientConfig", self))
+        if problem is not None:
+            raise _InvalidValueError(*problem)
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{name}={_masked(self, name)!r}" for name in self.__struct_fields__)
+        return f"{type(self).__name__}({shown})"
+
+    def __rich_repr__(self) -> list[tuple[str, Any]]:
+        return [(name, _masked(self, name)) for name in self.__struct_fields__]
+
+
+class ServerConfig(_Config, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Everything ``securemsg serve`` can be told; read from the ``[server]`` table."""
+
+    section: ClassVar[str] = "server"
+
+    host: str = "127.0.0.1"
+    port: int = 7443
+    cert: str | None = None
+    key: str | None = None
+    ca: str | None = None
+    require_client_cert: bool = False
+    tls13_only: bool = False
+    token_file: str | None = None
+    token: str | None = None
+    handshake_timeout: float = 10.0
+    heartbeat_interval: float = 10.0
+    heartbeat_timeout: float = 30.0
+    session_ttl: float = 60.0
+    max_pending: int = 10_000
+    max_outgoing_bytes: int = 8 * _MIB
+    max_frame: int = 1 * _MIB
+    max_connections: int = 10_000
+    max_msgs_per_sec: float = 0.0
+    dedup_window: int = 10_000
+    shutdown_timeout: float = 5.0
+    log_format: LogFormat = "auto"
+    log_level: LogLevel = "info"
+
+
+class ClientConfig(_Config, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Everything a client command can be told; read from the ``[client]`` table."""
+
+    section: ClassVar[str] = "client"
+
+    host: str = "localhost"
+    port: int = 7443
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+    name: str | None = None
+    token: str | None = None
+    reconnect_base: float = 0.5
+    reconnect_cap: float = 30.0
+    max_attempts: int = 0
+    max_outbox: int = 10_000
+    heartbeat_interval: float | None = None
+    heartbeat_timeout: float | None = None
+    connect_timeout: float = 10.0
+    log_format: LogFormat = "auto"
+    log_level: LogLevel = "warning"
+
+
+#: One short line per option and section; used for ``--help``, the docs and the example files.
+FIELD_HELP: Final[dict[str, dict[str, str]]] = {
+    "server": {
+        "host": "address to listen on",
+        "port": "TCP port to listen on; 0 picks a free one",
+        "cert": "server certificate chain, PEM file",
+        "key": "private key of the server certificate, PEM file",
+        "ca": "CA bundle that client certificates must chain to, PEM file",
+        "require_client_cert": "require a client certificate signed by the CA (mutual TLS)",
+        "tls13_only": "accept TLS 1.3 only instead of TLS 1.2 and newer",
+        "token_file": "file holding the token clients must present",
+        "token": "token clients must present; set SECUREMSG_TOKEN, never a file or flag",
+        "handshake_timeout": "seconds a new connection has to finish TLS and hello",
+        "heartbeat_interval": "seconds between heartbeats, advertised to clients",
+        "heartbeat_timeout": "seconds of silence after which a peer counts as dead",
+        "session_ttl": "seconds a disconnected client's session is kept for resuming",
+        "max_pending": "unacknowledged messages kept per session",
+        "max_outgoing_bytes": "bytes queued for a slow client before it is dropped",
+        "max_frame": "largest frame accepted, in bytes",
+        "max_connections": "connections served at once",
+        "max_msgs_per_sec": "messages per second one client may send; 0 means no limit",
+        "dedup_window": "recent message ids remembered per client to drop duplicates",
+        "shutdown_timeout": "seconds to drain connections when shutting down",
+        "log_format": "log format on stderr: auto (JSON unless a terminal), json or console",
+        "log_level": "lowest level logged: debug, info, warning, error or critical",
+    },
+    "client": {
+        "host": "server host name, also checked against its certificate",
+        "port": "server TCP port",
+        "ca": "CA bundle the server certificate must chain to; none means the system CAs",
+        "cert": "client certificate chain for mutual TLS, PEM file",
+        "key": "private key of the client certificate, PEM file",
+        "name": "name to register as (letters, digits, _ . @ -); none lets the server choose",
+        "token": "token to present; set SECUREMSG_TOKEN, never a file or flag",
+        "reconnect_base": "seconds before the first reconnect attempt",
+        "reconnect_cap": "longest wait in seconds between reconnect attempts",
+        "max_attempts": "reconnect attempts before giving up; 0 means never give up",
+        "max_outbox": "unacknowledged sent messages kept for resending",
+        "heartbeat_interval": "seconds between heartbeats; none: as the server says",
+        "heartbeat_timeout": "seconds of silence before reconnecting; none: as the server says",
+        "connect_timeout": "seconds to connect, finish TLS and be welcomed",
+        "log_format": "log format on stderr: auto (JSON unless a terminal), json or console",
+        "log_level": "lowest level logged: debug, info, warning, error or critical",
+    },
+}
+
+T = TypeVar("T", bound=_Config)
+
+# -- validation ------------------------------------------------------------------------------
+
+_DURATIONS: Final = frozenset(
+    "handshake_timeout heartbeat_interval heartbeat_timeout session_ttl shutdown_timeout"
+    " reconnect_base reconnect_cap connect_timeout".split()
+)
+_SIZES: Final = frozenset(
+    "max_pending max_outgoing_bytes max_frame max_connections dedup_window max_outbox".split()
+)
+_ZERO_MEANS_OFF: Final = frozenset({"max_msgs_per_sec", "max_attempts"})
+_NAME_RE: Final = re.compile(NAME_PATTERN)
+
+_Problem = tuple[tuple[str, ...], str]
+
+
+class _InvalidValueError(ConfigError):
+    """A value that has the right type but is out of range; ``keys`` are the fields to blame."""
+
+    def __init__(self, keys: tuple[str, ...], message: str) -> None:
+        super().__init__(message)
+        self.keys = keys
+        self.message = message
+
+
+def _find_problem(config: ServerConfig | ClientConfig) -> _Problem | None:
+    """The first out-of-range value as (fields involved, sentence), or None when all is well."""
+    for name in config.__struct_fields__:
+        value = getattr(config, name)
+        if value is None:
+            continue
+        if name in _DURATIONS and not (value > 0 and math.isfinite(value)):
+            return (name,), f"{name} must be a number of seconds greater than 0, got {value!r}"
+        if name in _SIZES and value < 1:
+            return (name,), f"{name} must be at least 1, got {value!r}"
+        if name in _ZERO_MEANS_OFF and not (value >= 0 and math.isfinite(value)):
+            return (name,), f"{name} must be 0 (no limit) or more, got {value!r}"
+    low_port = 1 if isinstance(config, ClientConfig) else 0
+    if not low_port <= config.port <= 65535:
+        return ("port",), f"port must be between {low_port} and 65535, got {config.port!r}"
+    for name, allowed in (("log_format", LOG_FORMATS), ("log_level", LOG_LEVELS)):
+        if getattr(config, name) not in allowed:
+            return (name,), f"{name} must be {_one_of(allowed)}, got {getattr(config, name)!r}"
+    if isinstance(config, ClientConfig):
+        if config.name is not None and not _NAME_RE.match(config.name):
+            return ("name",), (
+                f"name must be 1 to 64 letters, digits, '_', '.', '@' or '-', got {config.name!r}"
+            )
+        if config.reconnect_cap < config.reconnect_base:
+            return ("reconnect_cap", "reconnect_base"), (
+                f"reconnect_cap ({config.reconnect_cap!r}) must be at least "
+                f"reconnect_base ({config.reconnect_base!r})"
+            )
+    interval, timeout = config.heartbeat_interval, config.heartbeat_timeout
+    if interval is not None and timeout is not None and timeout <= interval:
+        return ("heartbeat_timeout", "heartbeat_interval"), (
+            f"heartbeat_timeout ({timeout!r}) must be greater than "
+            f"heartbeat_interval ({interval!r})"
+        )
+    return None
+
+
+def _masked(config: _Config, name: str) -> Any:
+    value = getattr(config, name)
+    return "***" if name == "token" and value is not None else value
+
+
+def _one_of(values: Collection[object]) -> str:
+    return "one of " + ", ".join(repr(v) for v in values)
+
+
+# -- typing each value -----------------------------------------------------------------------
+
+
+class _Field(NamedTuple):
+    name: str
+    type: Any  # the annotation, for msgspec.convert
+    info: msgspec.inspect.Type  # the same type, inspected (Optional unwrapped)
+    default: Any
+    choices: tuple[Any, ...]  # a Literal's values in declared order, else ()
+
+
+@functools.cache
+def _fields(cls: type[_Config]) -> dict[str, _Field]:
+    found: dict[str, _Field] = {}
+    for field in msgspec.structs.fields(cls):
+        info = msgspec.inspect.type_info(field.type)
+        if isinstance(info, msgspec.inspect.UnionType):
+            info = next(t for t in info.types if not isinstance(t, msgspec.inspect.NoneType))
+        choices = get_args(field.type) if isinstance(info, msgspec.inspect.LiteralType) else ()
+        found[field.name] = _Field(field.name, field.type, info, field.default, choices)
+    return found
+
+
+_TRUE: Final = frozenset({"1", "true", "yes", "on"})
+_FALSE: Final = frozenset({"0", "false", "no", "off"})
+
+
+def _expected(field: _Field, *, text: bool = False) -> str:
+    info = field.info
+    if isinstance(info, msgspec.inspect.BoolType):
+        return "a boolean (1/0, true/false, yes/no or on/off)" if text else "true or false"
+    if isinstance(info, msgspec.inspect.IntType):
+        return "an integer"
+    if isinstance(info, msgspec.inspect.FloatType):
+        return "a number"
+    if field.choices:
+        return _one_of(field.choices)
+    return "a string"
+
+
+def _typed(field: _Field, value: Any) -> Any:
+    """``value`` as the field's type, or ValueError."""
+    try:
+        return msgspec.convert(value, field.type, strict=True)
+    except msgspec.ValidationError:
+        raise ValueError(_expected(field)) from None
+
+
+def _parsed(field: _Field, text: str) -> Any:
+    """An environment string as the field's type, or ValueError."""
+    info, stripped = field.info, text.strip()
+    expected = _expected(field, text=True)
+    if isinstance(info, msgspec.inspect.BoolType):
+        if stripped.lower() in _TRUE | _FALSE:
+            return stripped.lower() in _TRUE
+        raise ValueError(expected)
+    try:
+        if isinstance(info, msgspec.inspect.IntType):
+            return int(stripped)
+        if isinstance(info, msgspec.inspect.FloatType):
+            return float(stripped)
+    except ValueError:
+        raise ValueError(expected) from None
+    if field.choices:
+        if stripped not in field.choices:
+            raise ValueError(expected)
+        return stripped
+    return text
+
+
+def _suggestion(word: str, choices: Collection[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+# -- loading ---------------------------------------------------------------------------------
+
+
+def load_config(
+    cls: type[T],
+    *,
+    path: str | Path | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> T:
+    """Merge default < file < environment < overrides into a validated ``cls``.
+
+    ``env`` defaults to :data:`os.environ`; pass ``{}`` to ignore the environment.
+    ``overrides`` are flag values (see :func:`overrides_from_args`); None values are skipped.
+    """
+    fields = _fields(cls)
+    values: dict[str, Any] = {}
+    sources: dict[str, tuple[int, str]] = {}  # field -> (precedence, where it came from)
+    if path is not None:
+        for name, value in _read_file(cls, Path(path)).items():
+            values[name], sources[name] = value, (1, str(path))
+    environ = os.environ if env is None else env
+    for name, field in fields.items():
+        variable = ENV_PREFIX + name.upper()
+        text = environ.get(variable)
+        if not text:
+            continue
+        try:
+            values[name] = _parsed(field, text)
+        except ValueError as exc:
+            raise ConfigError(f"{variable}: expected {exc}, got {text!r}") from None
+        sources[name] = (2, variable)
+    for name, value in (overrides or {}).items():
+        if value is None:
+            continue
+        flag = _flag(name)
+        if name not in fields:
+            hint = _suggestion(name, fields)
+            raise ConfigError(f"{flag}: unknown {cls.section} option {name!r}{hint}")
+        try:
+            values[name] = _typed(fields[name], value)
+        except ValueError as exc:
+            raise ConfigError(f"{flag}: expected {exc}, got {value!r}") from None
+        sources[name] = (3, flag)
+    try:
+        return cls(**values)
+    except _InvalidValueError as exc:
+        blamed = [sources[key] for key in exc.keys if key in sources]
+        where = max(blamed)[1] + ": " if blamed else ""
+        raise ConfigError(where + exc.message) from None
+
+
+def _read_file(cls: type[_Config], path: Path) -> dict[str, Any]:
+    """The typed values of ``cls.section`` in the TOML file at ``path``."""
+    try:
+        document = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: config file is not UTF-8 text") from None
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise ConfigError(f"{path}: cannot read config file ({reason})") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    sections = sorted(FIELD_HELP)
+    for name, value in document.items():
+        if name not in sections:
+            what = "table" if isinstance(value, dict) else "top-level key"
+            label = f"[{name}]" if isinstance(value, dict) else repr(name)
+            raise ConfigError(
+                f"{path}: unknown {what} {label}, expected only [server] and [client] tables"
+                + _suggestion(name, sections)
+            )
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: {name!r} must be a table ([{name}]), got {value!r}")
+    fields = _fields(cls)
+    values: dict[str, Any] = {}
+    for name, value in document.get(cls.section, {}).items():
+        if name not in fields:
+            raise ConfigError(
+                f"{path}: unknown key {name!r} in [{cls.section}]" + _suggestion(name, fields)
+            )
+        try:
+            values[name] = _typed(fields[name], value)
+        except ValueError as exc:
+            raise ConfigError(
+                f"{path}: expected {exc} for {name!r} in [{cls.section}], got {value!r}"
+            ) from None
+    return values
+
+
+def read_token(config: ServerConfig | ClientConfig) -> str | None:
+    """The token: ``config.token`` if set, else the content of ``token_file``, else None.
+
+    Surrounding whitespace is stripped; an empty token counts as none.
+    """
+    if config.token is not None:
+        return config.token.strip() or None
+    token_file = getattr(config, "token_file", None)
+    if token_file is None:
+        return None
+    try:
+        text = Path(token_file).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"token_file {token_file!r}: file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise ConfigError(f"token_file {token_file!r}: cannot read it ({reason})") from exc
+    token = text.strip()
+    if not token:
+        raise ConfigError(f"token_file {token_file!r}: the file is empty")
+    return token
+
+
+# -- flags and docs --------------------------------------------------------------------------
+
+#: Fields that never become flags: a command line is visible to every user of the machine.
+_NOT_FLAGS: Final = frozenset({"token"})
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _metavar(field: _Field) -> str | None:
+    if field.choices:
+        return None  # argparse shows the choices
+    if field.name in _DURATIONS or field.name == "max_msgs_per_sec":
+        return "SECONDS" if field.name != "max_msgs_per_sec" else "RATE"
+    if field.name in {"max_outgoing_bytes", "max_frame"}:
+        return "BYTES"
+    if isinstance(field.info, msgspec.inspect.IntType):
+        return "PORT" if field.name == "port" else "N"
+    if field.name in {"cert", "key", "ca", "token_file"}:
+        return "PATH"
+    return field.name.upper()
+
+
+def _default_text(default: Any) -> str:
+    if default is None:
+        return "none"
+    if isinstance(default, bool):
+        return "true" if default else "false"
+    return str(default)
+
+
+def add_config_flags(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+    cls: type[_Config],
+    *,
+    exclude: Collection[str] = (),
+) -> None:
+    """Add ``--field-name`` for every field of ``cls`` but ``exclude`` (and ``token``).
+
+    Every flag defaults to None, so :func:`overrides_from_args` sees only what was given.
+    """
+    help_texts = FIELD_HELP[cls.section]
+    for name, field in _fields(cls).items():
+        if name in exclude or name in _NOT_FLAGS:
+            continue
+        text = f"{help_texts[name]} (default: {_default_text(field.default)})"
+        text = text.replace("%", "%%")
+        if isinstance(field.info, msgspec.inspect.BoolType):
+            parser.add_argument(
+                _flag(name),
+                dest=name,
+                action=argparse.BooleanOptionalAction,
+                default=None,
+                help=text,
+            )
+            continue
+        if field.choices:
+            kind: Any = str
+            choices: list[Any] | None = list(field.choices)
+        else:
+            kind = {msgspec.inspect.IntType: int, msgspec.inspect.FloatType: float}.get(
+                type(field.info), str
+            )
+            choices = None
+        parser.add_argument(
+            _flag(name),
+            dest=name,
+            type=kind,
+            choices=choices,
+            default=None,
+            metavar=_metavar(field),
+            help=text,
+        )
+
+
+def overrides_from_args(args: argparse.Namespace, cls: type[_Config]) -> dict[str, Any]:
+    """The fields of ``cls`` that were given as flags (those not None in ``args``)."""
+    given: dict[str, Any] = {}
+    for name in _fields(cls):
+        value = getattr(args, name, None)
+        if value is not None:
+            given[name] = value
+    return given
+
+
+def fields_with_defaults(cls: type[_Config]) -> list[tuple[str, Any, str]]:
+    """``(name, default, help)`` for every field of ``cls``, in declaration order."""
+    help_texts = FIELD_HELP[cls.section]
+    return [(name, field.default, help_texts[name]) for name, field in _fields(cls).items()]

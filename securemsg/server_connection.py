@@ -1,0 +1,307 @@
+"""One client connection on the server: the asyncio read/write path over the protocol core.
+
+Read path: bytes -> :class:`securemsg.protocol.Server` -> events -> broker -> frames queued on
+this or other connections -> one ``writelines`` per connection per loop iteration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from securemsg import protocol
+from securemsg.broker import Refused, Session
+from securemsg.exceptions import ProtocolError
+from securemsg.messages import (
+    PROTOCOL_VERSION,
+    Ack,
+    Bye,
+    Direct,
+    Error,
+    ErrorCode,
+    Heartbeat,
+    Hello,
+    Join,
+    Leave,
+    Publish,
+    Welcome,
+    Who,
+    encode_frame_of,
+)
+from securemsg.protocol import ConnectionState, FrameRejected, MessageReceived, PeerTimedOut
+from securemsg.tls import peer_identity
+
+if TYPE_CHECKING:
+    from securemsg.server import Server
+
+__all__ = ["ServerConnection"]
+
+_SLOW_CONSUMER_GRACE = 1.0  # seconds a slow consumer's close may take before we abort
+
+
+class ServerConnection(asyncio.Protocol):
+    def __init__(self, server: Server, *, conn_id: int, peer: str, accepted_at: float) -> None:
+        config = server.config
+        self.server = server
+        self.broker = server.broker
+        self.id = conn_id
+        self.peer = peer
+        self.accepted_at = accepted_at
+        self._loop = server.loop
+        self.core = protocol.Server(
+            now=accepted_at,
+            handshake_timeout=config.handshake_timeout,
+            max_frame=config.max_frame,
+            heartbeat_interval=config.heartbeat_interval,
+            heartbeat_timeout=config.heartbeat_timeout,
+        )
+        self.transport: asyncio.Transport | None = None
+        self.session: Session | None = None
+        self.identity: str | None = None
+        self.log = structlog.get_logger("securemsg.server").bind(conn=conn_id, peer=peer)
+        self._flush_scheduled = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._close_reason = "peer_closed"
+        self._rate = config.max_msgs_per_sec
+        self._tokens = self._rate
+        self._tokens_at = accepted_at
+        self.closed = self._loop.create_future()
+
+    # -- asyncio.Protocol ---------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.set_write_buffer_limits(high=self.server.config.max_outgoing_bytes)
+        ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is not None:
+            self.identity = peer_identity(ssl_object)
+        self._arm_timer()
+
+    def data_received(self, data: bytes) -> None:
+        core = self.core
+        events = core.receive_data(data, self._loop.time())
+        if events:
+            ts = time.time()
+            for event in events:
+                if type(event) is MessageReceived:
+                    self._on_message(event.message, ts)  # type: ignore[arg-type]
+                elif type(event) is FrameRejected:
+                    self._on_rejected(event)
+                if core.state is not ConnectionState.OPEN and core.state is not (
+                    ConnectionState.HANDSHAKE
+                ):
+                    break
+        self._flush()
+        if core.state is ConnectionState.CLOSING:
+            self._close()
+
+    def eof_received(self) -> bool | None:
+        return None  # let the transport close; connection_lost does the rest
+
+    def pause_writing(self) -> None:
+        # The peer reads slower than we write and the buffer reached max_outgoing_bytes.
+        self.log.warning(
+            "slow_consumer",
+            name=self._name,
+            buffered=self.transport.get_write_buffer_size() if self.transport else None,
+        )
+        self.close_with(ErrorCode.SLOW_CONSUMER, "the client reads too slowly")
+        if self.transport is not None:
+            self._loop.call_later(_SLOW_CONSUMER_GRACE, self.transport.abort)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.core.connection_lost()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        session = self.session
+        if session is not None:
+            self.broker.detach(session, self, self._loop.time())
+            self.server.session_detached(session)
+        core = self.core
+        self.log.info(
+            "connection_closed",
+            name=self._name,
+            reason=self._close_reason if exc is None else f"{self._close_reason}: {exc}",
+            duration=round(self._loop.time() - self.accepted_at, 3),
+            frames_in=core.frames_in,
+            frames_out=core.frames_out,
+            bytes_in=core.bytes_in,
+            bytes_out=core.bytes_out,
+        )
+        self.server.connection_closed(self)
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    # -- broker.Link --------------------------------------------------------------------------
+
+    def queue(self, frame: bytes) -> None:
+        self.core.send_frame(frame)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def close_with(self, code: str, message: str) -> None:
+        if self.core.state is ConnectionState.CLOSED:
+            return
+        self._close_reason = code
+        self.core.fail(code, message)
+        self._flush()
+        self._close()
+
+    def send_bye(self, reason: str) -> None:
+        self._close_reason = reason
+        self.core.send_bye(reason)
+        self._flush()
+        self._close()
+
+    # -- internals ----------------------------------------------------------------------------
+
+    @property
+    def _name(self) -> str | None:
+        return self.session.name if self.session is not None else None
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            self.core.data_to_send()
+            return
+        data = self.core.data_to_send()
+        if data:
+            transport.writelines(data)
+
+    def _close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def _arm_timer(self) -> None:
+        if self.core.state is ConnectionState.CLOSED:
+            return
+        self._timer = self._loop.call_at(self.core.next_deadline(), self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        for event in self.core.tick(self._loop.time()):
+            if type(event) is PeerTimedOut:
+                self._close_reason = event.code
+                self.log.warning(
+                    event.code, name=self._name, silence=round(event.silence, 3)
+                )
+        self._flush()
+        if self.core.state is ConnectionState.CLOSING:
+            self._close()
+        elif self.core.state is not ConnectionState.CLOSED:
+            self._arm_timer()
+
+    def _on_rejected(self, event: FrameRejected) -> None:
+        error = event.error
+        self.log.warning(
+            "frame_rejected",
+            name=self._name,
+            code=error.code,
+            reason=error.message,
+            fatal=event.fatal,
+        )
+        if event.fatal:
+            self._close_reason = error.code
+
+    def _on_message(self, message: Any, ts: float) -> None:
+        kind = type(message)
+        session = self.session
+        if session is None:
+            self._on_hello(message)
+            return
+        if kind is Ack:
+            try:
+                session.log.ack(message.seq)
+            except ProtocolError as exc:
+                self._on_rejected(FrameRejected(exc, fatal=False))
+                self.core.send(Error(code=exc.code, message=exc.message))
+            return
+        if kind is Bye:
+            self._close_reason = "client_bye"
+            self.broker.end(session, reason="bye")
+            self.server.session_ended(session, "bye")
+            self.session = None
+            self.core.send_bye("client_bye")
+            return
+        if self._rate and not self._take_token(message):
+            return
+        if kind is Publish:
+            self.broker.publish(session, message, ts)
+        elif kind is Direct:
+            if not self.broker.direct(session, message, ts):
+                self._error(ErrorCode.NO_SUCH_USER, f"no user named {message.to!r}", message.id)
+        elif kind is Join:
+            self.broker.join(session, message.room, message.id)
+            self.log.info("joined", name=session.name, room=message.room)
+        elif kind is Leave:
+            if self.broker.leave(session, message.room, message.id):
+                self.log.info("left", name=session.name, room=message.room)
+            else:
+                self._error(ErrorCode.NOT_MEMBER, f"not a member of {message.room!r}", message.id)
+        elif kind is Who:
+            self.queue(self.broker.who(message.room, message.id))
+
+    def _take_token(self, message: Any) -> bool:
+        now = self._loop.time()
+        self._tokens = min(self._rate, self._tokens + (now - self._tokens_at) * self._rate)
+        self._tokens_at = now
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return True
+        ref = getattr(message, "id", None)
+        self._error(ErrorCode.RATE_LIMITED, "message rate limit exceeded; dropped", ref)
+        return False
+
+    def _error(self, code: str, text: str, ref: str | None) -> None:
+        self.log.info("request_refused", name=self._name, code=code)
+        self.core.send(Error(code=code, message=text, ref=ref))
+
+    def _on_hello(self, hello: Hello) -> None:
+        config = self.server.config
+        try:
+            opened = self.broker.open(hello, identity=self.identity, link=self)
+        except Refused as refused:
+            self.log.warning("session_refused", name=hello.name, code=refused.code,
+                             reason=refused.message)
+            self._close_reason = refused.code
+            self.core.fail(refused.code, refused.message)
+            return
+        session = self.session = opened.session
+        self.server.session_attached(session)
+        self.log = self.log.bind(name=session.name, session=session.id)
+        self.core.accept(
+            Welcome(
+                version=PROTOCOL_VERSION,
+                session=session.token,
+                name=session.name,
+                resumed=opened.resumed,
+                heartbeat=Heartbeat(
+                    interval=config.heartbeat_interval, timeout=config.heartbeat_timeout
+                ),
+                max_frame=config.max_frame,
+            )
+        )
+        for frame in opened.replay:
+            self.core.send_frame(frame)
+        if opened.resumed:
+            self.log.info(
+                "session_resumed",
+                last_seq=hello.last_seq,
+                replayed=len(opened.replay),
+                took_over=opened.took_over,
+            )
+        else:
+            self.log.info("session_started", resumed_requested=hello.session is not None)
+        # The handshake deadline no longer applies: re-arm for the heartbeat.
+        if self._timer is not None:
+            self._timer.cancel()
+        self._arm_timer()
+
+
