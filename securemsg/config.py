@@ -370,8 +370,8 @@ def load_config(
     try:
         return cls(**values)
     except _InvalidValueError as exc:
-        blamed = [sources[key] for key in exc.keys if key in sources]
-        where = max(blamed)[1] + ": " if blamed else ""
+        blamed = [sources[key] for key in exc.keys if key in sources]  # first key wins ties
+        where = max(blamed, key=lambda source: source[0])[1] + ": " if blamed else ""
         raise ConfigError(where + exc.message) from None
 
 
@@ -444,6 +444,14 @@ def read_token(config: ServerConfig | ClientConfig) -> str | None:
 _NOT_FLAGS: Final = frozenset({"token"})
 
 
+class _RefusedFlag(argparse.Action):
+    """A hidden flag that fails with advice, so ``--token`` never abbreviates ``--token-file``."""
+
+    def __call__(self, parser: Any, namespace: Any, values: Any, option: Any = None) -> None:
+        message = "a secret on the command line is visible to other users; set SECUREMSG_"
+        raise argparse.ArgumentError(self, message + f"{self.dest.upper()} instead")
+
+
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -476,13 +484,17 @@ def add_config_flags(
     *,
     exclude: Collection[str] = (),
 ) -> None:
-    """Add ``--field-name`` for every field of ``cls`` but ``exclude`` (and ``token``).
+    """Add ``--field-name`` for every field of ``cls`` but those in ``exclude``.
 
     Every flag defaults to None, so :func:`overrides_from_args` sees only what was given.
+    ``--token`` is hidden and refused with advice to use the environment instead.
     """
     help_texts = FIELD_HELP[cls.section]
     for name, field in _fields(cls).items():
-        if name in exclude or name in _NOT_FLAGS:
+        if name in exclude:
+            continue
+        if name in _NOT_FLAGS:
+            parser.add_argument(_flag(name), dest=name, action=_RefusedFlag, help=argparse.SUPPRESS)
             continue
         text = f"{help_texts[name]} (default: {_default_text(field.default)})"
         text = text.replace("%", "%%")

@@ -106,22 +106,22 @@ class _Base(msgspec.Struct, tag_field="type", kw_only=True, omit_defaults=True, 
 # -- both directions -------------------------------------------------------------------------
 
 
-class Ping(_Base, tag="ping"):
+class Ping(_Base, tag="ping", frozen=True):
     id: Seq
 
 
-class Pong(_Base, tag="pong"):
+class Pong(_Base, tag="pong", frozen=True):
     id: Seq
 
 
-class Bye(_Base, tag="bye"):
+class Bye(_Base, tag="bye", frozen=True):
     reason: str | None = None
 
 
 # -- client to server ------------------------------------------------------------------------
 
 
-class Hello(_Base, tag="hello"):
+class Hello(_Base, tag="hello", frozen=True):
     version: int
     #: Optional under mutual TLS, where the certificate names the client.
     name: Name | None = None
@@ -130,36 +130,36 @@ class Hello(_Base, tag="hello"):
     last_seq: Seq | None = None
 
 
-class Join(_Base, tag="join"):
+class Join(_Base, tag="join", frozen=True):
     room: RoomFilter
     id: MsgId | None = None
 
 
-class Leave(_Base, tag="leave"):
+class Leave(_Base, tag="leave", frozen=True):
     room: RoomFilter
     id: MsgId | None = None
 
 
-class Publish(_Base, tag="publish"):
+class Publish(_Base, tag="publish", frozen=True):
     room: Room
     body: msgspec.Raw
     id: MsgId | None = None
     reply_to: Token | None = None
 
 
-class Direct(_Base, tag="direct"):
+class Direct(_Base, tag="direct", frozen=True):
     to: Name
     body: msgspec.Raw
     id: MsgId | None = None
     re: Token | None = None
 
 
-class Who(_Base, tag="who"):
+class Who(_Base, tag="who", frozen=True):
     room: RoomFilter
     id: MsgId | None = None
 
 
-class Ack(_Base, tag="ack"):
+class Ack(_Base, tag="ack", frozen=True):
     """Client to server: every message up to and including ``seq`` was received."""
 
     seq: Seq
@@ -176,7 +176,7 @@ class Heartbeat(msgspec.Struct, kw_only=True, frozen=True):
     timeout: float
 
 
-class Welcome(_Base, tag="welcome"):
+class Welcome(_Base, tag="welcome", frozen=True):
     version: int
     session: str
     name: str
@@ -185,7 +185,7 @@ class Welcome(_Base, tag="welcome"):
     max_frame: int
 
 
-class Message(_Base, tag="message", kw_only=True):
+class Message(_Base, tag="message", kw_only=True, frozen=True):
     """A delivered message. ``seq`` is last so the server can splice it into a shared prefix."""
 
     room: str | None = None
@@ -199,25 +199,25 @@ class Message(_Base, tag="message", kw_only=True):
     seq: int
 
 
-class ServerAck(_Base, tag="ack"):
+class ServerAck(_Base, tag="ack", frozen=True):
     """Server to client: the message that carried ``id`` was routed (or the join/leave holds)."""
 
     id: str
 
 
-class Presence(_Base, tag="presence"):
+class Presence(_Base, tag="presence", frozen=True):
     room: str
     name: str
     event: Literal["join", "leave"]
 
 
-class Members(_Base, tag="members"):
+class Members(_Base, tag="members", frozen=True):
     room: str
     names: list[str]
     ref: str | None = None
 
 
-class Error(_Base, tag="error"):
+class Error(_Base, tag="error", frozen=True):
     code: str
     message: str
     ref: str | None = None

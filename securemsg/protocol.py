@@ -129,11 +129,16 @@ class Connection:
         self.frames_in = self.frames_out = 0
         self.bytes_in = self.bytes_out = 0
 
+    @property
+    def is_active(self) -> bool:
+        """Still handshaking or open: frames are read and may be sent."""
+        return self.state is ConnectionState.OPEN or self.state is ConnectionState.HANDSHAKE
+
     # -- receiving ----------------------------------------------------------------------------
 
     def receive_data(self, data: bytes, now: float) -> list[Event]:
         """Feed bytes read from the peer; return what they mean, in order."""
-        if self.state is ConnectionState.CLOSED or self.state is ConnectionState.CLOSING:
+        if not self.is_active:
             return []
         self.bytes_in += len(data)
         try:
@@ -145,7 +150,7 @@ class Connection:
             event = self._receive_payload(payload, now)
             if event is not None:
                 events.append(event)
-                if self.state is ConnectionState.CLOSING:
+                if not self.is_active:
                     return events
         if self._decoder.error is not None:
             events.append(self._reject(self._decoder.error, fatal=True))

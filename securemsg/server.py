@@ -198,16 +198,15 @@ class Server:
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         conn: ServerConnection | None = None
+        reason: str | None = None
         try:
             async with asyncio.timeout(self.config.handshake_timeout):
                 info = await _peek_client_hello(loop, sock)
-                refusal = _refusal(info)
-                if refusal is not None:
+                reason = _refusal(info)
+                if reason is not None:
                     if info.kind == "http":
                         with contextlib.suppress(OSError):
                             sock.send(_HTTP_REFUSAL)
-                    self._handshake_failed(log, refusal)
-                    sock.close()
                     return
                 _, conn = await loop.connect_accepted_socket(
                     lambda: ServerConnection(
@@ -218,15 +217,17 @@ class Server:
                     ssl_handshake_timeout=max(0.01, self.config.handshake_timeout),
                 )
         except TimeoutError:
-            self._handshake_failed(log, "timeout")
-            sock.close()
-            return
+            reason = "timeout"
         except (OSError, ssl.SSLError, EOFError) as exc:
-            self._handshake_failed(log, describe_server_handshake_error(exc))
-            sock.close()
-            return
+            reason = describe_server_handshake_error(exc)
         finally:
             self._pending_handshakes -= 1
+            if conn is None:
+                sock.close()
+                if reason is not None:
+                    self._handshake_failed(log, reason)
+        if conn is None:
+            return
         self.connections.add(conn)
         tls = conn.transport.get_extra_info("ssl_object") if conn.transport else None
         log.info(

@@ -91,9 +91,7 @@ class ServerConnection(asyncio.Protocol):
                     self._on_message(event.message, ts)  # type: ignore[arg-type]
                 elif type(event) is FrameRejected:
                     self._on_rejected(event)
-                if core.state is not ConnectionState.OPEN and core.state is not (
-                    ConnectionState.HANDSHAKE
-                ):
+                if not core.is_active:
                     break
         self._flush()
         if core.state is ConnectionState.CLOSING:
