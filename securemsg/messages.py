@@ -298,4 +298,21 @@ def _classify(payload: bytes, detail: str, types: frozenset[str]) -> ProtocolErr
         return ProtocolError("bad_message", "message has no string field 'type'", ref=ref)
     if kind not in types:
         return ProtocolError("unknown_type", f"unknown message type {kind!r}", ref=ref)
-    return ProtocolError("bad_message", f"invalid {kind!r} message: {detail}", ref=ref)
+    return ProtocolError("bad_message", f"invalid {kind!r} message: {_explain(detail)}", ref=ref)
+
+
+_RULES: Final = {
+    "room": "room names are dot-separated tokens of letters, digits, '_' and '-' "
+    "(wildcards '*' and a final '>' only in join, leave and who)",
+    "name": "names are 1 to 64 letters, digits, '_', '-', '.' or '@'",
+    "to": "names are 1 to 64 letters, digits, '_', '-', '.' or '@'",
+}
+
+
+def _explain(detail: str) -> str:
+    # msgspec reports a failed pattern as the raw regex: say the rule in words instead.
+    if "matching regex" in detail and "`$." in detail:
+        field = detail.rsplit("`$.", 1)[1].rstrip("`")
+        if field in _RULES:
+            return f"bad {field!r}: {_RULES[field]}"
+    return detail

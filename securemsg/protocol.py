@@ -250,16 +250,19 @@ class Connection:
         """Send a ping when one is due; report a peer that has been silent too long."""
         if self.state is not ConnectionState.OPEN:
             return []
+        # Compare with the very sums next_deadline() returns: ``now - t >= d`` can be False
+        # at ``now == t + d`` in floating point, and a driver woken then would spin.
         silence = now - self.last_received
-        if silence >= self.heartbeat_timeout:
+        if now >= self.last_received + self.heartbeat_timeout:
             self.fail(ErrorCode.HEARTBEAT_TIMEOUT, f"nothing received for {silence:.1f} s")
             return [PeerTimedOut(ErrorCode.HEARTBEAT_TIMEOUT, silence)]
         if self._sent_since_tick:
             self._sent_since_tick = False
             self.last_sent = now
         interval = self.heartbeat_interval
-        if now - self.last_sent >= interval or (
-            silence >= interval and now - self._last_ping >= interval
+        if (
+            now >= self.last_sent + interval
+            or now >= max(self.last_received, self._last_ping) + interval
         ):
             self._ping(now)
         return []

@@ -204,9 +204,7 @@ class Server:
                 info = await _peek_client_hello(loop, sock)
                 reason = _refusal(info)
                 if reason is not None:
-                    if info.kind == "http":
-                        with contextlib.suppress(OSError):
-                            sock.send(_HTTP_REFUSAL)
+                    _refuse_politely(sock, http=info.kind == "http")
                     return
                 _, conn = await loop.connect_accepted_socket(
                     lambda: ServerConnection(
@@ -273,6 +271,16 @@ class Server:
         rooms = self.broker.end(session, reason="expired")
         logger.info("session_expired", session=session.id, name=session.name, rooms=len(rooms),
                     undelivered=len(session.log))
+
+
+def _refuse_politely(sock: socket.socket, *, http: bool) -> None:
+    # Consume what was only peeked at: closing with unread data would send a RST, and the
+    # client would lose our answer.
+    with contextlib.suppress(OSError):
+        sock.recv(_PEEK_SIZE)
+        if http:
+            sock.send(_HTTP_REFUSAL)
+        sock.shutdown(socket.SHUT_WR)
 
 
 def _refusal(info: ClientHelloInfo) -> str | None:

@@ -1,0 +1,342 @@
+"""A client session's bookkeeping across connections: what was sent and not yet answered, and
+what was received and not yet handed to the application.
+
+Everything the client sends carries an id from the :class:`~securemsg.session.Outbox` (join,
+leave, who, publish, direct) and stays there until the server answers that id (``ack``,
+``members``, or ``error`` with ``ref``); after a reconnect the unanswered frames go out again
+with the same ids, and the server acks a repeated id without delivering it twice. Sending
+never writes: frames are queued on the connection, which flushes once per loop iteration.
+
+Received messages pass the :class:`~securemsg.session.Inbox` (duplicates dropped by sequence
+number) into a bounded queue; one cumulative ``ack`` goes out per read. When the queue is
+full the connection stops reading, so a slow application slows the server down instead of
+filling memory. Replies to :meth:`Mailbox.request_token` tokens go to their requester only.
+"""
+
+# ruff: noqa: ASYNC109 - the public API takes timeouts (flush(timeout), receive(timeout)...)
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import contextlib
+import itertools
+import secrets
+import weakref
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Final, Generic, TypeVar
+
+import msgspec
+from structlog.typing import FilteringBoundLogger
+
+from securemsg import messages
+from securemsg.client_connection import ClientConnection
+from securemsg.client_types import Message, Presence
+from securemsg.exceptions import ClosedError, RejectedError, TimeoutError
+from securemsg.messages import (
+    FATAL_CODES,
+    Ack,
+    Bye,
+    Members,
+    ServerAck,
+    decode_body,
+    encode_frame_of,
+)
+from securemsg.protocol import Event, FrameRejected, MessageReceived, PongReceived
+from securemsg.session import Inbox, Outbox
+
+__all__ = ["MAX_RECEIVED", "EventStream", "Mailbox", "deadline"]
+
+T = TypeVar("T")
+
+#: Received messages held for the application before the connection stops reading.
+MAX_RECEIVED: Final = 10_000
+_RESUME_RECEIVED: Final = MAX_RECEIVED // 2
+#: Events held per presence() / state_changes() iterator; the oldest are dropped past it.
+_MAX_EVENTS: Final = 1_000
+
+Make = Callable[[str], msgspec.Struct]
+
+
+@contextlib.asynccontextmanager
+async def deadline(timeout: float | None, what: str) -> AsyncIterator[None]:
+    """``asyncio.timeout`` that raises :class:`securemsg.TimeoutError` naming the wait."""
+    scope = asyncio.timeout(timeout)
+    try:
+        async with scope:
+            yield
+    except builtins.TimeoutError as exc:
+        if not scope.expired():
+            raise
+        raise TimeoutError(f"{what} did not complete within {timeout:g} s") from exc
+
+
+class EventStream(Generic[T]):
+    """An async iterator the client feeds; it ends when the client closes."""
+
+    __slots__ = ("__weakref__", "_queue")
+
+    def __init__(self) -> None:
+        self._queue: asyncio.Queue[T | None] = asyncio.Queue()
+
+    def put(self, item: T) -> None:
+        if self._queue.qsize() >= _MAX_EVENTS:
+            self._queue.get_nowait()
+        self._queue.put_nowait(item)
+
+    def end(self) -> None:
+        self._queue.put_nowait(None)
+
+    def __aiter__(self) -> EventStream[T]:
+        return self
+
+    async def __anext__(self) -> T:
+        item = await self._queue.get()
+        if item is None:
+            self._queue.put_nowait(None)
+            raise StopAsyncIteration
+        return item
+
+
+class _FlushWaiter:
+    """``remaining`` outbox entries with ids up to ``mark`` are still unanswered."""
+
+    __slots__ = ("future", "mark", "remaining")
+
+    def __init__(self, mark: int, remaining: int, future: asyncio.Future[None]) -> None:
+        self.mark = mark
+        self.remaining = remaining
+        self.future = future
+
+
+class Mailbox:
+    """The session state a :class:`~securemsg.client.Client` keeps across connections; the
+    owner (:class:`~securemsg.client_connection.ConnectionOwner`) of its live connection."""
+
+    def __init__(self, *, max_outbox: int, log: FilteringBoundLogger) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._log = log
+        self.outbox = Outbox(max_outbox)
+        self.inbox = Inbox()
+        #: The live, welcomed connection, or None between connections.
+        self.conn: ClientConnection | None = None
+        #: Set once the client is closing: every new call raises it.
+        self.closed: ClosedError | None = None
+        self.rtt: float | None = None
+        self._waiters: dict[str, asyncio.Future[Any]] = {}
+        self._requests: dict[str, asyncio.Future[Message]] = {}
+        self._request_prefix = f"rq-{secrets.token_hex(4)}-"
+        self._request_ids = itertools.count(1)
+        self._flushes: list[_FlushWaiter] = []
+        self._last_id = "0"
+        self._space = asyncio.Event()
+        self._space.set()
+        self._received: asyncio.Queue[Message | None] = asyncio.Queue()
+        self._paused = False
+        self.presence_streams: weakref.WeakSet[EventStream[Presence]] = weakref.WeakSet()
+
+    # -- sending ----------------------------------------------------------------------------------
+
+    async def send(self, make: Make, answer: bool, timeout: float | None, what: str) -> Any:
+        """Put the frame ``make(id)`` in the outbox, and on the wire when connected. With
+        ``answer``, wait for the server's answer to that id and return it (None for an ack,
+        the names for a who); an error answer raises :class:`RejectedError`."""
+        self._check_open()
+        if not answer and not self.outbox.full:
+            self.submit(make)
+            return None
+        async with deadline(timeout, what):
+            while self.outbox.full:
+                self._space.clear()
+                await self._space.wait()
+                self._check_open()
+            msg_id = self.submit(make)
+            if not answer:
+                return None
+            future: asyncio.Future[Any] = self._loop.create_future()
+            self._waiters[msg_id] = future
+            try:
+                return await future
+            finally:
+                self._waiters.pop(msg_id, None)
+
+    def submit(self, make: Make) -> str:
+        msg_id = self.outbox.new_id()
+        frame = encode_frame_of(make(msg_id))
+        self.outbox.add(msg_id, frame)
+        self._last_id = msg_id
+        conn = self.conn
+        if conn is not None:
+            conn.send_frame(frame)
+        return msg_id
+
+    def request_token(self) -> tuple[str, asyncio.Future[Message]]:
+        """A fresh ``reply_to`` token and the future its first reply will resolve."""
+        token = f"{self._request_prefix}{next(self._request_ids)}"
+        future: asyncio.Future[Message] = self._loop.create_future()
+        self._requests[token] = future
+        return token, future
+
+    def forget_request(self, token: str) -> None:
+        self._requests.pop(token, None)
+
+    async def flushed(self, timeout: float | None) -> None:
+        """Wait until every frame submitted so far is answered."""
+        pending = len(self.outbox)
+        if not pending:
+            return
+        waiter = _FlushWaiter(int(self._last_id), pending, self._loop.create_future())
+        self._flushes.append(waiter)
+        try:
+            async with deadline(timeout, f"flush of {pending} messages"):
+                await waiter.future
+        finally:
+            self._flushes.remove(waiter)
+
+    # -- receiving --------------------------------------------------------------------------------
+
+    async def receive(self, timeout: float | None) -> Message:
+        queue = self._received
+        try:
+            item = queue.get_nowait()
+        except asyncio.QueueEmpty:
+            async with deadline(timeout, "receive"):
+                item = await queue.get()
+        if item is None:
+            queue.put_nowait(None)
+            raise self.closed or ClosedError("the client is closed")
+        if self._paused and queue.qsize() <= _RESUME_RECEIVED:
+            self._paused = False
+            if self.conn is not None:
+                self.conn.resume_reading()
+        return item
+
+    # -- connections ------------------------------------------------------------------------------
+
+    def attach(self, conn: ClientConnection, *, resumed: bool, rooms: list[str]) -> None:
+        """``conn`` was welcomed. Unless the session was resumed, numbering starts again and
+        ``rooms`` are joined again; then every unanswered frame is sent again."""
+        resend = self.outbox.unacked()
+        self.conn = conn
+        if not resumed:
+            self.inbox.reset()
+            for room in rooms:  # before the resends, so that a resent leave still comes after
+                self.submit(lambda msg_id, room=room: messages.Join(room=room, id=msg_id))  # type: ignore[misc]
+        for frame in resend:
+            conn.send_frame(frame)
+        if self._paused:
+            conn.pause_reading()
+
+    def events_received(self, conn: ClientConnection, events: list[Event]) -> None:
+        if conn is not self.conn:
+            return
+        for event in events:
+            if type(event) is MessageReceived:
+                message = event.message
+                if type(message) is messages.Message:
+                    self._message_received(message)
+                elif type(message) is ServerAck:
+                    self._answered(message.id, None)
+                elif type(message) is Members:
+                    if message.ref is not None:
+                        self._answered(message.ref, message.names)
+                elif type(message) is messages.Presence:
+                    self._presence_received(message)
+                elif type(message) is messages.Error:
+                    self._error_received(conn, message)
+                elif type(message) is Bye:
+                    conn.reason = conn.reason or message.reason or "bye"
+            elif type(event) is PongReceived:
+                self.rtt = event.rtt
+            elif type(event) is FrameRejected:
+                error = event.error
+                self._log.warning("frame_rejected", code=error.code, reason=error.message)
+        seq = self.inbox.ack_due()
+        if seq is not None:
+            conn.core.send(Ack(seq=seq))
+        if not self._paused and self._received.qsize() >= MAX_RECEIVED:
+            self._paused = True
+            conn.pause_reading()
+
+    def connection_closed(self, conn: ClientConnection, reason: str) -> None:
+        if conn is self.conn:
+            self.conn = None
+
+    def close(self, error: ClosedError) -> None:
+        """Closed for good: every waiter gets ``error``, receive() drains then raises it."""
+        self.closed = error
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            conn.abort("client_closed")
+        waiting = [*self._waiters.values(), *self._requests.values()]
+        waiting += [waiter.future for waiter in self._flushes]
+        for future in waiting:
+            if not future.done():
+                future.set_exception(ClosedError(str(error)))
+        self._space.set()
+        self._received.put_nowait(None)
+        for stream in self.presence_streams:
+            stream.end()
+
+    # -- internals --------------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self.closed is not None:
+            raise ClosedError(str(self.closed))
+
+    def _answered(self, ref: str, result: Any, error: RejectedError | None = None) -> None:
+        """The server answered the frame with id ``ref``: it leaves the outbox."""
+        if self.outbox.ack(ref):
+            if self._flushes:
+                number = int(ref)
+                for waiter in self._flushes:
+                    if number <= waiter.mark:
+                        waiter.remaining -= 1
+                        if waiter.remaining <= 0 and not waiter.future.done():
+                            waiter.future.set_result(None)
+            if not self._space.is_set():
+                self._space.set()
+        future = self._waiters.pop(ref, None)
+        if future is not None and not future.done():
+            if error is None:
+                future.set_result(result)
+            else:
+                future.set_exception(error)
+        elif error is not None:
+            self._log.warning("message_rejected", id=ref, code=error.code, reason=error.message)
+
+    def _message_received(self, m: messages.Message) -> None:
+        if not self.inbox.accept(m.seq):
+            return
+        message = Message(
+            room=m.room,
+            sender=m.sender,
+            to=m.to,
+            body=decode_body(m.body),
+            seq=m.seq,
+            time=m.ts,
+            reply_to=m.reply_to,
+            re=m.re,
+            id=m.id,
+        )
+        token = m.re
+        if token is not None and token.startswith(self._request_prefix):
+            future = self._requests.pop(token, None)
+            if future is not None and not future.done():
+                future.set_result(message)
+            return  # a reply to a request, or a late one: never for receive()
+        self._received.put_nowait(message)
+
+    def _presence_received(self, p: messages.Presence) -> None:
+        if self.presence_streams:
+            event = Presence(room=p.room, name=p.name, event=p.event)
+            for stream in self.presence_streams:
+                stream.put(event)
+
+    def _error_received(self, conn: ClientConnection, error: messages.Error) -> None:
+        if error.ref is not None:
+            self._answered(error.ref, None, RejectedError(error.code, error.message))
+            return
+        if error.code in FATAL_CODES:
+            conn.reason = conn.reason or error.code
+        self._log.warning("server_error", code=error.code, reason=error.message)

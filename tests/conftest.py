@@ -1,0 +1,83 @@
+"""Shared fixtures: trustme certificates written to files, SSL contexts, the time unit."""
+
+from __future__ import annotations
+
+import os
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import trustme
+
+from securemsg.tls import client_context, server_context
+
+__all__ = ["TLSFiles"]
+
+
+@dataclass(frozen=True)
+class TLSFiles:
+    """A test PKI: ``ca`` signs the server and alice/bob; ``other_ca`` signs the intruder."""
+
+    ca: trustme.CA
+    ca_pem: Path
+    server_cert: Path
+    server_key: Path
+    alice_cert: Path
+    alice_key: Path
+    bob_cert: Path
+    bob_key: Path
+    other_ca_pem: Path
+    intruder_cert: Path
+    intruder_key: Path
+
+
+def _write_leaf(directory: Path, name: str, leaf: trustme.LeafCert) -> tuple[Path, Path]:
+    cert, key = directory / f"{name}.pem", directory / f"{name}.key"
+    leaf.private_key_pem.write_to_path(str(key))
+    for index, blob in enumerate(leaf.cert_chain_pems):  # leaf first, then the chain
+        blob.write_to_path(str(cert), append=index > 0)
+    return cert, key
+
+
+@pytest.fixture(scope="session")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TLSFiles:
+    directory = tmp_path_factory.mktemp("tls")
+    ca, other_ca = trustme.CA(), trustme.CA()
+    ca.cert_pem.write_to_path(str(directory / "ca.pem"))
+    other_ca.cert_pem.write_to_path(str(directory / "other_ca.pem"))
+    server = _write_leaf(directory, "server", ca.issue_cert("localhost", "127.0.0.1", "::1"))
+    alice = _write_leaf(directory, "alice", ca.issue_cert(common_name="alice"))
+    bob = _write_leaf(directory, "bob", ca.issue_cert(common_name="bob"))
+    intruder = _write_leaf(directory, "intruder", other_ca.issue_cert(common_name="alice"))
+    return TLSFiles(
+        ca=ca,
+        ca_pem=directory / "ca.pem",
+        server_cert=server[0],
+        server_key=server[1],
+        alice_cert=alice[0],
+        alice_key=alice[1],
+        bob_cert=bob[0],
+        bob_key=bob[1],
+        other_ca_pem=directory / "other_ca.pem",
+        intruder_cert=intruder[0],
+        intruder_key=intruder[1],
+    )
+
+
+@pytest.fixture
+def server_ssl_context(tls_files: TLSFiles) -> ssl.SSLContext:
+    """The server's context: server certificate, client certificates optional (ca given)."""
+    return server_context(cert=tls_files.server_cert, key=tls_files.server_key, ca=tls_files.ca_pem)
+
+
+@pytest.fixture
+def client_ssl_context(tls_files: TLSFiles) -> ssl.SSLContext:
+    """A client's context trusting the test CA, with no client certificate."""
+    return client_context(ca=tls_files.ca_pem)
+
+
+@pytest.fixture
+def unit() -> float:
+    """The base time unit of timing tests, in seconds; SECUREMSG_TEST_TIMESCALE stretches it."""
+    return float(os.environ.get("SECUREMSG_TEST_TIMESCALE", "1")) * 0.1
