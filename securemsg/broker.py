@@ -12,11 +12,10 @@ from __future__ import annotations
 import hmac
 import itertools
 import secrets
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
-import msgspec
 import structlog
 
 from securemsg.messages import (
@@ -159,7 +158,9 @@ class Broker:
         if session.link is not None:
             # The client came back before we noticed its old connection die.
             old, session.link = session.link, None
-            old.close_with("session_taken_over", "the session resumed on another connection")
+            old.close_with(
+                ErrorCode.SESSION_TAKEN_OVER, "the session resumed on another connection"
+            )
         session.link = link
         session.expires_at = None
         replay = [splice_frame(prefix, seq) for seq, prefix in session.log.replay(last_seq)]
@@ -198,7 +199,12 @@ class Broker:
 
     def leave(self, session: Session, room_filter: str, msg_id: str | None) -> bool:
         """False when the session was not a member (the caller answers not_member)."""
+        if msg_id is not None and session.recent.seen(msg_id):
+            self._ack(session, msg_id)  # a resend whose first ack was lost in a cut
+            return True
         if not self.rooms.leave(session, room_filter):
+            if msg_id is not None:
+                session.recent.forget(msg_id)
             return False
         self._presence(session, room_filter, "leave")
         self._ack(session, msg_id)
@@ -297,5 +303,3 @@ class Broker:
 
     def sessions(self) -> list[Session]:
         return list(self.by_token.values())
-
-

@@ -119,7 +119,7 @@ def dev_pki_banner(pki: DevPKI) -> str:
 
     lines = [
         f"Development certificates in {q(pki.directory)}: for development only, never for"
-        " production (anyone with ca.key can impersonate this server).",
+        " production (whoever holds ca.key can make certificates these clients trust).",
         f"  server:  --cert {q(pki.server_cert)} --key {q(pki.server_key)}"
         f"  (add --ca {q(pki.ca)} to verify client certificates)",
         f"  clients: --ca {q(pki.ca)}",

@@ -38,7 +38,7 @@ import msgspec
 
 from securemsg.client import Client, Message, connect
 from securemsg.config import ClientConfig
-from securemsg.exceptions import ConfigError, RejectedError, SecureMsgError
+from securemsg.exceptions import AuthError, ConfigError, RejectedError, SecureMsgError
 from securemsg.messages import NAME_PATTERN, ROOM_FILTER_PATTERN, ROOM_PATTERN, ErrorCode
 from securemsg.runner import run
 
@@ -49,6 +49,7 @@ __all__ = [
     "default_name",
     "format_message",
     "message_record",
+    "open_client",
     "parse_body",
     "printable",
     "run_client",
@@ -210,6 +211,20 @@ async def _print_messages(client: Client, *, json_output: bool, count: int | Non
                 return
 
 
+@contextlib.asynccontextmanager
+async def open_client(config: ClientConfig) -> AsyncIterator[Client]:
+    """``connect(config=config)`` for the commands: a taken name suggests ``--name``; the
+    client is closed (flushed, bounded) on the way out."""
+    try:
+        client = await connect(config=config)
+    except AuthError as exc:
+        if exc.code != ErrorCode.NAME_TAKEN:
+            raise
+        raise AuthError(f"{exc}; choose another with --name", code=exc.code) from None
+    async with client:
+        yield client
+
+
 # -- send and listen -----------------------------------------------------------------------------
 
 
@@ -223,7 +238,7 @@ async def run_send(config: ClientConfig, *, room: str | None, to: str | None, me
     body = parse_body(message)
     config = with_default_name(config)
     where = f"{config.host}:{config.port}"
-    async with connect(config=config) as client:
+    async with open_client(config) as client:
         try:
             if room is not None:
                 await client.publish(room, body, confirm=True, timeout=config.connect_timeout)
@@ -246,7 +261,7 @@ async def run_listen(
         check_room(room, pattern=True)
     if count is not None and count < 1:
         raise ConfigError(f"--count {count}: the count must be at least 1")
-    async with connect(config=with_default_name(config)) as client:
+    async with open_client(with_default_name(config)) as client:
         await _join_all(client, rooms)
         await _print_messages(client, json_output=json_output, count=count)
     return 0
@@ -285,7 +300,7 @@ def run_client(config: ClientConfig, *, rooms: Sequence[str], json_output: bool)
 
 
 async def _pipe_client(config: ClientConfig, *, rooms: Sequence[str], json_output: bool) -> int:
-    async with connect(config=config) as client:
+    async with open_client(config) as client:
         await _join_all(client, rooms)
         printer = asyncio.create_task(_print_messages(client, json_output=json_output))
         publisher = asyncio.create_task(_publish_stdin(client, rooms[0]))

@@ -26,15 +26,15 @@ from typing import Final
 from prompt_toolkit import PromptSession
 from prompt_toolkit.patch_stdout import patch_stdout
 
-from securemsg.chat import check_room, format_message
+from securemsg.chat import check_room, format_message, open_client
 from securemsg.client import (
     Client,
     Closed,
     Disconnected,
+    Presence,
     Reconnected,
     Reconnecting,
     StateChange,
-    connect,
 )
 from securemsg.config import ClientConfig
 from securemsg.exceptions import ClosedError, RejectedError, SecureMsgError
@@ -73,7 +73,7 @@ async def _chat(config: ClientConfig, rooms: Sequence[str]) -> int:
         configure_logging(level=level, fmt=config.log_format)  # to the proxy on sys.stderr
         try:
             print(f"connecting to {config.host}:{config.port} ...", flush=True)
-            async with connect(config=config) as client:
+            async with open_client(config) as client:
                 return await ChatUI(client).run(rooms)
         finally:
             configure_logging(level=level, fmt=config.log_format)  # the real stderr again
@@ -124,17 +124,18 @@ class ChatUI:
 
     async def run(self, rooms: Sequence[str]) -> int:
         """Join ``rooms``, then chat until ``/quit`` (0) or until the client gives up."""
+        # Subscribe first, so nothing that happens from now on is missed.
+        changes, presence = self.client.state_changes(), self.client.presence()
         for room in dict.fromkeys(rooms):
             await self.client.join(room, timeout=self._timeout)
             self._joined(room)
         self.current = next((room for room in rooms if _ROOM_RE.match(room)), None)
         where = f"; in {', '.join(self.rooms)}" if self.rooms else "; /join ROOM to start"
         self.show(f"connected as {self.client.name}{where} (/help for commands)")
-        # Subscribe before anything can happen, so no event is missed.
-        states = asyncio.create_task(self._show_states(self.client.state_changes()))
+        states = asyncio.create_task(self._show_states(changes))
         tasks = [
             asyncio.create_task(self._show_messages()),
-            asyncio.create_task(self._show_presence()),
+            asyncio.create_task(self._show_presence(presence)),
         ]
         commands = asyncio.create_task(self._read_commands())
         try:
@@ -143,8 +144,12 @@ class ChatUI:
             for task in (commands, states, *tasks):
                 task.cancel()
             await asyncio.gather(commands, states, *tasks, return_exceptions=True)
-        if commands.done() and not commands.cancelled() and commands.exception() is None:
-            return 0
+        if commands.done() and not commands.cancelled():
+            error = commands.exception()
+            if error is None:
+                return 0
+            if not isinstance(error, ClosedError):
+                raise error
         raise SecureMsgError(self.client.failure or "the connection to the server closed")
 
     # -- input ---------------------------------------------------------------------------------
@@ -266,9 +271,9 @@ class ChatUI:
             async for message in self.client:
                 self.show(format_message(message))
 
-    async def _show_presence(self) -> None:
+    async def _show_presence(self, events: AsyncIterator[Presence]) -> None:
         me = self.client.name
-        async for event in self.client.presence():
+        async for event in events:
             if event.name != me:
                 verb = "joined" if event.event == "join" else "left"
                 self.show(f"{event.name} {verb} {event.room}")
@@ -276,10 +281,10 @@ class ChatUI:
     async def _show_states(self, changes: AsyncIterator[StateChange]) -> None:
         lost: str | None = None
         async for change in changes:
+            if isinstance(change, Closed):
+                return  # the chat ends with the reason (cli.main prints it)
             if isinstance(change, Disconnected):
                 lost = change.reason  # shown with the retry delay that follows at once
                 continue
             self.show(describe_state_change(change, lost=lost))
             lost = None
-            if isinstance(change, Closed):
-                return

@@ -52,18 +52,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     certs = commands.add_parser("certs", help="make development certificates with trustme")
     certs.add_argument("--dir", default="certs", help="where to write them (default: certs)")
-    certs.add_argument("--host", action="append", metavar="NAME",
-                       help="a server host name or address (repeatable; default: localhost, "
-                       "127.0.0.1, ::1)")
-    certs.add_argument("--client", action="append", default=[], metavar="NAME",
-                       help="also make a client certificate for NAME (repeatable)")
+    certs.add_argument(
+        "--host",
+        action="append",
+        metavar="NAME",
+        help="a server host name or address (repeatable; default: localhost, 127.0.0.1, ::1)",
+    )
+    certs.add_argument(
+        "--client",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="also make a client certificate for NAME (repeatable)",
+    )
     certs.add_argument("--force", action="store_true", help="start over with a new CA")
     certs.set_defaults(handler=_cmd_certs)
 
     server = commands.add_parser("server", help="run the server")
     server.add_argument("--config", metavar="FILE", help="a TOML file with a [server] table")
-    server.add_argument("--dev", action="store_true",
-                        help="use development certificates from certs/, making them if missing")
+    server.add_argument(
+        "--dev",
+        action="store_true",
+        help="use development certificates from certs/, making them if missing",
+    )
     add_config_flags(server, ServerConfig)
     server.set_defaults(handler=_cmd_server)
 
@@ -73,23 +84,45 @@ def build_parser() -> argparse.ArgumentParser:
         ("listen", "print messages from a room"),
     ):
         sub = commands.add_parser(name, help=help_text)
-        sub.add_argument("address", nargs="?", metavar="HOST[:PORT]",
-                         help="the server (default: localhost:7443)")
+        if name != "send":  # send takes [HOST[:PORT]] MESSAGE as one list: see _cmd_client
+            sub.add_argument(
+                "address",
+                nargs="?",
+                metavar="HOST[:PORT]",
+                help="the server (default: localhost:7443)",
+            )
         sub.add_argument("--config", metavar="FILE", help="a TOML file with a [client] table")
         add_config_flags(sub, ClientConfig, exclude=("host", "port"))
         if name == "client":
-            sub.add_argument("--room", action="append", default=[], metavar="ROOM",
-                             help="join ROOM (repeatable; the first is the current room)")
+            sub.add_argument(
+                "--room",
+                action="append",
+                default=[],
+                metavar="ROOM",
+                help="join ROOM (repeatable; the first is the current room)",
+            )
             sub.add_argument("--json", action="store_true", help="print one JSON object a line")
         elif name == "send":
             target = sub.add_mutually_exclusive_group(required=True)
             target.add_argument("--room", metavar="ROOM", help="publish to ROOM")
             target.add_argument("--to", metavar="NAME", help="send directly to NAME")
-            sub.add_argument("message", metavar="MESSAGE",
-                             help="the body: JSON if it parses as JSON, else a string")
+            # argparse cannot put an optional positional before a required one when options
+            # stand between them, so both are taken as one list of one or two words.
+            sub.add_argument(
+                "words",
+                nargs="+",
+                metavar="[HOST[:PORT]] MESSAGE",
+                help="the server (default: localhost:7443), then the body: JSON "
+                "if it parses as JSON, else a string",
+            )
         else:
-            sub.add_argument("--room", action="append", required=True, metavar="ROOM",
-                             help="listen to ROOM (repeatable; wildcards allowed)")
+            sub.add_argument(
+                "--room",
+                action="append",
+                required=True,
+                metavar="ROOM",
+                help="listen to ROOM (repeatable; wildcards allowed)",
+            )
             sub.add_argument("--count", type=int, metavar="N", help="exit after N messages")
             sub.add_argument("--json", action="store_true", help="print one JSON object a line")
         sub.set_defaults(handler=_cmd_client, client_command=name)
@@ -148,6 +181,13 @@ async def _serve(config: ServerConfig) -> int:
 
 
 def _cmd_client(args: argparse.Namespace) -> int:
+    if args.client_command == "send":
+        if len(args.words) > 2:
+            raise SecureMsgError(
+                "send takes [HOST[:PORT]] and one MESSAGE; quote a message that has spaces"
+            )
+        args.address = args.words[0] if len(args.words) == 2 else None
+        args.message = args.words[-1]
     overrides: dict[str, Any] = overrides_from_args(args, ClientConfig)
     if args.address:
         overrides.update(_parse_address(args.address))
@@ -158,7 +198,9 @@ def _cmd_client(args: argparse.Namespace) -> int:
     if args.client_command == "send":
         return run(chat.run_send(config, room=args.room, to=args.to, message=args.message))
     if args.client_command == "listen":
-        return run(chat.run_listen(config, rooms=args.room, count=args.count, json_output=args.json))
+        return run(
+            chat.run_listen(config, rooms=args.room, count=args.count, json_output=args.json)
+        )
     return chat.run_client(config, rooms=args.room, json_output=args.json)
 
 
@@ -169,5 +211,3 @@ def _parse_address(address: str) -> dict[str, Any]:
     if not port.isdigit() or not 0 < int(port) < 65536:
         raise SecureMsgError(f"{address!r}: the port must be a number from 1 to 65535")
     return {"host": host.strip("[]") or "localhost", "port": int(port)}
-
-

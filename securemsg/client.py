@@ -17,8 +17,6 @@ its rooms again and reports the gap in a :class:`Reconnected` event.
         print(message.sender, message.body)
 """
 
-# ruff: noqa: ASYNC109 - the public API takes timeouts (flush(timeout), close(timeout=...))
-
 from __future__ import annotations
 
 import asyncio
@@ -423,6 +421,7 @@ class Client:
         welcome = conn.welcomed.result()
         resumed = welcome.resumed or first
         self._session, self._name = welcome.session, welcome.name
+        self._mailbox.max_frame = welcome.max_frame
         self._mailbox.attach(conn, resumed=resumed, rooms=list(self._rooms))
         config = self._config
         conn.attach(

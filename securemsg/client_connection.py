@@ -18,7 +18,7 @@ import asyncio
 import builtins
 import errno
 import ssl
-from typing import Final, Protocol
+from typing import Final, Protocol, cast
 
 import structlog
 
@@ -54,6 +54,8 @@ __all__ = [
 ]
 
 _AUTH_CODES: Final = frozenset({ErrorCode.UNAUTHORIZED, ErrorCode.NAME_TAKEN})
+#: What a connect attempt may fail with; anything else is a bug and propagates as it is.
+_CONNECT_FAILURES: Final = (OSError, EOFError, builtins.TimeoutError, ProtocolError, RejectedError)
 
 
 class ConnectionOwner(Protocol):
@@ -64,7 +66,7 @@ class ConnectionOwner(Protocol):
         """``conn`` is gone; stop sending on it."""
 
 
-class HandshakeClosedError(Exception):
+class HandshakeClosedError(EOFError):
     """The server ended the connection before ``welcome`` (EOF, or a ``bye``)."""
 
     def __init__(self, reason: str | None = None) -> None:
@@ -92,8 +94,8 @@ class ClientConnection(asyncio.Protocol):
     # -- asyncio.Protocol ---------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports do not subclass asyncio.Transport; they have its methods.
+        self.transport = cast(asyncio.Transport, transport)
         self.core.hello(self._hello)
         self._flush()
 
@@ -144,11 +146,6 @@ class ClientConnection(asyncio.Protocol):
     def send_frame(self, frame: bytes) -> None:
         """Queue one whole frame; every frame queued in this loop iteration goes in one write."""
         self.core.send_frame(frame)
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
-
-    def schedule_flush(self) -> None:
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
@@ -268,18 +265,18 @@ async def open_connection(
                 ssl_handshake_timeout=config.connect_timeout,
             )
             await conn.welcomed
-    except (ConfigError, asyncio.CancelledError):
-        if conn is not None:
-            conn.abort("cancelled")
-        raise
-    except Exception as exc:
+    except _CONNECT_FAILURES as exc:
         if conn is not None:
             conn.abort("connect_failed")
         raise connect_error(exc, config) from exc
+    except BaseException:  # cancelled, or a bug: no translation
+        if conn is not None:
+            conn.abort("cancelled")
+        raise
     return conn
 
 
-def connect_error(exc: BaseException, config: ClientConfig) -> ConnectError:
+def connect_error(exc: Exception, config: ClientConfig) -> ConnectError:
     """The one place where a failed connect becomes a securemsg error, with one sentence that
     names the server. Certificates first: ``ssl.SSLError`` is an ``OSError``."""
     where = f"{config.host}:{config.port}"

@@ -13,8 +13,6 @@ full the connection stops reading, so a slow application slows the server down i
 filling memory. Replies to :meth:`Mailbox.request_token` tokens go to their requester only.
 """
 
-# ruff: noqa: ASYNC109 - the public API takes timeouts (flush(timeout), receive(timeout)...)
-
 from __future__ import annotations
 
 import asyncio
@@ -33,6 +31,7 @@ from securemsg import messages
 from securemsg.client_connection import ClientConnection
 from securemsg.client_types import Message, Presence
 from securemsg.exceptions import ClosedError, RejectedError, TimeoutError
+from securemsg.frames import DEFAULT_MAX_FRAME, HEADER_SIZE
 from securemsg.messages import (
     FATAL_CODES,
     Ack,
@@ -117,6 +116,8 @@ class Mailbox:
         self._loop = asyncio.get_running_loop()
         self._log = log
         self.outbox = Outbox(max_outbox)
+        #: The largest frame body the server accepts (from its welcome).
+        self.max_frame = DEFAULT_MAX_FRAME
         self.inbox = Inbox()
         #: The live, welcomed connection, or None between connections.
         self.conn: ClientConnection | None = None
@@ -163,6 +164,13 @@ class Mailbox:
     def submit(self, make: Make) -> str:
         msg_id = self.outbox.new_id()
         frame = encode_frame_of(make(msg_id))
+        if len(frame) - HEADER_SIZE > self.max_frame:
+            # The server would close the connection, and the resend after reconnecting would
+            # do it again forever: refuse it here.
+            raise ValueError(
+                f"message of {len(frame) - HEADER_SIZE} bytes exceeds the server's "
+                f"max_frame of {self.max_frame} bytes"
+            )
         self.outbox.add(msg_id, frame)
         self._last_id = msg_id
         conn = self.conn

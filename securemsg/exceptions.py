@@ -93,7 +93,7 @@ class RejectedError(SecureMsgError):
         self.message = message
 
 
-class TimeoutError(SecureMsgError, builtins.TimeoutError):  # noqa: A001
+class TimeoutError(SecureMsgError, builtins.TimeoutError):
     """A bounded wait ran out before it completed."""
 
 

@@ -60,7 +60,7 @@ RoomFilter = Annotated[str, msgspec.Meta(pattern=ROOM_FILTER_PATTERN, max_length
 Name = Annotated[str, msgspec.Meta(pattern=NAME_PATTERN)]
 MsgId = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
 Token = Annotated[str, msgspec.Meta(max_length=1024)]
-Seq = Annotated[int, msgspec.Meta(ge=0)]
+Seq = Annotated[int, msgspec.Meta(ge=0, le=2**53)]
 
 
 class ErrorCode(StrEnum):
@@ -79,6 +79,7 @@ class ErrorCode(StrEnum):
     SLOW_CONSUMER = "slow_consumer"
     SERVER_SHUTDOWN = "server_shutdown"
     SERVER_BUSY = "server_busy"
+    SESSION_TAKEN_OVER = "session_taken_over"
 
 
 #: Codes after which the sender closes the connection. The others answer one message and
@@ -95,6 +96,7 @@ FATAL_CODES: Final = frozenset(
         ErrorCode.SLOW_CONSUMER,
         ErrorCode.SERVER_SHUTDOWN,
         ErrorCode.SERVER_BUSY,
+        ErrorCode.SESSION_TAKEN_OVER,
     }
 )
 

@@ -104,6 +104,8 @@ class Connection:
 
     _decode = staticmethod(decode_client)
     _sends_errors = True
+    #: Ping at least once an interval even when traffic flows, to keep ``rtt`` current.
+    _ping_every_interval = False
 
     def __init__(
         self,
@@ -121,7 +123,7 @@ class Connection:
         self.last_received = now
         self.last_sent = now
         self._sent_since_tick = False
-        self._last_ping = float("-inf")
+        self._last_ping = now
         self._next_ping_id = 0
         self._pings: dict[int, float] = {}
         self.rtt: float | None = None
@@ -240,11 +242,14 @@ class Connection:
     def next_deadline(self) -> float:
         """When :meth:`tick` next has work to do (it may find none, and tell a later time)."""
         interval = self.heartbeat_interval
-        return min(
+        deadline = min(
             self.last_received + self.heartbeat_timeout,
             self.last_sent + interval,
             max(self.last_received, self._last_ping) + interval,
         )
+        if self._ping_every_interval:
+            deadline = min(deadline, self._last_ping + interval)
+        return deadline
 
     def tick(self, now: float) -> list[Event]:
         """Send a ping when one is due; report a peer that has been silent too long."""
@@ -263,6 +268,7 @@ class Connection:
         if (
             now >= self.last_sent + interval
             or now >= max(self.last_received, self._last_ping) + interval
+            or (self._ping_every_interval and now >= self._last_ping + interval)
         ):
             self._ping(now)
         return []
@@ -284,12 +290,18 @@ class Server(Connection):
     def __init__(self, *, now: float, handshake_timeout: float = 10.0, **kwargs: float) -> None:
         super().__init__(now=now, **kwargs)  # type: ignore[arg-type]
         self.handshake_deadline = now + handshake_timeout
+        self._hello_seen = False
 
     def _check_message(self, message: ClientMessage | ServerMessage) -> Event | None:
-        if self.state is ConnectionState.HANDSHAKE and type(message) is not Hello:
-            error = ProtocolError("bad_message", "the first message must be 'hello'")
-            return self._reject(error, fatal=True)
-        if self.state is ConnectionState.OPEN and type(message) is Hello:
+        # A client may pipeline frames right after its hello; they can arrive in the same read,
+        # before the driver has accepted the hello, so "after hello" is what counts here.
+        if self.state is ConnectionState.HANDSHAKE and not self._hello_seen:
+            if type(message) is not Hello:
+                error = ProtocolError("bad_message", "the first message must be 'hello'")
+                return self._reject(error, fatal=True)
+            self._hello_seen = True
+            return MessageReceived(message)
+        if type(message) is Hello:
             error = ProtocolError("bad_message", "'hello' was already received")
             return self._reject(error, fatal=False)
         return MessageReceived(message)
@@ -316,6 +328,7 @@ class Client(Connection):
 
     _decode = staticmethod(decode_server)  # type: ignore[assignment]
     _sends_errors = False
+    _ping_every_interval = True
 
     def hello(self, hello: Hello) -> None:
         self.send(hello)

@@ -105,7 +105,7 @@ class RoomRegistry(Generic[M]):
         return result
 
     def members(self, room_filter: str) -> tuple[M, ...]:
-        """Who is in ``room_filter``: receivers of a concrete room, or exact joiners of a pattern."""
+        """Who is in ``room_filter``: receivers of a concrete room, or joiners of a pattern."""
         if is_wildcard(room_filter):
             entry = self._wild.get(room_filter)
             return tuple(entry[1]) if entry else ()

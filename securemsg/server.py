@@ -15,8 +15,9 @@ import errno
 import itertools
 import socket
 import ssl
+from collections.abc import Coroutine
 from types import TracebackType
-from typing import Final
+from typing import Any, Final
 
 import structlog
 
@@ -137,7 +138,7 @@ class Server:
         for conn in connections:
             conn.send_bye(ErrorCode.SERVER_SHUTDOWN)
         if connections:
-            done, pending = await asyncio.wait(
+            _, pending = await asyncio.wait(
                 [conn.closed for conn in connections], timeout=self.config.shutdown_timeout
             )
             for conn in connections:
@@ -159,10 +160,16 @@ class Server:
 
     # -- accepting ----------------------------------------------------------------------------
 
-    def _spawn(self, coro: object) -> None:
-        task: asyncio.Task[None] = self.loop.create_task(coro)  # type: ignore[arg-type]
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = self.loop.create_task(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            logger.error("task_failed", task=task.get_name(), error=repr(exc), exc_info=exc)
 
     async def _accept_loop(self, listener: socket.socket) -> None:
         loop = self.loop
@@ -179,7 +186,9 @@ class Server:
             if len(self.connections) + self._pending_handshakes >= self.config.max_connections:
                 self.counts["refused"] += 1
                 logger.warning(
-                    "connection_refused", peer=peer, reason="max_connections",
+                    "connection_refused",
+                    peer=peer,
+                    reason="max_connections",
                     max_connections=self.config.max_connections,
                 )
                 sock.close()
@@ -206,14 +215,17 @@ class Server:
                 if reason is not None:
                     _refuse_politely(sock, http=info.kind == "http")
                     return
-                _, conn = await loop.connect_accepted_socket(
-                    lambda: ServerConnection(
-                        self, conn_id=conn_id, peer=peer, accepted_at=accepted_at
-                    ),
+                # uvloop returns its SSL wrapper as the protocol, so keep our own reference.
+                candidate = ServerConnection(
+                    self, conn_id=conn_id, peer=peer, accepted_at=accepted_at
+                )
+                await loop.connect_accepted_socket(
+                    lambda: candidate,
                     sock,
                     ssl=self.ssl_context,
                     ssl_handshake_timeout=max(0.01, self.config.handshake_timeout),
                 )
+                conn = candidate
         except TimeoutError:
             reason = "timeout"
         except (OSError, ssl.SSLError, EOFError) as exc:
@@ -269,8 +281,13 @@ class Server:
         if session.link is not None or session.expires_at is None:
             return
         rooms = self.broker.end(session, reason="expired")
-        logger.info("session_expired", session=session.id, name=session.name, rooms=len(rooms),
-                    undelivered=len(session.log))
+        logger.info(
+            "session_expired",
+            session=session.id,
+            name=session.name,
+            rooms=len(rooms),
+            undelivered=len(session.log),
+        )
 
 
 def _refuse_politely(sock: socket.socket, *, http: bool) -> None:
@@ -293,7 +310,9 @@ def _refusal(info: ClientHelloInfo) -> str | None:
     return None
 
 
-async def _peek_client_hello(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> ClientHelloInfo:
+async def _peek_client_hello(
+    loop: asyncio.AbstractEventLoop, sock: socket.socket
+) -> ClientHelloInfo:
     """Look at the first bytes without consuming them, so TLS still sees them."""
     delay = 0.001
     while True:
@@ -333,11 +352,11 @@ def _listen(host: str, port: int) -> list[socket.socket]:
         raise ConfigError(f"cannot listen on {host!r}: {exc.strerror}") from None
     sockets: list[socket.socket] = []
     try:
-        for family, kind, proto, _, address in infos:
-            if sockets and family == socket.AF_INET6 and port == 0:
+        for family, kind, proto, _, sockaddr in infos:
+            address: tuple[Any, ...] = tuple(sockaddr)
+            if sockets and port == 0:
+                # Every address family on the same port, the one the first bind chose.
                 address = (address[0], sockets[0].getsockname()[1], *address[2:])
-            elif sockets and port == 0:
-                address = (address[0], sockets[0].getsockname()[1])
             sock = socket.socket(family, kind, proto)
             sockets.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import structlog
 
@@ -29,7 +29,6 @@ from securemsg.messages import (
     Publish,
     Welcome,
     Who,
-    encode_frame_of,
 )
 from securemsg.protocol import ConnectionState, FrameRejected, MessageReceived, PeerTimedOut
 from securemsg.tls import peer_identity
@@ -73,7 +72,8 @@ class ServerConnection(asyncio.Protocol):
     # -- asyncio.Protocol ---------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        # uvloop's SSL transport is not an asyncio.Transport subclass, but it has its methods.
+        transport = cast(asyncio.Transport, transport)
         self.transport = transport
         transport.set_write_buffer_limits(high=self.server.config.max_outgoing_bytes)
         ssl_object = transport.get_extra_info("ssl_object")
@@ -88,7 +88,7 @@ class ServerConnection(asyncio.Protocol):
             ts = time.time()
             for event in events:
                 if type(event) is MessageReceived:
-                    self._on_message(event.message, ts)  # type: ignore[arg-type]
+                    self._on_message(event.message, ts)
                 elif type(event) is FrameRejected:
                     self._on_rejected(event)
                 if not core.is_active:
@@ -187,9 +187,7 @@ class ServerConnection(asyncio.Protocol):
         for event in self.core.tick(self._loop.time()):
             if type(event) is PeerTimedOut:
                 self._close_reason = event.code
-                self.log.warning(
-                    event.code, name=self._name, silence=round(event.silence, 3)
-                )
+                self.log.warning(event.code, name=self._name, silence=round(event.silence, 3))
         self._flush()
         if self.core.state is ConnectionState.CLOSING:
             self._close()
@@ -266,8 +264,9 @@ class ServerConnection(asyncio.Protocol):
         try:
             opened = self.broker.open(hello, identity=self.identity, link=self)
         except Refused as refused:
-            self.log.warning("session_refused", name=hello.name, code=refused.code,
-                             reason=refused.message)
+            self.log.warning(
+                "session_refused", name=hello.name, code=refused.code, reason=refused.message
+            )
             self._close_reason = refused.code
             self.core.fail(refused.code, refused.message)
             return
@@ -301,5 +300,3 @@ class ServerConnection(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
         self._arm_timer()
-
-

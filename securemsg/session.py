@@ -88,7 +88,7 @@ class RecentIds:
 
     def __init__(self, window: int) -> None:
         self.window = window
-        self._ids: dict[str, None] = {}
+        self._ids: OrderedDict[str, None] = OrderedDict()
 
     def seen(self, msg_id: str) -> bool:
         """True when ``msg_id`` was seen before; otherwise remember it and return False."""
@@ -97,7 +97,9 @@ class RecentIds:
             return True
         ids[msg_id] = None
         if len(ids) > self.window:
-            del ids[next(iter(ids))]
+            # popitem, not del ids[next(iter(ids))]: a dict scans its deleted slots from the
+            # front, which grows O(n) under constant eviction.
+            ids.popitem(last=False)
         return False
 
     def forget(self, msg_id: str) -> None:

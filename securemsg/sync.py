@@ -32,6 +32,7 @@ from securemsg import client as aio
 from securemsg.client_types import ClientState, Message, Presence, StateChange
 from securemsg.config import ClientConfig
 from securemsg.exceptions import ClosedError, TimeoutError
+from securemsg.runner import loop_factory
 
 __all__ = ["SyncClient", "connect"]
 
@@ -50,7 +51,7 @@ class _LoopThread:
     """An event loop running forever on a daemon thread."""
 
     def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
+        self.loop = loop_factory()()  # uvloop when installed
         self._thread = threading.Thread(target=self._main, name="securemsg-client", daemon=True)
         self._thread.start()
 

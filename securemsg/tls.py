@@ -166,6 +166,10 @@ def _load_identity(context: ssl.SSLContext, cert: PathLike, key: PathLike | None
             f"certificate file {cert} (--cert) or {key_source} could not be loaded"
             f" ({_reason_text(exc)})"
         ) from exc
+    except OSError as exc:  # the file changed under us since we read it
+        raise TLSConfigError(
+            f"certificate file {cert} (--cert) or {key_source} cannot be read: {_why(exc)}"
+        ) from exc
 
 
 def _load_ca(context: ssl.SSLContext, ca: PathLike) -> None:
@@ -177,6 +181,8 @@ def _load_ca(context: ssl.SSLContext, ca: PathLike) -> None:
         raise TLSConfigError(
             f"CA file {ca} (--ca) could not be loaded ({_reason_text(exc)})"
         ) from exc
+    except OSError as exc:
+        raise TLSConfigError(f"CA file {ca} (--ca) cannot be read: {_why(exc)}") from exc
 
 
 def _read_pem(path: PathLike, what: str, option: str) -> str:
@@ -187,8 +193,11 @@ def _read_pem(path: PathLike, what: str, option: str) -> str:
     except IsADirectoryError as exc:
         raise TLSConfigError(f"{what} file {path} ({option}) is a directory") from exc
     except OSError as exc:
-        reason = (exc.strerror or str(exc)).lower()
-        raise TLSConfigError(f"{what} file {path} ({option}) cannot be read: {reason}") from exc
+        raise TLSConfigError(f"{what} file {path} ({option}) cannot be read: {_why(exc)}") from exc
+
+
+def _why(exc: OSError) -> str:
+    return (exc.strerror or str(exc)).lower()
 
 
 # -- peers -----------------------------------------------------------------------------------
@@ -245,9 +254,17 @@ def translate_client_error(
     if isinstance(exc, TimeoutError):
         return TLSError(f"the TLS handshake with {host} timed out", check="other")
     if isinstance(exc, ssl.SSLEOFError | ConnectionResetError | EOFError):
+        # An asyncio server on Python 3.11 drops the alert (gh-98078): a bare close is all
+        # we get. Having sent a certificate, its rejection is by far the likeliest cause.
+        if mutual:
+            return TLSError(
+                f"{host} closed the connection during the TLS handshake, which usually means"
+                " it rejected our client certificate; check --cert/--key",
+                check="client_certificate",
+            )
         return TLSError(
             f"{host} closed the connection during the TLS handshake; it may require a client"
-            " certificate (--cert/--key) or not trust the one we sent",
+            " certificate (pass --cert/--key)",
             check="other",
         )
     return TLSError(f"TLS handshake with {host} failed: {_reason_text(exc)}", check="other")

@@ -169,13 +169,27 @@ class ServerProcess:
     def start(self, timeout: float = 15.0) -> int:
         import tempfile
 
-        handle = tempfile.NamedTemporaryFile(prefix="securemsg-server-", suffix=".log", delete=False)
+        handle = tempfile.NamedTemporaryFile(
+            prefix="securemsg-server-", suffix=".log", delete=False
+        )
         self.stderr_path = Path(handle.name)
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "securemsg", "server", "--log-format", "json",
-             "--port", str(self.port), *self.args],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=handle, cwd=self.cwd,
+            [
+                sys.executable,
+                "-m",
+                "securemsg",
+                "server",
+                "--log-format",
+                "json",
+                "--port",
+                str(self.port),
+                *self.args,
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=handle,
+            cwd=self.cwd,
             env=env,
         )
         handle.close()

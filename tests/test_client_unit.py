@@ -465,3 +465,17 @@ async def test_close_fails_waiters_and_ends_iterators() -> None:
     assert [message async for message in client] == []
     with pytest.raises(ClosedError):
         await client.publish("chat", 1)
+
+
+# -- the blocking client's loop thread -------------------------------------------------------
+
+
+def test_a_call_on_a_stopped_loop_thread_raises_closed_error() -> None:
+    from securemsg.sync import _LoopThread
+
+    thread = _LoopThread()
+    assert thread.run(asyncio.sleep(0, result=7), 1) == 7
+    thread.stop(1)
+    assert not thread.alive
+    with pytest.raises(ClosedError):
+        thread.run(asyncio.sleep(0), 1)

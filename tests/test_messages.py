@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -130,7 +133,8 @@ def test_a_message_frame_is_the_length_then_the_json() -> None:
 
 
 def test_bodies_are_any_json_value() -> None:
-    for value in ({"a": [1, None, True]}, "text", 3, 2.5, None, []):
+    values: list[Any] = [{"a": [1, None, True]}, "text", 3, 2.5, None, []]
+    for value in values:
         assert decode_body(encode_body(value)) == value
     with pytest.raises(TypeError):
         encode_body(object())
@@ -301,3 +305,57 @@ def test_arbitrary_bytes_raise_nothing_but_protocol_error(payload: bytes) -> Non
         except ProtocolError as exc:
             assert exc.code in {"bad_frame", "bad_message", "unknown_type"}
             assert exc.ref is None or isinstance(exc.ref, str)
+
+
+# -- docs/protocol.md says the same ---------------------------------------------------------
+
+DOC = Path(__file__).resolve().parent.parent / "docs" / "protocol.md"
+
+
+def doc_examples() -> list[tuple[str, bytes]]:
+    """Every JSON line in a code block of the protocol doc, with its direction if marked."""
+    found: list[tuple[str, bytes]] = []
+    in_code = False
+    for line in DOC.read_text(encoding="utf-8").splitlines():
+        if line.startswith("```"):
+            in_code = not in_code
+            continue
+        direction, _, rest = line.partition(" ")
+        if in_code and direction in {">", "<"} and rest.startswith("{"):
+            found.append((direction, rest.encode()))
+        elif in_code and line.startswith("{"):
+            found.append(("?", line[: line.rindex("}") + 1].encode()))
+    return found
+
+
+def test_every_json_example_in_the_protocol_doc_is_a_valid_message() -> None:
+    examples = doc_examples()
+    assert len(examples) > 30
+    for direction, payload in examples:
+        decoders: list[Callable[[bytes], Any]] = [decode_client, decode_server]
+        if direction != "?":
+            decoders = [decode_client] if direction == ">" else [decode_server]
+        ok = []
+        for decode in decoders:
+            try:
+                ok.append(decode(payload))
+            except ProtocolError:
+                pass
+        assert ok, payload
+
+
+def test_the_protocol_doc_states_the_patterns_and_fatal_codes_of_the_code() -> None:
+    text = DOC.read_text(encoding="utf-8")
+    assert messages.NAME_PATTERN in text
+    assert messages.ROOM_PATTERN in text
+    assert messages.ROOM_FILTER_PATTERN.replace("|", r"\|") in text
+    rows = re.findall(r"^\| `([a-z_]+)` +\| (yes|no\*?) +\|", text, flags=re.MULTILINE)
+    assert {code for code, _ in rows} == set(ErrorCode)
+    assert {code for code, fatal in rows if fatal == "yes"} == set(FATAL_CODES)
+
+
+def test_the_hex_frame_in_the_protocol_doc_is_exact() -> None:
+    text = DOC.read_text(encoding="utf-8")
+    hex_block = text.split("## 11. Worked example")[1].split("```")[1]
+    frame = bytes.fromhex(" ".join(hex_block.split()))
+    assert frame == encode_frame_of(Join(room="chat.general", id="1"))

@@ -347,7 +347,7 @@ def test_a_peer_silent_for_the_timeout_is_dead_even_while_we_keep_sending() -> N
         assert client.tick(float(second)) == []
         pings += sum(isinstance(m, Ping) for m in sent_by(client))
     assert client.state is OPEN
-    assert pings == 2  # at 10 s and 20 s of silence, despite the steady sending
+    assert pings == 2  # at 10 s and 20 s, despite the steady sending
     assert client.tick(TIMEOUT) == [PeerTimedOut("heartbeat_timeout", TIMEOUT)]
     assert client.state is CLOSING
     assert client.close_code == "heartbeat_timeout"

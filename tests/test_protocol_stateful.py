@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 import msgspec
-from hypothesis import event, settings
+from hypothesis import currently_in_test_context, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -69,6 +69,12 @@ lags = st.integers(min_value=0, max_value=3)
 chunk_sizes = st.integers(min_value=1, max_value=400)
 small_jumps = st.floats(min_value=0.0, max_value=2.0)
 clock_jumps = st.one_of(small_jumps, small_jumps, small_jumps, st.floats(0.0, 2 * TIMEOUT))
+
+
+def note(what: str) -> None:
+    """Count ``what`` for ``--hypothesis-show-statistics`` (also callable outside a run)."""
+    if currently_in_test_context():
+        event(what)
 
 
 class ProtocolMachine(RuleBasedStateMachine):
@@ -142,7 +148,7 @@ class ProtocolMachine(RuleBasedStateMachine):
         elif kind is Publish:
             if message.id is not None:
                 if self.recent.seen(message.id):
-                    event("a resent publish was acknowledged, not routed again")
+                    note("a resent publish was acknowledged, not routed again")
                 else:
                     self.routed.append(message.id)
                 self.server.send(ServerAck(id=message.id))
@@ -172,7 +178,7 @@ class ProtocolMachine(RuleBasedStateMachine):
         self.accepted = True
         if resumed:
             replay = list(self.log.replay(hello.last_seq or 0))
-            event(f"resumed with {'some' if replay else 'nothing'} to replay")
+            note(f"resumed with {'some' if replay else 'nothing'} to replay")
             for seq, prefix in replay:
                 self.server.send_frame(splice_frame(prefix, seq))
 
@@ -202,7 +208,7 @@ class ProtocolMachine(RuleBasedStateMachine):
                 self.delivered.append(message.seq)
                 assert decode_body(message.body) == self.bodies[message.seq]
             else:
-                event("the inbox dropped a replayed message")
+                note("the inbox dropped a replayed message")
         elif kind is ServerAck:
             self.outbox.ack(message.id)
         elif kind is Error:
@@ -287,7 +293,7 @@ class ProtocolMachine(RuleBasedStateMachine):
             for timed_out in conn.tick(self.now):
                 assert isinstance(timed_out, PeerTimedOut)
                 assert conn.state is ConnectionState.CLOSING
-                event(f"{type(conn).__name__.lower()} saw {timed_out.code}")
+                note(f"{type(conn).__name__.lower()} saw {timed_out.code}")
 
     @rule(garbage=st.binary(min_size=1, max_size=12))
     def garbage_reaches_the_server(self, garbage: bytes) -> None:
@@ -312,7 +318,7 @@ class ProtocolMachine(RuleBasedStateMachine):
         assert self.log.acked == self.log.last_seq
         assert len(self.log) == 0
         assert len(self.outbox) == 0
-        event(f"settled with {'some' if self.delivered else 'no'} messages delivered")
+        note(f"settled with {'some' if self.delivered else 'no'} messages delivered")
 
     # -- invariants -------------------------------------------------------------------------
 
@@ -335,6 +341,53 @@ class ProtocolMachine(RuleBasedStateMachine):
 
 
 ProtocolMachine.TestCase.settings = settings(
-    max_examples=150, stateful_step_count=40, deadline=None
+    max_examples=120, stateful_step_count=40, deadline=None
 )
 TestProtocolMachine = ProtocolMachine.TestCase
+
+
+# -- the rarer paths, walked on purpose ---------------------------------------------------------
+
+
+def check(machine: ProtocolMachine) -> None:
+    machine.delivered_seqs_are_contiguous_from_one()
+    machine.the_delivery_log_is_bounded_and_consistent()
+    machine.no_publish_is_routed_twice_in_a_session()
+
+
+def test_a_publish_resent_after_a_cut_is_acknowledged_but_not_routed_again() -> None:
+    machine = ProtocolMachine()
+    machine.client_connects(handshake_now=True)
+    machine.client_publishes("chat")
+    machine.bytes_reach_the_server(1 << 20)  # routed; the ack dies with the connection
+    machine.connection_is_cut_and_the_client_resumes(expire=False, handshake_now=True, lag=0)
+    machine.everything_settles()
+    assert machine.routed == ["1"]
+    check(machine)
+
+
+def test_a_replay_that_overlaps_the_inbox_delivers_nothing_twice() -> None:
+    machine = ProtocolMachine()
+    machine.client_connects(handshake_now=True)
+    machine.server_publishes()
+    machine.server_publishes()
+    machine.bytes_reach_the_client(1 << 20)
+    machine.connection_is_cut_and_the_client_resumes(expire=False, handshake_now=True, lag=2)
+    machine.server_publishes()
+    machine.everything_settles()
+    assert machine.delivered == [1, 2, 3]
+    check(machine)
+
+
+def test_an_expired_session_starts_over_and_the_outbox_is_sent_again() -> None:
+    machine = ProtocolMachine()
+    machine.client_connects(handshake_now=True)
+    machine.server_publishes()
+    machine.bytes_reach_the_client(1 << 20)
+    machine.client_publishes("chat")
+    machine.connection_is_cut_and_the_client_resumes(expire=True, handshake_now=True, lag=0)
+    machine.everything_settles()
+    assert machine.token == "s2"
+    assert machine.delivered == []
+    assert machine.routed == ["1"]  # the unacknowledged publish went out again
+    check(machine)

@@ -8,6 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from securemsg.exceptions import ProtocolError
+from securemsg.frames import FrameDecoder
 from securemsg.messages import Message, decode_server, encode, encode_frame_of
 from securemsg.session import (
     DeliveryLog,
@@ -17,7 +18,6 @@ from securemsg.session import (
     message_prefix,
     splice_frame,
 )
-from securemsg.frames import FrameDecoder
 
 
 def filled_log(count: int, *, max_pending: int = 100) -> DeliveryLog:

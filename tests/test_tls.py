@@ -305,7 +305,20 @@ async def test_asyncio_server_refuses_client_without_certificate(tls_files: TLSF
         exc = await failed_exchange(seen.port, client_context(ca=tls_files.ca_pem))
     assert seen.identities == []  # the handler never ran
     error = translate_client_error(exc, host="localhost", ca=None, mutual=False)
-    assert "--cert" in str(error)  # no alert arrives (gh-98078), so only a hint
+    assert "--cert/--key" in str(error)  # no alert arrives (gh-98078), so only a hint
+
+
+async def test_asyncio_server_refusing_our_certificate_is_client_certificate(
+    tls_files: TLSFiles,
+) -> None:
+    client = client_context(
+        ca=tls_files.ca_pem, cert=tls_files.intruder_cert, key=tls_files.intruder_key
+    )
+    async with asyncio_server(mutual_server(tls_files)) as seen:
+        exc = await failed_exchange(seen.port, client)
+    assert seen.identities == []
+    error = translate_client_error(exc, host="localhost", ca=None, mutual=True)
+    assert error.check == "client_certificate"
 
 
 async def test_certificate_required_alert_is_client_certificate(tls_files: TLSFiles) -> None:
@@ -388,9 +401,12 @@ def test_timeout_and_reset_translate_to_other_with_a_hint() -> None:
     timeout = translate_client_error(TimeoutError(), host="h", ca=None, mutual=False)
     assert timeout.check == "other"
     assert "timed out" in str(timeout)
-    reset = translate_client_error(ConnectionResetError(), host="h", ca=None, mutual=True)
+    reset = translate_client_error(ConnectionResetError(), host="h", ca=None, mutual=False)
     assert reset.check == "other"
     assert "--cert/--key" in str(reset)
+    # Having sent a certificate, a bare close most likely means it was rejected (gh-98078).
+    rejected = translate_client_error(EOFError(), host="h", ca=None, mutual=True)
+    assert rejected.check == "client_certificate"
 
 
 # -- configuration errors ------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -17,6 +18,14 @@ from securemsg.server import Server
 from securemsg.tls import client_context
 
 StartServer = Callable[..., Awaitable[Server]]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """SECUREMSG_TEST_LOOP=uvloop runs the integration tests on uvloop, as the CLI does."""
+    if os.environ.get("SECUREMSG_TEST_LOOP") == "uvloop":
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
 @pytest.fixture
@@ -118,9 +127,10 @@ class RawClient:
     async def close(self) -> None:
         self.writer.close()
         try:
-            await asyncio.wait_for(self.writer.wait_closed(), 2)
+            await asyncio.wait_for(self.writer.wait_closed(), 1)
         except (OSError, ssl.SSLError, TimeoutError):
-            pass
+            self.writer.transport.abort()  # e.g. a test paused reading: TLS close cannot finish
+            await asyncio.sleep(0)
 
 
 @pytest.fixture

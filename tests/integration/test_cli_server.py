@@ -28,13 +28,17 @@ def _hello(port: int, ca: Path, name: str = "cli-test") -> Welcome:
     import socket
 
     ctx = client_context(ca=ca)
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, ctx.wrap_socket(
-        raw, server_hostname="localhost"
-    ) as sock:
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+        ctx.wrap_socket(raw, server_hostname="localhost") as sock,
+    ):
         sock.sendall(encode_frame(encode(Hello(version=1, name=name))))
         decoder = FrameDecoder()
         while True:
-            frames = decoder.feed(sock.recv(65536))
+            data = sock.recv(65536)
+            if not data:
+                raise EOFError("the server closed the connection before welcome")
+            frames = decoder.feed(data)
             if frames:
                 message = decode_server(frames[0])
                 assert isinstance(message, Welcome)
@@ -67,8 +71,12 @@ def test_sigint_also_stops_gracefully(tls_files: Any) -> None:
 def _run(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> Any:
     return subprocess.run(
         [sys.executable, "-m", "securemsg", *args],
-        capture_output=True, text=True, timeout=30, cwd=cwd,
-        env=dict(os.environ, **(env or {})), stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=cwd,
+        env=dict(os.environ, **(env or {})),
+        stdin=subprocess.DEVNULL,
     )
 
 

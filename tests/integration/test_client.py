@@ -63,17 +63,17 @@ async def open_client(tls_files: Any, unit: float) -> AsyncIterator[OpenClient]:
         await client.close(timeout=1)
 
 
-async def next_event(changes: AsyncIterator[StateChange], kind: type[E], timeout: float) -> E:
+async def next_event(changes: AsyncIterator[StateChange], kind: type[E], within: float) -> E:
     """Skip state changes until one of ``kind``."""
-    async with asyncio.timeout(timeout):
+    async with asyncio.timeout(within):
         async for change in changes:
             if isinstance(change, kind):
                 return change
     raise AssertionError(f"no {kind.__name__} before the stream ended")
 
 
-async def bodies(client: Client, count: int, timeout: float = 2.0) -> list[Any]:
-    return [(await client.receive(timeout)).body for _ in range(count)]
+async def bodies(client: Client, count: int, within: float = 2.0) -> list[Any]:
+    return [(await client.receive(within)).body for _ in range(count)]
 
 
 def free_port() -> int:
@@ -148,7 +148,7 @@ async def test_request_times_out_cleanly_when_nobody_answers(
     server = await start_server()
     alice = await open_client(server.port, "alice")
     started = time.monotonic()
-    with pytest.raises(TimeoutError, match="request to 'nobody.home'") as caught:
+    with pytest.raises(TimeoutError, match=r"request to 'nobody\.home'") as caught:
         await alice.request("nobody.home", "anyone?", timeout=3 * unit)
     assert isinstance(caught.value, builtins.TimeoutError)
     assert time.monotonic() - started < 3 * unit + 0.5
@@ -294,15 +294,14 @@ async def test_state_changes_tell_the_whole_story(start_server, open_client, uni
     server = await start_server()
     async with FaultProxy(server.port) as proxy:
         alice = await open_client(proxy.port, "alice")
-        changes = alice.state_changes()
+        changes, waiting = alice.state_changes(), alice.state_changes()
         proxy.refuse()
         proxy.cut()
         await asyncio.sleep(4 * unit)
         assert alice.state is ClientState.RECONNECTING
         proxy.refuse(False)
-        async with asyncio.timeout(3):
-            while alice.state is not ClientState.CONNECTED:
-                await asyncio.sleep(unit / 10)
+        await next_event(waiting, Reconnected, 3)
+        assert alice.state is ClientState.CONNECTED
         await alice.close(timeout=1)
         assert alice.state is ClientState.CLOSED
         seen = [change async for change in changes]
@@ -340,6 +339,38 @@ async def test_reconnect_waits_grow_with_jitter_under_the_cap_and_are_logged(
     assert any(e["event"] == "connection_lost" for e in logs)
 
 
+async def test_the_attempt_count_restarts_once_a_connection_stayed_up(
+    start_server, open_client, unit
+) -> None:
+    server = await start_server()
+    base = unit / 10  # a connection is stable after 10 x base = one unit
+
+    async def outage(changes: AsyncIterator[StateChange], refused: float) -> list[int]:
+        proxy.refuse()
+        proxy.cut()
+        await asyncio.sleep(refused)
+        proxy.refuse(False)
+        attempts = []
+        async with asyncio.timeout(3):
+            async for change in changes:
+                if isinstance(change, Reconnecting):
+                    attempts.append(change.attempt)
+                elif isinstance(change, Reconnected):
+                    return attempts
+        raise AssertionError("the state changes ended")
+
+    async with FaultProxy(server.port) as proxy:
+        alice = await open_client(proxy.port, "alice", reconnect_base=base, reconnect_cap=base)
+        changes = alice.state_changes()
+        first = await outage(changes, 3 * unit)
+        second = await outage(changes, 0)  # right after reconnecting: the count goes on
+        await asyncio.sleep(2 * unit)
+        third = await outage(changes, 0)  # after a stable connection: it starts again
+    assert first[0] == 1 and len(first) >= 2
+    assert second[0] == first[-1] + 1
+    assert third[0] == 1
+
+
 async def test_out_of_attempts_the_client_closes_and_waiters_get_closed_error(
     start_server, open_client
 ) -> None:
@@ -375,18 +406,19 @@ async def test_close_during_a_reconnect_backoff_returns_at_once(start_server, op
         assert alice.state is ClientState.CLOSED
 
 
+@pytest.mark.parametrize("advertised", [True, False], ids=["from_welcome", "overridden"])
 async def test_heartbeat_finds_a_black_holed_server_and_reconnects(
-    start_server, open_client, unit
+    start_server, open_client, unit, advertised: bool
 ) -> None:
-    server = await start_server()
+    beat = {"heartbeat_interval": unit, "heartbeat_timeout": 3 * unit}
+    server = await start_server(**(beat if advertised else {}))
     async with FaultProxy(server.port) as proxy:
         with capture_logs() as logs:
-            alice = await open_client(
-                proxy.port, "alice", heartbeat_interval=unit, heartbeat_timeout=3 * unit
-            )
+            alice = await open_client(proxy.port, "alice", **({} if advertised else beat))
             changes = alice.state_changes()
             await asyncio.sleep(2 * unit)
-            assert alice.rtt is not None and 0 <= alice.rtt < 1  # a ping was answered
+            if not advertised:  # our interval is shorter than the server's: we ping, it answers
+                assert alice.rtt is not None and 0 <= alice.rtt < 1
             proxy.blackhole()
             started = time.monotonic()
             assert await next_event(changes, Disconnected, 2) == Disconnected("heartbeat_timeout")
@@ -394,6 +426,26 @@ async def test_heartbeat_finds_a_black_holed_server_and_reconnects(
             proxy.blackhole(False)
             await next_event(changes, Reconnected, 3)
     assert any(e["event"] == "heartbeat_timeout" for e in logs)
+
+
+async def test_an_unauthorized_reconnect_is_logged_and_retried(
+    start_server, open_client, unit
+) -> None:
+    server = await start_server(token="tok-3f9a")
+    port = server.port
+    alice = await open_client(port, "alice", token="tok-3f9a")
+    changes = alice.state_changes()
+    with capture_logs() as logs:
+        await server.close()
+        server = await start_server(port=port, token="tok-rotated")
+        await asyncio.sleep(4 * unit)
+        assert alice.state is ClientState.RECONNECTING
+        await server.close()
+        await start_server(port=port, token="tok-3f9a")
+        assert await next_event(changes, Reconnected, 3) == Reconnected(resumed=False, gap=None)
+    failures = [e["error"] for e in logs if e["event"] == "reconnect_failed"]
+    assert any("token is missing or wrong" in error for error in failures)
+    assert not any("tok-3f9a" in str(e) for e in logs)  # tokens are never logged
 
 
 async def test_close_never_hangs_on_a_black_holed_server(start_server, open_client, unit) -> None:
@@ -503,3 +555,24 @@ async def test_mutual_tls_names_the_client_and_refuses_a_foreign_certificate(
             cert=str(tls_files.intruder_cert), key=str(tls_files.intruder_key),
         )  # fmt: skip
     assert caught.value.check == "client_certificate"
+
+
+async def test_the_client_runs_on_uvloop_too(start_server, tls_files, unit) -> None:
+    uvloop = pytest.importorskip("uvloop")
+    server = await start_server()
+    options = {"ca": str(tls_files.ca_pem), "heartbeat_interval": unit}
+
+    async def scenario() -> tuple[Any, float | None, str]:
+        async with (
+            connect("localhost", server.port, name="alice", **options) as alice,
+            connect("localhost", server.port, name="bob", **options) as bob,
+        ):
+            await bob.join("chat")
+            await alice.publish("chat", {"on": "uvloop"}, confirm=True, timeout=1)
+            received = await bob.receive(timeout=1)
+            await asyncio.sleep(2 * unit)
+            return received.body, alice.rtt, type(asyncio.get_running_loop()).__module__
+
+    body, rtt, loop_module = await asyncio.to_thread(uvloop.run, scenario())
+    assert body == {"on": "uvloop"} and rtt is not None
+    assert loop_module.startswith("uvloop")

@@ -171,9 +171,7 @@ async def test_resume_within_ttl_replays_after_last_seq(start_server, raw) -> No
     assert (await again.recv_type(Message)).seq == 7
 
 
-async def test_resume_before_the_old_connection_is_noticed_takes_it_over(
-    start_server, raw
-) -> None:
+async def test_resume_before_the_old_connection_is_noticed_takes_it_over(start_server, raw) -> None:
     server = await start_server()
     bob = await raw(server.port, "bob")
     token = bob.welcome.session
@@ -333,17 +331,17 @@ async def test_mutual_tls_takes_the_name_from_the_certificate(start_server, raw,
     alice = await raw(server.port, ctx=ctx)
     welcome = await alice.hello(None)
     assert welcome.name == "alice"
-    impostor = await raw(server.port, ctx=client_context(
-        ca=tls_files.ca_pem, cert=tls_files.bob_cert, key=tls_files.bob_key))
+    impostor = await raw(
+        server.port,
+        ctx=client_context(ca=tls_files.ca_pem, cert=tls_files.bob_cert, key=tls_files.bob_key),
+    )
     impostor.send(__import__("securemsg.messages").messages.Hello(version=1, name="alice"))
     error = await impostor.recv()
     assert isinstance(error, Error) and error.code == "unauthorized"
     assert await impostor.closed()
 
 
-async def test_mutual_tls_rejects_a_certificate_from_another_ca(
-    start_server, tls_files
-) -> None:
+async def test_mutual_tls_rejects_a_certificate_from_another_ca(start_server, tls_files) -> None:
     server = await start_server(ca=str(tls_files.ca_pem), require_client_cert=True)
     ctx = client_context(
         ca=tls_files.ca_pem, cert=tls_files.intruder_cert, key=tls_files.intruder_key

@@ -170,13 +170,18 @@ async def test_interpreter_exit_never_hangs_on_an_open_client(
     server = await start_server()
     async with FaultProxy(server.port) as proxy:
         script = (
-            "import securemsg.sync as s\n"
+            "import securemsg.sync as s, securemsg.log as l\n"
+            "l.configure_logging(level='warning')\n"
             f"c = s.connect('localhost', {proxy.port}, ca={str(tls_files.ca_pem)!r}, name='x')\n"
             "c.publish('chat', 1)\n"
             "print('connected', flush=True)\n"
         )
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-c", script, stdout=asyncio.subprocess.PIPE
+            sys.executable,
+            "-c",
+            script,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.DEVNULL,
         )
         assert process.stdout is not None
         assert await asyncio.wait_for(process.stdout.readline(), 10) == b"connected\n"
