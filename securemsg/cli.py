@@ -32,8 +32,7 @@ EXIT_USAGE = 2
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
     try:
         return int(args.handler(args))
     except SecureMsgError as exc:
@@ -41,6 +40,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and getattr(args, "client_command", None) == "send":
+        if not any(word.startswith("-") for word in extra):
+            # `send HOST:PORT --room R MESSAGE`: argparse takes HOST:PORT as the whole word
+            # list and leaves MESSAGE over, because options stand between them.
+            args.words += extra
+            extra = []
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -126,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--count", type=int, metavar="N", help="exit after N messages")
             sub.add_argument("--json", action="store_true", help="print one JSON object a line")
         sub.set_defaults(handler=_cmd_client, client_command=name)
+    _add_bench_parser(commands)
     return parser
 
 
@@ -202,6 +216,89 @@ def _cmd_client(args: argparse.Namespace) -> int:
             chat.run_listen(config, rooms=args.room, count=args.count, json_output=args.json)
         )
     return chat.run_client(config, rooms=args.room, json_output=args.json)
+
+
+# -- bench ------------------------------------------------------------------------------------
+
+
+def _add_bench_parser(commands: Any) -> None:
+    from securemsg.bench import SCENARIOS
+
+    bench = commands.add_parser(
+        "bench",
+        help="measure a server: throughput, latency, connections, handshakes",
+        description="Drive a securemsg server with real clients and verify what arrives.",
+    )
+    bench.add_argument("scenario", choices=SCENARIOS, help="what to measure")
+    where = bench.add_mutually_exclusive_group()
+    where.add_argument(
+        "address",
+        nargs="?",
+        metavar="HOST[:PORT]",
+        help="the server (default: localhost:7443); put it before the options",
+    )
+    where.add_argument(
+        "--local", action="store_true", help="start a local server (dev certificates, free port)"
+    )
+    bench.add_argument("--ca", metavar="FILE", help="CA bundle the server certificate chains to")
+    bench.add_argument("--msgs", type=int, metavar="N", help="messages (or round trips) in all")
+    bench.add_argument("--size", type=int, default=128, metavar="BYTES", help="body size")
+    bench.add_argument(
+        "--duration", type=float, metavar="S", help="bound on a run; hold time of connections"
+    )
+    bench.add_argument("--rate", type=float, default=0.0, metavar="N", help="msgs/s offered")
+    bench.add_argument("--pub", type=int, default=1, metavar="N", help="publishers (pubsub)")
+    bench.add_argument("--sub", type=int, default=1, metavar="N", help="subscribers (pubsub)")
+    bench.add_argument(
+        "--clients", type=int, metavar="N", help="subscribers, connections or handshakes"
+    )
+    bench.add_argument("--concurrency", type=int, default=8, help="handshakes at once")
+    bench.add_argument("--server-pid", type=int, metavar="PID", help="local server to measure")
+    bench.add_argument(
+        "--server-loop", choices=("uvloop", "asyncio"), help="event loop of the --local server"
+    )
+    bench.add_argument("--json", action="store_true", help="print the result as JSON")
+    bench.set_defaults(handler=_cmd_bench)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import msgspec
+
+    from securemsg.bench import BenchOptions, BenchResult, bench_main, format_result
+
+    configure_logging(level="error", fmt="auto")
+    address = _parse_address(args.address) if args.address else {}
+    options = BenchOptions(
+        scenario=args.scenario,
+        host=address.get("host", "localhost"),
+        port=address.get("port", DEFAULT_PORT),
+        ca=args.ca,
+        msgs=args.msgs,
+        size=args.size,
+        duration=args.duration,
+        rate=args.rate,
+        pub=args.pub,
+        sub=args.sub,
+        clients=args.clients,
+        concurrency=args.concurrency,
+        server_pid=args.server_pid,
+    )
+
+    def emit(result: BenchResult) -> None:
+        if args.json:
+            print(msgspec.json.encode(result).decode())
+        else:
+            print(format_result(result))
+
+    return run(
+        bench_main(
+            options,
+            local=args.local,
+            server_loop=args.server_loop,
+            show_progress=sys.stderr.isatty(),
+            emit=emit,
+        )
+    )
 
 
 def _parse_address(address: str) -> dict[str, Any]:

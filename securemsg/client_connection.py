@@ -109,9 +109,14 @@ class ClientConnection(asyncio.Protocol):
                 self._owner.events_received(self, events)
             else:
                 self._early.extend(events)
-        self._flush()
         if core.state is ConnectionState.CLOSING:
+            self._flush()
             self.abort(core.close_code or "protocol_error")
+        elif core.has_data_to_send and not self._flush_scheduled:
+            # Written once the loop has run what these events woke (a receive() waiting for
+            # them, say): the cumulative ack leaves in the same TLS record as a reply.
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
 
     def eof_received(self) -> bool | None:
         return None  # let the transport close; connection_lost does the rest
@@ -210,7 +215,8 @@ class ClientConnection(asyncio.Protocol):
         data = self.core.data_to_send()
         transport = self.transport
         if data and transport is not None and not transport.is_closing():
-            transport.writelines(data)
+            # Joined: the SSL transports make one TLS record per writelines item.
+            transport.write(data[0] if len(data) == 1 else b"".join(data))
 
     def _arm_timer(self) -> None:
         if self.core.state is ConnectionState.OPEN:
@@ -326,6 +332,9 @@ def _describe(exc: BaseException) -> str:
         isinstance(exc, OSError) and (exc.errno == errno.ECONNREFUSED or "[Errno 111]" in str(exc))
     ):
         return "connection refused (is the server running on that port?)"
+    if isinstance(exc, ConnectionResetError) and not exc.strerror:
+        # What a server at its max_connections does: close at accept, before TLS.
+        return "the server reset the connection (it may be at its connection limit)"
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror[0].lower() + exc.strerror[1:]
     return str(exc) or type(exc).__name__

@@ -162,7 +162,7 @@ FIELD_HELP: Final[dict[str, dict[str, str]]] = {
         "ca": "CA bundle the server certificate must chain to; none means the system CAs",
         "cert": "client certificate chain for mutual TLS, PEM file",
         "key": "private key of the client certificate, PEM file",
-        "name": "name to register as (letters, digits, _ . @ -); none lets the server choose",
+        "name": "name to register as (letters, digits, _ . @ -); needed unless mutual TLS",
         "token": "token to present; set SECUREMSG_TOKEN, never a file or flag",
         "reconnect_base": "seconds before the first reconnect attempt",
         "reconnect_cap": "longest wait in seconds between reconnect attempts",

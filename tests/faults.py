@@ -16,11 +16,11 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["FaultProxy", "ServerProcess"]
+__all__ = ["FaultProxy", "ServerProcess", "peak_rss", "record_figure", "wait_until"]
 
 
 class _Link:
@@ -248,3 +248,41 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.kill()
         return self.proc.returncode
+
+
+# -- figures -----------------------------------------------------------------------------------
+
+
+def record_figure(case: str, **values: Any) -> dict[str, Any]:
+    """Print one measured figure of a chaos or bad-input test, and append it as a JSON line to
+    the file named by ``SECUREMSG_FIGURES`` when set (``docs/reliability.md`` is made from it).
+    """
+    figure = {"case": case, **values}
+    line = json.dumps(figure, sort_keys=False, default=str)
+    print(f"FIGURE {line}")
+    target = os.environ.get("SECUREMSG_FIGURES")
+    if target:
+        with open(target, "a", encoding="utf-8") as handle:
+            handle.write(line + "\n")
+    return figure
+
+
+def peak_rss(pid: int) -> int:
+    """The peak resident set size (``VmHWM``) of a process, in bytes (Linux only)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmHWM in /proc/{pid}/status")
+
+
+async def wait_until(
+    condition: Callable[[], object], *, within: float, step: float = 0.01
+) -> float:
+    """Poll ``condition`` every ``step`` seconds until it holds; return the loop time it was
+    seen to hold. Raises ``TimeoutError`` after ``within`` seconds."""
+    loop = asyncio.get_running_loop()
+    async with asyncio.timeout(within):
+        while True:
+            if condition():
+                return loop.time()
+            await asyncio.sleep(step)

@@ -463,3 +463,24 @@ async def test_a_flood_of_tiny_frames_does_not_starve_other_clients(start_server
     drain.cancel()
     delays.sort()
     assert delays[int(len(delays) * 0.99) - 1] < 0.2, delays
+
+
+async def test_a_rate_below_one_per_second_still_lets_a_message_through(start_server, raw) -> None:
+    server = await start_server(max_msgs_per_sec=0.5)
+    alice = await raw(server.port, "alice")
+    alice.send(Publish(room="r", body=body(1), id="a"), Publish(room="r", body=body(2), id="b"))
+    assert await alice.recv() == ServerAck(id="a")
+    error = await alice.recv()
+    assert isinstance(error, Error) and (error.code, error.ref) == ("rate_limited", "b")
+
+
+async def test_the_close_log_names_the_client_after_a_bye(start_server, raw) -> None:
+    server = await start_server()
+    alice = await raw(server.port, "alice")
+    with capture_logs() as logs:
+        alice.send(Bye(reason="done"))
+        assert await alice.recv_type(Bye) == Bye(reason="client_bye")
+        assert await alice.closed()
+        await asyncio.sleep(0.05)
+    closed = [e for e in logs if e["event"] == "connection_closed"]
+    assert closed and closed[0]["name"] == "alice"

@@ -1,0 +1,123 @@
+"""``securemsg bench`` with tiny counts: every scenario runs and verifies what it received.
+
+Speed is never asserted here (the machine may be slow or busy); only the verification
+fields are: nothing lost, duplicated, out of order or malformed. The full comparison with
+other systems is ``bench/compare.py``, run by hand.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from typing import Any
+
+import pytest
+
+from securemsg.bench import BenchOptions, BenchResult, format_result, run_bench
+from securemsg.bench_scenarios import Tally, make_payload, percentiles
+from securemsg.cli import main
+from tests.integration.conftest import StartServer
+
+pytestmark = pytest.mark.timeout(60)
+
+
+async def _bench(server_port: int, ca: Any, scenario: str, **options: Any) -> BenchResult:
+    opts = BenchOptions(
+        scenario=scenario, host="localhost", port=server_port, ca=str(ca), **options
+    )
+    result = await run_bench(opts)
+    assert format_result(result)  # the table renders
+    return result
+
+
+def _assert_verified(result: BenchResult) -> None:
+    assert (result.errors, result.lost, result.duplicated, result.out_of_order) == (0, 0, 0, 0)
+    assert result.received == result.expected
+    assert result.ok
+
+
+@pytest.mark.parametrize(("pub", "sub"), [(1, 1), (2, 3)])
+async def test_pubsub_delivers_every_message_once_in_order(
+    start_server: StartServer, tls_files: Any, pub: int, sub: int
+) -> None:
+    server = await start_server()
+    result = await _bench(server.port, tls_files.ca_pem, "pubsub", msgs=300, pub=pub, sub=sub)
+    _assert_verified(result)
+    assert result.expected == 300 * sub
+    assert result.latency_us is not None and result.latency_us.p50 > 0
+
+
+async def test_fanout_reaches_every_subscriber(start_server: StartServer, tls_files: Any) -> None:
+    server = await start_server()
+    result = await _bench(server.port, tls_files.ca_pem, "fanout", msgs=50, clients=5)
+    _assert_verified(result)
+    assert result.subscribers == 5 and result.received == 250
+
+
+async def test_paced_pubsub_keeps_the_offered_rate_bound(
+    start_server: StartServer, tls_files: Any
+) -> None:
+    server = await start_server()
+    result = await _bench(server.port, tls_files.ca_pem, "pubsub", msgs=100, rate=2000.0)
+    _assert_verified(result)
+    assert result.elapsed >= 0.04  # 100 messages at 2000/s cannot finish much sooner
+
+
+async def test_rtt_round_trips_echo_their_payload(
+    start_server: StartServer, tls_files: Any
+) -> None:
+    server = await start_server()
+    result = await _bench(server.port, tls_files.ca_pem, "rtt", msgs=50)
+    _assert_verified(result)
+    assert result.latency_us is not None
+
+
+async def test_connections_stay_alive_and_server_memory_is_reported(
+    start_server: StartServer, tls_files: Any, unit: float
+) -> None:
+    server = await start_server(heartbeat_interval=unit, heartbeat_timeout=5 * unit)
+    result = await _bench(
+        server.port,
+        tls_files.ca_pem,
+        "connections",
+        clients=10,
+        duration=3 * unit,  # a few heartbeats
+        server_pid=os.getpid(),
+    )
+    _assert_verified(result)
+    assert result.extra["alive"] == 10
+    assert "server_rss_kb_per_conn" in result.extra
+
+
+async def test_handshakes_are_counted_and_cost_server_cpu(
+    start_server: StartServer, tls_files: Any
+) -> None:
+    server = await start_server()
+    result = await _bench(
+        server.port, tls_files.ca_pem, "handshakes", clients=10, server_pid=os.getpid()
+    )
+    _assert_verified(result)
+    assert result.extra["handshakes_per_s"] > 0
+    assert "server_cpu_us_per_handshake" in result.extra
+    await asyncio.sleep(0)
+    assert not server.connections or all(c.session is None for c in server.connections)
+
+
+def test_tally_counts_duplicates_out_of_order_and_garbage() -> None:
+    tally = Tally(publishers=1, per_publisher=4)
+    for seq in (0, 2, 1, 2):
+        tally.add(make_payload(0, seq, 40, "x" * 40))
+    tally.add("not a payload")
+    assert (tally.received, tally.duplicated, tally.out_of_order, tally.errors) == (3, 1, 1, 1)
+    assert percentiles([1000, 2000, 3000])["max"] == 3.0
+
+
+def test_bench_command_runs_a_local_server_and_prints_json(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    code = main(["bench", "rtt", "--local", "--msgs", "20", "--json"])
+    result = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert result["scenario"] == "rtt" and result["lost"] == 0 and result["received"] == 20
+    assert result["latency_us"]["p50"] > 0
