@@ -252,7 +252,12 @@ class Client:
         """
         _check(_ROOM_RE, room, "room")
         raw = encode_body(body)
-        await self._mailbox.send(
+        mailbox = self._mailbox
+        if not confirm and mailbox.closed is None and not mailbox.outbox.full:
+            # The hot path: into the outbox and onto the connection, no waiting to set up.
+            mailbox.submit(lambda i: Publish(room=room, body=raw, id=i))
+            return
+        await mailbox.send(
             lambda i: Publish(room=room, body=raw, id=i), confirm, timeout, f"publish to {room!r}"
         )
 

@@ -39,6 +39,7 @@ from securemsg.messages import (
     Error,
     ErrorCode,
     Hello,
+    Message,
     Welcome,
 )
 from securemsg.protocol import ConnectionState, Event, FrameRejected, MessageReceived
@@ -109,14 +110,16 @@ class ClientConnection(asyncio.Protocol):
                 self._owner.events_received(self, events)
             else:
                 self._early.extend(events)
+        if core.state is not ConnectionState.CLOSING and _delivers(events):
+            # Messages went to the application, which may answer them in this loop
+            # iteration: flush after it, so the cumulative ack and the reply share one write.
+            if not self._flush_scheduled:
+                self._flush_scheduled = True
+                self._loop.call_soon(self._flush)
+            return
+        self._flush()
         if core.state is ConnectionState.CLOSING:
-            self._flush()
             self.abort(core.close_code or "protocol_error")
-        elif core.has_data_to_send and not self._flush_scheduled:
-            # Written once the loop has run what these events woke (a receive() waiting for
-            # them, say): the cumulative ack leaves in the same TLS record as a reply.
-            self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
 
     def eof_received(self) -> bool | None:
         return None  # let the transport close; connection_lost does the rest
@@ -325,6 +328,14 @@ def should_retry(error: SecureMsgError, *, welcomed: bool) -> bool:
     if isinstance(error, TLSError | AuthError | ConfigError):
         return welcomed
     return True
+
+
+def _delivers(events: list[Event]) -> bool:
+    """True when ``events`` hold a message for the application (the last ones usually do)."""
+    for event in reversed(events):
+        if type(event) is MessageReceived and type(event.message) is Message:
+            return True
+    return False
 
 
 def _describe(exc: BaseException) -> str:

@@ -10,13 +10,14 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import subprocess
+import sys
 from typing import Any
 
 import pytest
 
 from securemsg.bench import BenchOptions, BenchResult, format_result, run_bench
 from securemsg.bench_scenarios import Tally, make_payload, percentiles
-from securemsg.cli import main
 from tests.integration.conftest import StartServer
 
 pytestmark = pytest.mark.timeout(60)
@@ -113,11 +114,15 @@ def test_tally_counts_duplicates_out_of_order_and_garbage() -> None:
     assert percentiles([1000, 2000, 3000])["max"] == 3.0
 
 
-def test_bench_command_runs_a_local_server_and_prints_json(
-    capsys: pytest.CaptureFixture[str],
-) -> None:
-    code = main(["bench", "rtt", "--local", "--msgs", "20", "--json"])
-    result = json.loads(capsys.readouterr().out)
-    assert code == 0
+def test_bench_command_runs_a_local_server_and_prints_json() -> None:
+    # A real process: the command configures logging for the whole interpreter.
+    done = subprocess.run(
+        [sys.executable, "-m", "securemsg", "bench", "rtt", "--local", "--msgs", "20", "--json"],
+        capture_output=True,
+        timeout=50,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr.decode(errors="replace")[-2000:]
+    result = json.loads(done.stdout)
     assert result["scenario"] == "rtt" and result["lost"] == 0 and result["received"] == 20
     assert result["latency_us"]["p50"] > 0
