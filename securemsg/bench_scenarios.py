@@ -280,10 +280,9 @@ async def _publish(
     start = loop.time()
     seq = 0
     while seq < count:
+        due = min(count, seq + _BATCH)  # behind schedule, catch up a batch at a time
         if rate > 0:
-            due = min(count, int((loop.time() - start) * rate) + 1)
-        else:
-            due = min(count, seq + _BATCH)
+            due = min(due, int((loop.time() - start) * rate) + 1)
         batch = due - seq
         while seq < due:
             await publish(room, make_payload(index, seq, chars, pad))

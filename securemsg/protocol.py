@@ -102,6 +102,27 @@ Event = MessageReceived | FrameRejected | PeerTimedOut | PongReceived
 class Connection:
     """What both ends share: framing, liveness and the outgoing buffer."""
 
+    # Slots: one of these lives as long as each connection (an idle server holds thousands).
+    __slots__ = (
+        "_decoder",
+        "_last_ping",
+        "_next_ping_id",
+        "_out",
+        "_pings",
+        "_sent_since_tick",
+        "bytes_in",
+        "bytes_out",
+        "close_code",
+        "frames_in",
+        "frames_out",
+        "heartbeat_interval",
+        "heartbeat_timeout",
+        "last_received",
+        "last_sent",
+        "rtt",
+        "state",
+    )
+
     _decode = staticmethod(decode_client)
     _sends_errors = True
     #: Ping at least once an interval even when traffic flows, to keep ``rtt`` current.
@@ -287,6 +308,8 @@ class Connection:
 class Server(Connection):
     """The server's end of one connection: expects ``hello`` first, within a deadline."""
 
+    __slots__ = ("_hello_seen", "handshake_deadline")
+
     def __init__(self, *, now: float, handshake_timeout: float = 10.0, **kwargs: float) -> None:
         super().__init__(now=now, **kwargs)  # type: ignore[arg-type]
         self.handshake_deadline = now + handshake_timeout
@@ -325,6 +348,8 @@ class Server(Connection):
 
 class Client(Connection):
     """The client's end: sends ``hello``, becomes OPEN on ``welcome``."""
+
+    __slots__ = ()
 
     _decode = staticmethod(decode_server)  # type: ignore[assignment]
     _sends_errors = False

@@ -11,6 +11,7 @@ raised for the long versions in ``bench/soak`` (``SECUREMSG_CHAOS_*`` variables 
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import os
 import random
@@ -118,12 +119,11 @@ def server_args(tls_files: Any, **options: object) -> list[str]:
 
 
 def cut_points(rng: random.Random, count: int, total: int) -> list[int]:
-    """``count`` distinct received-counts strictly inside (0, total), at least 2 % apart."""
-    gap = max(1, total // 50)
-    while True:
-        points = sorted(rng.sample(range(gap, total - gap), count))
-        if all(b - a >= gap for a, b in itertools.pairwise(points)):
-            return points
+    """``count`` received-counts strictly inside (0, total): each at random within a third
+    of the spacing around one of ``count`` evenly spaced points, so they are spread over the
+    stream and at least a third of the spacing apart."""
+    slot = total / (count + 1)
+    return [round(slot * (i + 1) + rng.uniform(-slot / 3, slot / 3)) for i in range(count)]
 
 
 def audit(received: Iterable[tuple[int, int]], per_publisher: int, publishers: int) -> dict:
@@ -241,7 +241,7 @@ async def test_clients_behind_a_black_hole_find_it_within_timeout_plus_interval(
         heartbeat_interval_s=round(interval, 3),
     )
     assert all(event == Disconnected("heartbeat_timeout") for _, event in found)
-    assert min(detection) >= timeout - interval - 0.05
+    assert min(detection) >= timeout - interval - unit / 2
     assert max(detection) <= timeout + interval + 2 * unit  # bound, plus scheduling slack
     assert all(event.resumed for _, event in back)
 
@@ -289,7 +289,8 @@ async def test_server_finds_a_sigstopped_client_process_within_heartbeat_timeout
         heartbeat_interval_s=round(interval, 3),
     )
     assert timed_out["name"] == "frozen"
-    assert timeout - interval - 0.05 <= detection <= timeout + 2 * unit
+    assert timeout - interval - unit / 2 <= detection <= timeout + 2 * unit
+    assert detached - found <= 5 * unit  # the dead connection is dropped, not closed politely
 
 
 # -- server restart ------------------------------------------------------------------------------
@@ -315,6 +316,14 @@ async def test_fifty_clients_come_back_after_a_server_restart_and_not_in_lockste
             *(t.first(Reconnected, since=killed, within=LIMIT / 2) for t in timelines)
         )
         times = sorted(when - listening for when, _ in back)
+        # When each client started the attempt that brought it back (its last wait's end):
+        # lockstep would put most of them in the same few milliseconds. (The returns
+        # themselves bunch up when this process is busy with hundreds of handshakes.)
+        starts = []
+        for timeline, (returned, _) in zip(timelines, back, strict=True):
+            waits = [(t, e) for t, e in timeline.of(Reconnecting, killed) if t <= returned]
+            starts.append(waits[-1][0] + waits[-1][1].delay - listening)
+        crowd = max(collections.Counter(int(t * 100) for t in starts).values())
         delays = [event.delay for t in timelines for _, event in t.of(Reconnecting)]
         for timeline in timelines:
             timeline.stop()
@@ -335,6 +344,8 @@ async def test_fifty_clients_come_back_after_a_server_restart_and_not_in_lockste
         first_back_s=round(times[0], 3),
         spread_s=round(times[-1] - times[0], 3),
         stdev_s=round(statistics.pstdev(times), 3),
+        last_attempts_spread_s=round(max(starts) - min(starts), 3),
+        most_last_attempts_in_one_10ms=crowd,
         distinct_reconnect_delays=len({round(d, 4) for d in delays}),
         reconnect_attempts=len(delays),
         backoff=f"base {backoff['reconnect_base']:g} s, cap {backoff['reconnect_cap']:g} s",
@@ -343,7 +354,7 @@ async def test_fifty_clients_come_back_after_a_server_restart_and_not_in_lockste
     assert times[-1] <= 10 * unit + 20 * unit  # one capped wait, plus a connect
     # Jitter, not lockstep: the returns spread over a good part of the backoff window.
     assert times[-1] - times[0] >= unit
-    assert len({round(d, 4) for d in delays}) >= 0.9 * len(delays)
+    assert crowd <= max(5, count // 5)
 
 
 # -- no loss, no duplicates ----------------------------------------------------------------------
@@ -440,7 +451,8 @@ async def test_no_loss_no_duplicates_through_twenty_cuts_of_a_stream(
 
     result = await _stream_under_faults(
         start_server, open_client, unit,
-        fault=cut, points=cut_points(rng, cuts, total), total=total, duration=0.25 * cuts,
+        fault=cut, points=cut_points(rng, cuts, total), total=total,
+        duration=max(0.25 * cuts, total / 2000),  # a quarter second per cut at least
         beat={"heartbeat_interval": 2 * unit, "heartbeat_timeout": 6 * unit},
     )  # fmt: skip
     landed = result.pop("landed")
@@ -473,7 +485,8 @@ async def test_no_loss_no_duplicates_through_a_black_hole_longer_than_the_heartb
 
     result = await _stream_under_faults(
         start_server, open_client, unit,
-        fault=blackhole, points=cut_points(rng, 2, total), total=total, duration=3 * hole,
+        fault=blackhole, points=cut_points(rng, 2, total), total=total,
+        duration=max(3 * hole, total / 2000),  # a pace the subscribers keep up with
         beat={"heartbeat_interval": interval, "heartbeat_timeout": timeout},
     )  # fmt: skip
     landed = result.pop("landed")
@@ -561,7 +574,7 @@ async def test_sigterm_under_load_delivers_every_acknowledged_message_to_every_s
                 acked[p].append(n)
 
         async def consume(i: int) -> None:
-            while True:
+            for _ in range(10_000_000):  # until cancelled
                 message = await subs[i].receive()
                 received[i].add(tuple(message.body))  # type: ignore[arg-type]
 
