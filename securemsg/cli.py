@@ -252,7 +252,7 @@ def _add_bench_parser(commands: Any) -> None:
     bench.add_argument(
         "--clients", type=int, metavar="N", help="subscribers, connections or handshakes"
     )
-    bench.add_argument("--concurrency", type=int, default=8, help="handshakes at once")
+    bench.add_argument("--concurrency", type=int, default=8, metavar="N", help="handshakes at once")
     bench.add_argument("--server-pid", type=int, metavar="PID", help="local server to measure")
     bench.add_argument(
         "--server-loop", choices=("uvloop", "asyncio"), help="event loop of the --local server"

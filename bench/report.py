@@ -1,0 +1,245 @@
+"""Write docs/benchmarks.md from the results of bench/compare.py."""
+
+# The report is prose for people: the multiplication sign and en dash are meant.
+# ruff: noqa: RUF001
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+FINDINGS = Path(__file__).resolve().parent / "findings.md"
+PEERS = ("nats", "websockets")
+LABEL = {
+    "securemsg": "securemsg",
+    "nats": "nats-server + nats-py",
+    "websockets": "websockets relay",
+}
+
+Runs = list[dict[str, Any]]
+Metric = tuple[str, Callable[[dict[str, Any]], float | None], str, bool]
+
+
+def _lat(key: str) -> Callable[[dict[str, Any]], float | None]:
+    return lambda r: (r.get("latency_us") or {}).get(key)
+
+
+def _extra(key: str) -> Callable[[dict[str, Any]], float | None]:
+    return lambda r: r["extra"].get(key)
+
+
+def _rate(r: dict[str, Any]) -> float | None:
+    return float(r["msgs_per_s"])
+
+
+def _problems(r: dict[str, Any]) -> float | None:
+    return float(r["lost"] + r["duplicated"] + r["out_of_order"] + r["errors"])
+
+
+#: (label, value, format, higher is better)
+METRICS: dict[str, list[Metric]] = {
+    "pubsub": [
+        ("deliveries/s", _rate, ",.0f", True),
+        ("latency p50 (µs)", _lat("p50"), ",.0f", False),
+        ("latency p99 (µs)", _lat("p99"), ",.0f", False),
+        ("lost+dup+disorder+errors", _problems, ",.0f", False),
+    ],
+    "rtt": [
+        ("round trips/s", _rate, ",.0f", True),
+        ("p50 (µs)", _lat("p50"), ",.0f", False),
+        ("p99 (µs)", _lat("p99"), ",.0f", False),
+        ("p99.9 (µs)", _lat("p99_9"), ",.0f", False),
+        ("lost+errors", _problems, ",.0f", False),
+    ],
+    "connections": [
+        ("server RSS per connection (KB)", _extra("server_rss_kb_per_conn"), ",.1f", False),
+        ("alive at the end", _extra("alive"), ",.0f", True),
+        ("time to open all (s)", _extra("open_s"), ",.1f", False),
+    ],
+    "handshakes": [
+        ("handshakes/s", _rate, ",.0f", True),
+        ("server CPU per handshake (µs)", _extra("server_cpu_us_per_handshake"), ",.0f", False),
+        ("client-side open+close p50 (µs)", _lat("p50"), ",.0f", False),
+    ],
+}
+METRICS["fanout"] = METRICS["pubsub"]
+
+
+def _values(runs: Runs, get: Callable[[dict[str, Any]], float | None]) -> list[float]:
+    return [float(v) for v in (get(r) for r in runs) if v is not None]
+
+
+def _cell(values: list[float], fmt: str) -> str:
+    if not values:
+        return "n/a"
+    median = statistics.median(values)
+    if len(values) == 1:
+        return format(median, fmt)
+    return f"{median:{fmt}} ({min(values):{fmt}}–{max(values):{fmt}})"
+
+
+def _ratio(ours: list[float], theirs: list[float]) -> str:
+    if not ours or not theirs:
+        return "n/a"
+    mine, peer = statistics.median(ours), statistics.median(theirs)
+    if peer == 0:
+        return "n/a" if mine == 0 else "∞"
+    return f"{mine / peer:.2f}×"
+
+
+def _table(key: str, by_system: dict[str, Runs]) -> list[str]:
+    head = "| metric | " + " | ".join(LABEL[s] for s in by_system)
+    head += " | " + " | ".join(f"securemsg / {p}" for p in PEERS if p in by_system) + " |"
+    lines = [head, "|" + "---|" * (1 + len(by_system) + sum(p in by_system for p in PEERS))]
+    for label, get, fmt, higher in METRICS[key]:
+        cells = [_cell(_values(runs, get), fmt) for runs in by_system.values()]
+        ours = _values(by_system.get("securemsg", []), get)
+        ratios = [_ratio(ours, _values(by_system[p], get)) for p in PEERS if p in by_system]
+        better = "higher is better" if higher else "lower is better"
+        lines.append(f"| {label} ({better}) | " + " | ".join(cells + ratios) + " |")
+    return lines
+
+
+def _median(runs: Runs, get: Callable[[dict[str, Any]], float | None]) -> float | None:
+    values = _values(runs, get)
+    return statistics.median(values) if values else None
+
+
+def _targets(results: dict[str, dict[str, Runs]], target: dict[str, Any] | None) -> list[str]:
+    rows: list[tuple[str, str, str]] = []
+
+    def ratio(key: str, peer: str, get: Callable[[dict[str, Any]], float | None]) -> float | None:
+        ours, theirs = _median(results[key]["securemsg"], get), _median(results[key][peer], get)
+        return ours / theirs if ours is not None and theirs else None
+
+    def verdict(ok: bool | None) -> str:
+        return "n/a" if ok is None else ("met" if ok else "**missed**")
+
+    if "pubsub" in results:
+        r = ratio("pubsub", "nats", _rate)
+        rows.append(("pubsub 1→1 ≥ 1.0× NATS", f"{r:.2f}×" if r else "n/a", verdict(r and r >= 1)))
+        r = ratio("pubsub", "websockets", _rate)
+        rows.append(
+            ("pubsub 1→1 ≥ 3× websockets", f"{r:.2f}×" if r else "n/a", verdict(r and r >= 3))
+        )
+    if "fanout" in results:
+        r = ratio("fanout", "nats", _rate)
+        rows.append(
+            (
+                "fanout 1→100 deliveries/s ≥ 1.0× NATS",
+                f"{r:.2f}×" if r else "n/a",
+                verdict(r and r >= 1),
+            )
+        )
+    if "rtt" in results:
+        for q in ("p50", "p99"):
+            r = ratio("rtt", "nats", _lat(q))
+            rows.append((f"rtt {q} ≤ NATS", f"{r:.2f}×" if r else "n/a", verdict(r and r <= 1)))
+    if target is not None:
+        per = target["extra"].get("server_rss_kb_per_conn")
+        alive = target["extra"].get("alive")
+        ok = per is not None and per <= 30 and alive == 10_000
+        rows.append(
+            (
+                "10,000 idle connections, 60 s, all alive, ≤ 30 KB each",
+                f"{alive:,.0f} alive, {per} KB each",
+                verdict(ok),
+            )
+        )
+    elif "connections" in results:
+        per = _median(results["connections"]["securemsg"], _extra("server_rss_kb_per_conn"))
+        rows.append(
+            (
+                "idle connection ≤ 30 KB server RSS (2,000 held)",
+                f"{per} KB",
+                verdict(per is not None and per <= 30),
+            )
+        )
+    if "handshakes" in results:
+        cpu = _median(results["handshakes"]["securemsg"], _extra("server_cpu_us_per_handshake"))
+        rows.append(
+            (
+                "server CPU per handshake ≤ 700 µs",
+                f"{cpu:,.0f} µs" if cpu else "n/a",
+                verdict(cpu is not None and cpu <= 700),
+            )
+        )
+    lines = ["| target | measured | verdict |", "|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
+    return lines
+
+
+def write_report(
+    path: Path,
+    *,
+    plan: list[tuple[str, str]],
+    results: dict[str, dict[str, Runs]],
+    sweep: dict[str, Runs],
+    target: dict[str, Any] | None,
+    rounds: int,
+    plot: str | None,
+    machine: dict[str, str],
+    failures: list[str],
+) -> None:
+    out = [
+        "# Benchmarks",
+        "",
+        "Generated by `python bench/compare.py` from a real run; do not edit by hand (the",
+        "analysis at the end comes from `bench/findings.md`). securemsg, nats-server driven",
+        "by nats-py, and a websockets relay, on one machine over loopback, with the same TLS",
+        "certificates, 128-byte payloads, counts and pacing, the same verification, and",
+        f"{rounds} interleaved rounds. Each cell: median (min–max) over the rounds. Every run",
+        "is a fresh server process and a fresh client process; all clients of a run share",
+        "one process (one core), the server has the other. securemsg runs with acks,",
+        "sequence numbers, outbox and heartbeats on, as always; NATS core is at-most-once",
+        "(no acks); the relay neither acks nor numbers. Ratios are securemsg / peer.",
+        "",
+        "## Machine and versions",
+        "",
+    ]
+    out += [f"- {key}: {value}" for key, value in machine.items()]
+    out += ["", "## Targets (issue 6)", "", *_targets(results, target), ""]
+    if failures:
+        out += ["Runs that failed or overran their bound (left out of the tables):", ""]
+        out += [f"- {f}" for f in failures]
+        out.append("")
+    for key, title in plan:
+        if key not in results:
+            continue
+        out += [f"## {title}", "", *_table(key, results[key]), ""]
+        notes = sorted({n for runs in results[key].values() for r in runs for n in r["notes"]})
+        out += [f"Note: {n}" for n in notes[:5]]
+        if notes:
+            out.append("")
+    if sweep:
+        out += ["## Latency versus offered load", ""]
+        if plot:
+            out += [f"![latency versus offered load]({plot})", ""]
+        out += [
+            "| offered msgs/s | "
+            + " | ".join(f"{s} achieved | {s} p50 µs | {s} p99 µs" for s in sweep)
+            + " |"
+        ]
+        out += ["|---|" + "---|---|---|" * len(sweep)]
+        rates = sorted({r["offered"] for runs in sweep.values() for r in runs})
+        for rate in rates:
+            cells = []
+            for runs in sweep.values():
+                found = [r for r in runs if r["offered"] == rate]
+                if not found:
+                    cells += ["failed", "", ""]
+                    continue
+                r = found[0]
+                lat = r.get("latency_us") or {}
+                cells += [
+                    f"{r['msgs_per_s']:,.0f}",
+                    f"{lat.get('p50', 0):,.0f}",
+                    f"{lat.get('p99', 0):,.0f}",
+                ]
+            out.append(f"| {rate:,} | " + " | ".join(cells) + " |")
+        out.append("")
+    if FINDINGS.exists():
+        out += [FINDINGS.read_text().strip(), ""]
+    path.write_text("\n".join(out))
