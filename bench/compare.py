@@ -1,7 +1,7 @@
 """Side-by-side benchmark: securemsg, nats-server (driven by nats-py) and a websockets relay.
 
     pip install -e '.[bench,fast]'
-    python bench/compare.py                 # the full comparison (about 15 minutes)
+    python bench/compare.py                 # the full comparison (about 11 minutes)
     python bench/compare.py --rounds 1 --quick
 
 Every system gets the same TLS certificates (one development PKI), the same payloads,
