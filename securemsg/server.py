@@ -35,9 +35,10 @@ logger = structlog.get_logger("securemsg.server")
 
 _PEEK_SIZE: Final = 16 * 1024 + 5
 _BACKLOG: Final = 1024
+_HTTP_BODY: Final = b"This is a securemsg TLS port, not HTTP(S).\r\n"
 _HTTP_REFUSAL: Final = (
     b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\nContent-Type: text/plain\r\n"
-    b"Content-Length: 45\r\n\r\nThis is a securemsg TLS port, not HTTP(S).\r\n\r\n"
+    b"Content-Length: %d\r\n\r\n%s" % (len(_HTTP_BODY), _HTTP_BODY)
 )
 
 
@@ -271,7 +272,7 @@ class Server:
             old.cancel()
         self._expiry[session] = self.loop.call_at(session.expires_at, self._expire, session)
 
-    def session_ended(self, session: Session, reason: str) -> None:
+    def session_ended(self, session: Session) -> None:
         handle = self._expiry.pop(session, None)
         if handle is not None:
             handle.cancel()

@@ -235,7 +235,7 @@ class ServerConnection(asyncio.Protocol):
         if kind is Bye:
             self._close_reason = "client_bye"
             self.broker.end(session, reason="bye")
-            self.server.session_ended(session, "bye")
+            self.server.session_ended(session)
             self.session = None
             self.core.send_bye("client_bye")
             return

@@ -13,7 +13,7 @@ import pytest
 
 from securemsg.config import ServerConfig
 from securemsg.frames import FrameDecoder, encode_frame
-from securemsg.messages import Hello, ServerMessage, decode_server, encode
+from securemsg.messages import Hello, Ping, Pong, ServerMessage, decode_server, encode
 from securemsg.server import Server
 from securemsg.tls import client_context
 
@@ -94,10 +94,8 @@ class RawClient:
                         raise EOFError("server closed the connection")
                     self.frames.extend(decode_server(f) for f in self.decoder.feed(data))
                 frame = self.frames.pop(0)
-                if type(frame).__name__ == "Ping":
-                    from securemsg.messages import Pong
-
-                    self.send(Pong(id=frame.id))  # type: ignore[union-attr]
+                if isinstance(frame, Ping):
+                    self.send(Pong(id=frame.id))
                     continue
                 return frame
 

@@ -17,6 +17,7 @@ from securemsg.messages import (
     Bye,
     Direct,
     Error,
+    Hello,
     Join,
     Leave,
     Members,
@@ -204,7 +205,7 @@ async def test_name_held_by_a_connected_session_is_refused(start_server, raw) ->
     server = await start_server()
     await raw(server.port, "alice")
     intruder = await raw(server.port)
-    intruder.send(__import__("securemsg.messages").messages.Hello(version=1, name="alice"))
+    intruder.send(Hello(version=1, name="alice"))
     error = await intruder.recv_type(Error)
     assert error.code == "name_taken"
     assert await intruder.closed()
@@ -261,6 +262,8 @@ async def test_plaintext_and_http_to_the_tls_port_are_logged_and_closed(start_se
             writer.close()
             if payload.startswith(b"GET"):
                 assert answer.startswith(b"HTTP/1.1 400")
+                head, _, content = answer.partition(b"\r\n\r\n")
+                assert f"Content-Length: {len(content)}".encode() in head
     reasons = [e["reason"] for e in logs if e["event"] == "tls_handshake_failed"]
     assert reasons == ["plaintext", "http_request"]
 
@@ -335,7 +338,7 @@ async def test_mutual_tls_takes_the_name_from_the_certificate(start_server, raw,
         server.port,
         ctx=client_context(ca=tls_files.ca_pem, cert=tls_files.bob_cert, key=tls_files.bob_key),
     )
-    impostor.send(__import__("securemsg.messages").messages.Hello(version=1, name="alice"))
+    impostor.send(Hello(version=1, name="alice"))
     error = await impostor.recv()
     assert isinstance(error, Error) and error.code == "unauthorized"
     assert await impostor.closed()
@@ -418,7 +421,7 @@ async def test_token_is_required_when_configured(start_server, raw, monkeypatch)
     ok = await raw(server.port, "alice", token="s3cret")
     assert isinstance(ok.welcome, Welcome)
     bad = await raw(server.port)
-    bad.send(__import__("securemsg.messages").messages.Hello(version=1, name="bob", token="x"))
+    bad.send(Hello(version=1, name="bob", token="x"))
     error = await bad.recv()
     assert isinstance(error, Error) and error.code == "unauthorized"
 
@@ -448,10 +451,7 @@ async def test_a_flood_of_tiny_frames_does_not_starve_other_clients(start_server
     server = await start_server()
     flooder, alice = await raw(server.port, "flooder"), await raw(server.port, "alice")
     loop = asyncio.get_running_loop()
-    flood = b"".join(
-        __import__("securemsg.frames").frames.encode_frame(b'{"type":"ping","id":%d}' % i)
-        for i in range(50_000)
-    )
+    flood = b"".join(encode_frame(b'{"type":"ping","id":%d}' % i) for i in range(50_000))
     drain = asyncio.ensure_future(flooder.reader.read(-1))
     flooder.send_raw(flood)
     delays = []
