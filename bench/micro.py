@@ -137,7 +137,7 @@ async def client_publish(count: int) -> float:
     client, conn, _ = await _client()
     body = "x" * 126
     acks = [
-        _frames([ServerAck(id=str(i + j + 1)) for j in range(BATCH)])
+        _frames([ServerAck(ids=[str(i + j + 1)]) for j in range(BATCH)])
         for i in range(0, count, BATCH)
     ]
     start = time.perf_counter()

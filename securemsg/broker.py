@@ -27,7 +27,6 @@ from securemsg.messages import (
     Message,
     Presence,
     Publish,
-    ServerAck,
     encode,
     encode_frame_of,
 )
@@ -44,6 +43,9 @@ class Link(Protocol):
 
     def queue(self, frame: bytes) -> None:
         """Queue one whole frame; the driver batches the writes."""
+
+    def ack(self, msg_id: str) -> None:
+        """Acknowledge a client message; the driver sends acks in batches (``ServerAck``)."""
 
     def close_with(self, code: str, message: str) -> None:
         """Send an ``error`` frame with a fatal code and close."""
@@ -285,7 +287,7 @@ class Broker:
 
     def _ack(self, session: Session, msg_id: str | None) -> None:
         if msg_id is not None and session.link is not None:
-            session.link.queue(encode_frame_of(ServerAck(id=msg_id)))
+            session.link.ack(msg_id)
 
     def _presence(self, session: Session, room_filter: str, event: str) -> None:
         if is_wildcard(room_filter):

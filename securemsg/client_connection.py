@@ -158,6 +158,14 @@ class ClientConnection(asyncio.Protocol):
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
 
+    def ping(self) -> None:
+        """Ping now (with whatever else is queued): the server's held acks come back with
+        the pong instead of up to ACK_DELAY later."""
+        self.core.ping(self._loop.time())
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
     def pause_reading(self) -> None:
         if self.transport is not None and not self._reading_paused:
             self._reading_paused = True

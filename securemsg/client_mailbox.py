@@ -156,6 +156,8 @@ class Mailbox:
                 return None
             future: asyncio.Future[Any] = self._loop.create_future()
             self._waiters[msg_id] = future
+            if self.conn is not None:
+                self.conn.ping()  # someone waits: ask for the ack now, not after ACK_DELAY
             try:
                 return await future
             finally:
@@ -195,6 +197,8 @@ class Mailbox:
             return
         waiter = _FlushWaiter(int(self._last_id), pending, self._loop.create_future())
         self._flushes.append(waiter)
+        if self.conn is not None:
+            self.conn.ping()
         try:
             async with deadline(timeout, f"flush of {pending} messages"):
                 await waiter.future
@@ -232,6 +236,8 @@ class Mailbox:
                 self.submit(lambda msg_id, room=room: messages.Join(room=room, id=msg_id))  # type: ignore[misc]
         for frame in resend:
             conn.send_frame(frame)
+        if self._waiters or self._flushes:
+            conn.ping()
         if self._paused:
             conn.pause_reading()
 
@@ -244,7 +250,9 @@ class Mailbox:
                 if type(message) is messages.Message:
                     self._message_received(message)
                 elif type(message) is ServerAck:
-                    self._answered(message.id, None)
+                    answered = self._answered
+                    for ref in message.ids:
+                        answered(ref, None)
                 elif type(message) is Members:
                     if message.ref is not None:
                         self._answered(message.ref, message.names)

@@ -16,6 +16,8 @@ from securemsg.exceptions import ProtocolError
 from securemsg.frames import encode_frame
 
 __all__ = [
+    "ACK_BATCH",
+    "ACK_DELAY",
     "FATAL_CODES",
     "PROTOCOL_VERSION",
     "Ack",
@@ -46,7 +48,11 @@ __all__ = [
     "encode_frame_of",
 ]
 
-PROTOCOL_VERSION: Final = 1
+PROTOCOL_VERSION: Final = 2
+#: The longest the server holds an ``ack`` back, hoping to send it with another frame.
+ACK_DELAY: Final = 0.005
+#: Held acks go out at once when this many are pending.
+ACK_BATCH: Final = 128
 
 #: Room names: dot-separated tokens of letters, digits, ``_`` and ``-``.
 ROOM_PATTERN: Final = r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$"
@@ -202,9 +208,11 @@ class Message(_Base, tag="message", kw_only=True, frozen=True):
 
 
 class ServerAck(_Base, tag="ack", frozen=True):
-    """Server to client: the message that carried ``id`` was routed (or the join/leave holds)."""
+    """Server to client: the messages that carried ``ids`` were carried out (routed, or the
+    join/leave holds), in the order the server received them. One frame answers many: the
+    server holds acks back for up to :data:`ACK_DELAY` to send them with other frames."""
 
-    id: str
+    ids: list[str]
 
 
 class Presence(_Base, tag="presence", frozen=True):

@@ -294,6 +294,12 @@ class Connection:
             self._ping(now)
         return []
 
+    def ping(self, now: float) -> None:
+        """Send a ping now. The server answers it with its held acks and the pong together,
+        so a client waiting for an answer sends one to get its acks without delay."""
+        if self.state is ConnectionState.OPEN:
+            self._ping(now)
+
     def _ping(self, now: float) -> None:
         self._next_ping_id += 1
         if len(self._pings) >= _MAX_OUTSTANDING_PINGS:

@@ -16,6 +16,8 @@ from securemsg import protocol
 from securemsg.broker import Refused, Session
 from securemsg.exceptions import ProtocolError
 from securemsg.messages import (
+    ACK_BATCH,
+    ACK_DELAY,
     PROTOCOL_VERSION,
     Ack,
     Bye,
@@ -27,6 +29,7 @@ from securemsg.messages import (
     Join,
     Leave,
     Publish,
+    ServerAck,
     Welcome,
     Who,
 )
@@ -64,6 +67,9 @@ class ServerConnection(asyncio.Protocol):
         self.log = structlog.get_logger("securemsg.server").bind(conn=conn_id, peer=peer)
         self._flush_scheduled = False
         self._timer: asyncio.TimerHandle | None = None
+        # Acks held back to ride with the next frame to this client (see _flush).
+        self._acks: list[str] | None = None
+        self._ack_timer: asyncio.TimerHandle | None = None
         self._close_reason = "peer_closed"
         self._rate = config.max_msgs_per_sec
         # A bucket must hold at least one token, or a rate below 1/s would refuse everything.
@@ -119,6 +125,10 @@ class ServerConnection(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._ack_timer is not None:
+            self._ack_timer.cancel()
+            self._ack_timer = None
+        self._acks = None
         session = self.session
         if session is not None:
             self.broker.detach(session, self, self._loop.time())
@@ -146,16 +156,26 @@ class ServerConnection(asyncio.Protocol):
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
 
+    def ack(self, msg_id: str) -> None:
+        acks = self._acks
+        if acks is None:
+            self._acks = [msg_id]
+            self._ack_timer = self._loop.call_later(ACK_DELAY, self._acks_due)
+        else:
+            acks.append(msg_id)
+
     def close_with(self, code: str, message: str) -> None:
         if self.core.state is ConnectionState.CLOSED:
             return
         self._close_reason = code
+        self._send_acks()  # what was carried out need not be resent
         self.core.fail(code, message)
         self._flush()
         self._close()
 
     def send_bye(self, reason: str) -> None:
         self._close_reason = reason
+        self._send_acks()
         self.core.send_bye(reason)
         self._flush()
         self._close()
@@ -168,6 +188,12 @@ class ServerConnection(asyncio.Protocol):
 
     def _flush(self) -> None:
         self._flush_scheduled = False
+        # Held acks go with any other frame (a delivery, a pong, an error): a request's ack
+        # then travels with its reply, one read for the client instead of two. Alone they
+        # wait for ACK_DELAY or until ACK_BATCH are pending.
+        acks = self._acks
+        if acks is not None and (self.core.has_data_to_send or len(acks) >= ACK_BATCH):
+            self._send_acks()
         transport = self.transport
         if transport is None or transport.is_closing():
             self.core.data_to_send()
@@ -178,6 +204,22 @@ class ServerConnection(asyncio.Protocol):
             # and uvloop's) encrypt each item of writelines as its own TLS record, one
             # SSLObject.write call and ~22 bytes of record overhead per frame.
             transport.write(data[0] if len(data) == 1 else b"".join(data))
+
+    def _send_acks(self) -> None:
+        acks = self._acks
+        if acks is None:
+            return
+        self._acks = None
+        if self._ack_timer is not None:
+            self._ack_timer.cancel()
+            self._ack_timer = None
+        if self.core.state is not ConnectionState.CLOSED:
+            self.core.send(ServerAck(ids=acks))
+
+    def _acks_due(self) -> None:
+        self._ack_timer = None
+        self._send_acks()
+        self._flush()
 
     def _close(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
@@ -237,6 +279,7 @@ class ServerConnection(asyncio.Protocol):
             self.broker.end(session, reason="bye")
             self.server.session_ended(session)
             self.session = None
+            self._send_acks()
             self.core.send_bye("client_bye")
             return
         if self._rate and not self._take_token(message):

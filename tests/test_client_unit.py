@@ -55,7 +55,7 @@ def welcome(resumed: bool = False, interval: float = 10.0, timeout: float = 30.0
     heartbeat = Heartbeat(interval=interval, timeout=timeout)
     return encode_frame_of(
         Welcome(
-            version=1, session="tok", name="alice", resumed=resumed, heartbeat=heartbeat,
+            version=2, session="tok", name="alice", resumed=resumed, heartbeat=heartbeat,
             max_frame=1024 * 1024,
         )
     )  # fmt: skip
@@ -115,7 +115,7 @@ class Pair:
 
     def __init__(self, *, max_outbox: int = 100) -> None:
         self.loop = asyncio.get_running_loop()
-        self.conn = ClientConnection(self.loop, Hello(version=1, name="alice"))
+        self.conn = ClientConnection(self.loop, Hello(version=2, name="alice"))
         self.transport = MemoryTransport(self.conn)
         self.mailbox = Mailbox(max_outbox=max_outbox, log=_NullLog())
         self.conn.connection_made(self.transport)
@@ -347,10 +347,10 @@ async def test_flush_waits_for_what_was_sent_before_it_only() -> None:
     flushing = asyncio.ensure_future(pair.mailbox.flushed(1))
     await settle()
     await pair.mailbox.send(make, False, None, "p")  # after the flush: not waited for
-    pair.feed(encode_frame_of(ServerAck(id="1")), encode_frame_of(ServerAck(id="3")))
+    pair.feed(encode_frame_of(ServerAck(ids=["1"])), encode_frame_of(ServerAck(ids=["3"])))
     await settle()
     assert not flushing.done()
-    pair.feed(encode_frame_of(ServerAck(id="2")))
+    pair.feed(encode_frame_of(ServerAck(ids=["2"])))
     await asyncio.wait_for(flushing, 1)
     assert len(pair.mailbox.outbox) == 1
     with pytest.raises(TimeoutError, match="flush"):
@@ -368,7 +368,7 @@ async def test_a_full_outbox_makes_the_sender_wait_until_an_ack_frees_a_place() 
     third = asyncio.ensure_future(pair.mailbox.send(make, False, 1, "p"))
     await settle()
     assert not third.done()
-    pair.feed(encode_frame_of(ServerAck(id="1")))
+    pair.feed(encode_frame_of(ServerAck(ids=["1"])))
     await asyncio.wait_for(third, 1)
     assert len(pair.mailbox.outbox) == 2
 
@@ -479,3 +479,19 @@ def test_a_call_on_a_stopped_loop_thread_raises_closed_error() -> None:
     assert not thread.alive
     with pytest.raises(ClosedError):
         thread.run(asyncio.sleep(0), 1)
+
+
+async def test_waiting_for_an_answer_pings_so_the_held_ack_comes_with_the_pong() -> None:
+    pair = Pair()
+    pair.open()
+    make = lambda i: Publish(room="r", body=msgspec.Raw(b"0"), id=i)  # noqa: E731
+    await pair.mailbox.send(make, False, None, "p")
+    await settle()
+    assert not pair.sent(Ping), "a publish nobody waits for does not ping"
+    confirming = asyncio.ensure_future(pair.mailbox.send(make, True, 1, "p"))
+    await settle()
+    kinds = [type(m) for m in pair.transport.sent() if type(m) is not Hello]
+    assert kinds[-2:] == [Publish, Ping], "the ping goes after the publish it hurries"
+    pair.feed(encode_frame_of(ServerAck(ids=["1", "2"])))
+    assert await asyncio.wait_for(confirming, 1) is None
+    assert len(pair.mailbox.outbox) == 0

@@ -45,8 +45,8 @@ from securemsg.messages import (
 BODY = msgspec.Raw(b'{"text":"hi","n":[1,2.5,null]}')
 
 CLIENT_MESSAGES = [
-    Hello(version=1, name="alice", token="secret", session="tok", last_seq=7),
-    Hello(version=1),
+    Hello(version=2, name="alice", token="secret", session="tok", last_seq=7),
+    Hello(version=2),
     Join(room="chat.general", id="1"),
     Join(room="sensors.*.temp"),
     Join(room="sensors.>"),
@@ -68,7 +68,7 @@ CLIENT_MESSAGES = [
 
 SERVER_MESSAGES = [
     Welcome(
-        version=1,
+        version=2,
         session="tok",
         name="alice",
         resumed=False,
@@ -77,7 +77,7 @@ SERVER_MESSAGES = [
     ),
     Message(room="chat.general", sender="alice", body=BODY, id="3", reply_to="r", ts=1.5, seq=1),
     Message(sender="alice", to="bob", body=BODY, re="r", ts=1.5, seq=2),
-    ServerAck(id="3"),
+    ServerAck(ids=["3"]),
     Presence(room="chat.general", name="bob", event="join"),
     Presence(room="sensors.>", name="bob", event="leave"),
     Members(room="chat.general", names=["alice", "bob"], ref="5"),
@@ -110,7 +110,7 @@ def test_every_server_message_round_trips(message: msgspec.Struct) -> None:
 
 def test_the_two_acks_belong_to_their_own_direction() -> None:
     assert decode_client(b'{"type":"ack","seq":4}') == Ack(seq=4)
-    assert decode_server(b'{"type":"ack","id":"4"}') == ServerAck(id="4")
+    assert decode_server(b'{"type":"ack","ids":["4"]}') == ServerAck(ids=["4"])
     with pytest.raises(ProtocolError) as info:
         decode_client(b'{"type":"ack","id":"4"}')
     assert (info.value.code, info.value.ref) == ("bad_message", "4")
@@ -253,15 +253,15 @@ def test_rooms_longer_than_255_characters_are_bad_message() -> None:
 
 @pytest.mark.parametrize("name", ["alice", "a", "bob@example.org", "x.y_z-1", "n" * 64])
 def test_valid_names(name: str) -> None:
-    assert decode_client(encode({"type": "hello", "version": 1, "name": name})) == Hello(
-        version=1, name=name
+    assert decode_client(encode({"type": "hello", "version": 2, "name": name})) == Hello(
+        version=2, name=name
     )
     assert isinstance(decode_client(encode({"type": "direct", "to": name, "body": 1})), Direct)
 
 
 @pytest.mark.parametrize("name", ["", "n" * 65, "a b", "ü", "a/b", "a:b", "*"])
 def test_invalid_names_are_bad_message(name: str) -> None:
-    assert rejected(encode({"type": "hello", "version": 1, "name": name})).code == "bad_message"
+    assert rejected(encode({"type": "hello", "version": 2, "name": name})).code == "bad_message"
     assert rejected(encode({"type": "direct", "to": name, "body": 1})).code == "bad_message"
 
 

@@ -41,9 +41,9 @@ from securemsg.protocol import (
 INTERVAL = 10.0
 TIMEOUT = 30.0
 HANDSHAKE_TIMEOUT = 5.0
-HELLO = Hello(version=1, name="alice")
+HELLO = Hello(version=2, name="alice")
 WELCOME = Welcome(
-    version=1,
+    version=2,
     session="tok",
     name="alice",
     resumed=False,

@@ -112,9 +112,9 @@ class ProtocolMachine(RuleBasedStateMachine):
             # Acks in flight died with the old connection; the server now knows last_seq only,
             # so what the replay brings again must be acknowledged again.
             self.inbox.acked = min(self.inbox.acked, last_seq)
-            hello = Hello(version=1, name="alice", session=self.token, last_seq=last_seq)
+            hello = Hello(version=2, name="alice", session=self.token, last_seq=last_seq)
         else:
-            hello = Hello(version=1, name="alice")
+            hello = Hello(version=2, name="alice")
         self.client.hello(hello)
 
     def _handshake(self) -> None:
@@ -151,9 +151,9 @@ class ProtocolMachine(RuleBasedStateMachine):
                     note("a resent publish was acknowledged, not routed again")
                 else:
                     self.routed.append(message.id)
-                self.server.send(ServerAck(id=message.id))
+                self.server.send(ServerAck(ids=[message.id]))
         elif kind is Join and message.id is not None:
-            self.server.send(ServerAck(id=message.id))
+            self.server.send(ServerAck(ids=[message.id]))
         elif kind is Who:
             self.server.send(Members(room=message.room, names=["alice"], ref=message.id))
 
@@ -167,7 +167,7 @@ class ProtocolMachine(RuleBasedStateMachine):
             self.bodies = {}
             self.session_alive = True
         welcome = Welcome(
-            version=1,
+            version=2,
             session=f"s{self.sessions}",
             name="alice",
             resumed=resumed,
@@ -210,7 +210,8 @@ class ProtocolMachine(RuleBasedStateMachine):
             else:
                 note("the inbox dropped a replayed message")
         elif kind is ServerAck:
-            self.outbox.ack(message.id)
+            for ref in message.ids:
+                self.outbox.ack(ref)
         elif kind is Error:
             assert self.tainted or message.code in {"heartbeat_timeout", "handshake_timeout"}
 

@@ -118,7 +118,7 @@ class RawClient:
         return True
 
     async def hello(self, name: str | None, **fields: Any) -> Any:
-        self.send(Hello(version=1, name=name, **fields))
+        self.send(Hello(version=2, name=name, **fields))
         self.welcome = await self.recv()
         return self.welcome
 

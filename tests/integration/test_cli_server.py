@@ -32,7 +32,7 @@ def _hello(port: int, ca: Path, name: str = "cli-test") -> Welcome:
         socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
         ctx.wrap_socket(raw, server_hostname="localhost") as sock,
     ):
-        sock.sendall(encode_frame(encode(Hello(version=1, name=name))))
+        sock.sendall(encode_frame(encode(Hello(version=2, name=name))))
         decoder = FrameDecoder()
         while True:
             data = sock.recv(65536)

@@ -36,6 +36,14 @@ from securemsg.tls import client_context
 pytestmark = pytest.mark.timeout(30)
 
 
+async def acked_ids(client: Any, count: int) -> list[str]:
+    """The ids of the next ``count`` acks, however the server batched them into frames."""
+    ids: list[str] = []
+    while len(ids) < count:
+        ids += (await client.recv_type(ServerAck)).ids
+    return ids
+
+
 def body(value: Any) -> msgspec.Raw:
     return msgspec.Raw(msgspec.json.encode(value))
 
@@ -55,9 +63,9 @@ async def test_publish_reaches_every_member_but_the_sender(start_server, raw) ->
     alice, bob, carol = [await raw(server.port, n) for n in ("alice", "bob", "carol")]
     for client in (alice, bob, carol):
         client.send(Join(room="lobby", id="j"))
-        assert await client.recv_type(ServerAck) == ServerAck(id="j")
+        assert await client.recv_type(ServerAck) == ServerAck(ids=["j"])
     alice.send(Publish(room="lobby", body=body({"n": 1}), id="p1"))
-    assert await alice.recv_type(ServerAck) == ServerAck(id="p1")
+    assert await alice.recv_type(ServerAck) == ServerAck(ids=["p1"])
     for client in (bob, carol):
         message = await client.recv_type(Message)
         assert message.room == "lobby" and message.sender == "alice"
@@ -100,7 +108,7 @@ async def test_direct_reaches_the_named_user_and_unknown_names_get_an_error(
     server = await start_server()
     alice, bob = await raw(server.port, "alice"), await raw(server.port, "bob")
     alice.send(Direct(to="bob", body=body("hi"), id="d1"))
-    assert await alice.recv_type(ServerAck) == ServerAck(id="d1")
+    assert await alice.recv_type(ServerAck) == ServerAck(ids=["d1"])
     message = await bob.recv_type(Message)
     assert (message.sender, message.to, message.room) == ("alice", "bob", None)
     alice.send(Direct(to="nobody", body=body("hi"), id="d2"))
@@ -143,8 +151,7 @@ async def test_resent_id_is_acknowledged_again_but_not_delivered_twice(start_ser
     bob.send(Join(room="r", id="j"))
     await bob.recv_type(ServerAck)
     alice.send(Publish(room="r", body=body(1), id="m1"), Publish(room="r", body=body(1), id="m1"))
-    assert await alice.recv_type(ServerAck) == ServerAck(id="m1")
-    assert await alice.recv_type(ServerAck) == ServerAck(id="m1")
+    assert await acked_ids(alice, 2) == ["m1", "m1"]
     assert (await bob.recv_type(Message)).seq == 1
     bob.send(Ping(id=3))
     assert await bob.recv() == Pong(id=3)  # no second copy
@@ -205,7 +212,7 @@ async def test_name_held_by_a_connected_session_is_refused(start_server, raw) ->
     server = await start_server()
     await raw(server.port, "alice")
     intruder = await raw(server.port)
-    intruder.send(Hello(version=1, name="alice"))
+    intruder.send(Hello(version=2, name="alice"))
     error = await intruder.recv_type(Error)
     assert error.code == "name_taken"
     assert await intruder.closed()
@@ -338,7 +345,7 @@ async def test_mutual_tls_takes_the_name_from_the_certificate(start_server, raw,
         server.port,
         ctx=client_context(ca=tls_files.ca_pem, cert=tls_files.bob_cert, key=tls_files.bob_key),
     )
-    impostor.send(Hello(version=1, name="alice"))
+    impostor.send(Hello(version=2, name="alice"))
     error = await impostor.recv()
     assert isinstance(error, Error) and error.code == "unauthorized"
     assert await impostor.closed()
@@ -391,11 +398,17 @@ async def test_rate_limit_drops_and_answers_excess_messages(start_server, raw) -
     server = await start_server(max_msgs_per_sec=5)
     alice = await raw(server.port, "alice")
     alice.send(*[Publish(room="r", body=body(i), id=str(i)) for i in range(20)])
-    answers = [await alice.recv() for _ in range(20)]
-    limited = [a for a in answers if isinstance(a, Error) and a.code == "rate_limited"]
-    acked = [a for a in answers if isinstance(a, ServerAck)]
+    acked: list[str] = []
+    limited: list[Error] = []
+    while len(acked) + len(limited) < 20:  # acks come in batches, errors one by one
+        answer = await alice.recv()
+        if isinstance(answer, ServerAck):
+            acked += answer.ids
+        elif isinstance(answer, Error) and answer.code == "rate_limited":
+            limited.append(answer)
     assert len(acked) + len(limited) == 20
     assert 1 <= len(acked) <= 7 and limited[0].ref is not None
+    assert set(acked).isdisjoint(error.ref for error in limited)
     alice.send(Ping(id=1))
     assert await alice.recv_type(Pong) == Pong(id=1)
 
@@ -421,7 +434,7 @@ async def test_token_is_required_when_configured(start_server, raw, monkeypatch)
     ok = await raw(server.port, "alice", token="s3cret")
     assert isinstance(ok.welcome, Welcome)
     bad = await raw(server.port)
-    bad.send(Hello(version=1, name="bob", token="x"))
+    bad.send(Hello(version=2, name="bob", token="x"))
     error = await bad.recv()
     assert isinstance(error, Error) and error.code == "unauthorized"
 
@@ -469,9 +482,11 @@ async def test_a_rate_below_one_per_second_still_lets_a_message_through(start_se
     server = await start_server(max_msgs_per_sec=0.5)
     alice = await raw(server.port, "alice")
     alice.send(Publish(room="r", body=body(1), id="a"), Publish(room="r", body=body(2), id="b"))
-    assert await alice.recv() == ServerAck(id="a")
-    error = await alice.recv()
-    assert isinstance(error, Error) and (error.code, error.ref) == ("rate_limited", "b")
+    # The error goes out at once; the ack may be held back and follow it.
+    answers = [await alice.recv(), await alice.recv()]
+    assert ServerAck(ids=["a"]) in answers
+    error = next(a for a in answers if isinstance(a, Error))
+    assert (error.code, error.ref) == ("rate_limited", "b")
 
 
 async def test_the_close_log_names_the_client_after_a_bye(start_server, raw) -> None:
@@ -484,3 +499,22 @@ async def test_the_close_log_names_the_client_after_a_bye(start_server, raw) -> 
         await asyncio.sleep(0.05)
     closed = [e for e in logs if e["event"] == "connection_closed"]
     assert closed and closed[0]["name"] == "alice"
+
+
+async def test_acks_are_batched_and_held_until_another_frame_goes_out(start_server, raw) -> None:
+    server = await start_server()
+    alice = await raw(server.port, "alice")
+    alice.send(*[Publish(room="r", body=body(i), id=str(i)) for i in range(500)])
+    frames = 0
+    ids: list[str] = []
+    while len(ids) < 500:
+        ids += (await alice.recv_type(ServerAck)).ids
+        frames += 1
+    assert ids == [str(i) for i in range(500)], "every id once, in the order received"
+    assert frames <= 50, f"{frames} ack frames for 500 publishes"
+    # A publish and a ping in one write: the ack is held and rides with the pong.
+    alice.send(Publish(room="r", body=body("x"), id="x"), Ping(id=9))
+    assert [await alice.recv(), await alice.recv()] == [Pong(id=9), ServerAck(ids=["x"])]
+    # Alone, it still comes (after the hold).
+    alice.send(Publish(room="r", body=body("y"), id="y"))
+    assert await alice.recv() == ServerAck(ids=["y"])
