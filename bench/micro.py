@@ -1,7 +1,7 @@
 """CPU per message of the hot paths, without sockets or TLS: python bench/micro.py
 
 - server route: a ``publish`` frame in, decoded, routed to one subscriber, the ``message``
-  frame and the publisher's ``ack`` written (fake transports);
+  frame and the publisher's (batched) ``ack`` written (fake transports);
 - client publish: ``await client.publish(room, body)`` up to the write, and its ack back;
 - client receive: ``message`` frames in (as one read), out of ``await client.receive()``,
   with the cumulative ack written.
@@ -22,6 +22,7 @@ from securemsg.client_connection import ClientConnection
 from securemsg.config import ClientConfig, ServerConfig
 from securemsg.frames import encode_frame
 from securemsg.messages import (
+    PROTOCOL_VERSION,
     Ack,
     Heartbeat,
     Hello,
@@ -91,7 +92,7 @@ async def server_route(count: int) -> float:
         conn = ServerConnection(server, conn_id=1, peer="test", accepted_at=server.loop.time())
         transport = FakeTransport()
         conn.connection_made(transport)  # type: ignore[arg-type]
-        conn.data_received(_frames([Hello(version=1, name=name)]))
+        conn.data_received(_frames([Hello(version=PROTOCOL_VERSION, name=name)]))
         return conn, transport
 
     pub, _ = open_conn("pub")
@@ -121,12 +122,12 @@ async def server_route(count: int) -> float:
 async def _client() -> tuple[Client, ClientConnection, FakeTransport]:
     loop = asyncio.get_running_loop()
     client = Client(ClientConfig(name="bench"))
-    conn = ClientConnection(loop, Hello(version=1, name="bench"))
+    conn = ClientConnection(loop, Hello(version=PROTOCOL_VERSION, name="bench"))
     transport = FakeTransport()
     conn.connection_made(transport)  # type: ignore[arg-type]
     heartbeat = Heartbeat(interval=10.0, timeout=30.0)
     welcome = Welcome(
-        version=1, session="t", name="bench", resumed=False, heartbeat=heartbeat, max_frame=2**20
+        version=PROTOCOL_VERSION, session="t", name="bench", resumed=False, heartbeat=heartbeat, max_frame=2**20
     )
     conn.data_received(_frames([welcome]))
     client._connected(conn, first=True)
@@ -137,7 +138,7 @@ async def client_publish(count: int) -> float:
     client, conn, _ = await _client()
     body = "x" * 126
     acks = [
-        _frames([ServerAck(ids=[str(i + j + 1)]) for j in range(BATCH)])
+        _frames([ServerAck(ids=[str(i + j + 1) for j in range(BATCH)])])
         for i in range(0, count, BATCH)
     ]
     start = time.perf_counter()

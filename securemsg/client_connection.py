@@ -36,10 +36,10 @@ from securemsg.exceptions import (
 from securemsg.messages import (
     PROTOCOL_VERSION,
     Bye,
+    Delivery,
     Error,
     ErrorCode,
     Hello,
-    Message,
     Welcome,
 )
 from securemsg.protocol import ConnectionState, Event, FrameRejected, MessageReceived
@@ -341,7 +341,7 @@ def should_retry(error: SecureMsgError, *, welcomed: bool) -> bool:
 def _delivers(events: list[Event]) -> bool:
     """True when ``events`` hold a message for the application (the last ones usually do)."""
     for event in reversed(events):
-        if type(event) is MessageReceived and type(event.message) is Message:
+        if type(event) is MessageReceived and type(event.message) is Delivery:
             return True
     return False
 

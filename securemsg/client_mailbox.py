@@ -21,6 +21,7 @@ import contextlib
 import itertools
 import secrets
 import weakref
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Final, Generic, TypeVar
 
@@ -38,7 +39,6 @@ from securemsg.messages import (
     Bye,
     Members,
     ServerAck,
-    decode_body,
     encode_frame_of,
 )
 from securemsg.protocol import Event, FrameRejected, MessageReceived, PongReceived
@@ -97,6 +97,45 @@ class EventStream(Generic[T]):
         return item
 
 
+class _Received:
+    """Messages waiting for ``receive()``: a deque, and futures for the receivers waiting on
+    it. Cheaper per message than ``asyncio.Queue``, which does more bookkeeping per put and
+    get than a client with one consumer needs."""
+
+    __slots__ = ("_items", "_loop", "_waiters")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._items: deque[Message | None] = deque()
+        self._waiters: list[asyncio.Future[None]] = []
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def put(self, item: Message | None) -> None:
+        self._items.append(item)
+        if self._waiters:
+            for waiter in self._waiters:  # each re-checks: one of them gets the item
+                if not waiter.done():
+                    waiter.set_result(None)
+
+    def popleft(self) -> Message | None:
+        return self._items.popleft()
+
+    def put_back(self, item: Message | None) -> None:
+        self._items.appendleft(item)
+
+    async def wait(self) -> None:
+        """Return once an item is there (cancellable, so a timeout can end the wait)."""
+        while not self._items:
+            waiter = self._loop.create_future()
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            finally:
+                self._waiters.remove(waiter)
+
+
 class _FlushWaiter:
     """``remaining`` outbox entries with ids up to ``mark`` are still unanswered."""
 
@@ -132,7 +171,7 @@ class Mailbox:
         self._last_id = "0"
         self._space = asyncio.Event()
         self._space.set()
-        self._received: asyncio.Queue[Message | None] = asyncio.Queue()
+        self._received = _Received(self._loop)
         self._paused = False
         self.presence_streams: weakref.WeakSet[EventStream[Presence]] = weakref.WeakSet()
 
@@ -208,16 +247,16 @@ class Mailbox:
     # -- receiving --------------------------------------------------------------------------------
 
     async def receive(self, timeout: float | None) -> Message:
-        queue = self._received
-        try:
-            item = queue.get_nowait()
-        except asyncio.QueueEmpty:
+        received = self._received
+        if not received:
             async with deadline(timeout, "receive"):
-                item = await queue.get()
+                await received.wait()
+        # No await since wait() returned, so no other receiver can have taken the item.
+        item = received.popleft()
         if item is None:
-            queue.put_nowait(None)
+            received.put_back(None)  # closed: every later receive() raises too
             raise self.closed or ClosedError("the client is closed")
-        if self._paused and queue.qsize() <= _RESUME_RECEIVED:
+        if self._paused and len(received) <= _RESUME_RECEIVED:
             self._paused = False
             if self.conn is not None:
                 self.conn.resume_reading()
@@ -247,7 +286,7 @@ class Mailbox:
         for event in events:
             if type(event) is MessageReceived:
                 message = event.message
-                if type(message) is messages.Message:
+                if type(message) is messages.Delivery:
                     self._message_received(message)
                 elif type(message) is ServerAck:
                     answered = self._answered
@@ -270,7 +309,7 @@ class Mailbox:
         seq = self.inbox.ack_due()
         if seq is not None:
             conn.core.send(Ack(seq=seq))
-        if not self._paused and self._received.qsize() >= MAX_RECEIVED:
+        if not self._paused and len(self._received) >= MAX_RECEIVED:
             self._paused = True
             conn.pause_reading()
 
@@ -290,7 +329,7 @@ class Mailbox:
             if not future.done():
                 future.set_exception(ClosedError(str(error)))
         self._space.set()
-        self._received.put_nowait(None)
+        self._received.put(None)
         for stream in self.presence_streams:
             stream.end()
 
@@ -321,14 +360,14 @@ class Mailbox:
         elif error is not None:
             self._log.warning("message_rejected", id=ref, code=error.code, reason=error.message)
 
-    def _message_received(self, m: messages.Message) -> None:
+    def _message_received(self, m: messages.Delivery) -> None:
         if not self.inbox.accept(m.seq):
             return
         message = Message(
             room=m.room,
             sender=m.sender,
             to=m.to,
-            body=decode_body(m.body),
+            body=m.body,
             seq=m.seq,
             time=m.ts,
             reply_to=m.reply_to,
@@ -341,7 +380,7 @@ class Mailbox:
             if future is not None and not future.done():
                 future.set_result(message)
             return  # a reply to a request, or a late one: never for receive()
-        self._received.put_nowait(message)
+        self._received.put(message)
 
     def _presence_received(self, p: messages.Presence) -> None:
         if self.presence_streams:

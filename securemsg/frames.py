@@ -56,13 +56,18 @@ class FrameDecoder:
         if self._error is not None:
             raise self._error
         buffer = self._buffer
-        buffer += data
+        if buffer:
+            buffer += data
+            data = bytes(buffer)
+            buffer.clear()
+        # Payloads are sliced straight out of ``data`` (one copy each) and only a trailing
+        # partial frame is buffered: slicing the bytearray would copy every payload twice.
         frames: list[bytes] = []
         offset = 0
-        end = len(buffer)
+        end = len(data)
         max_frame = self.max_frame
         while end - offset >= HEADER_SIZE:
-            (length,) = _unpack_header_from(buffer, offset)
+            (length,) = _unpack_header_from(data, offset)
             if length == 0 or length > max_frame:
                 self._fail(length)
                 if frames:
@@ -72,9 +77,9 @@ class FrameDecoder:
             if end - start < length:
                 break
             offset = start + length
-            frames.append(bytes(buffer[start:offset]))
-        if offset:
-            del buffer[:offset]
+            frames.append(data[start:offset])
+        if offset < end:
+            buffer += memoryview(data)[offset:]
         return frames
 
     def _fail(self, length: int) -> None:

@@ -22,7 +22,9 @@ __all__ = [
     "PROTOCOL_VERSION",
     "Ack",
     "Bye",
+    "ClientBound",
     "ClientMessage",
+    "Delivery",
     "Direct",
     "Error",
     "ErrorCode",
@@ -40,6 +42,7 @@ __all__ = [
     "ServerMessage",
     "Welcome",
     "Who",
+    "decode_at_client",
     "decode_body",
     "decode_client",
     "decode_server",
@@ -207,6 +210,21 @@ class Message(_Base, tag="message", kw_only=True, frozen=True):
     seq: int
 
 
+class Delivery(_Base, tag="message", kw_only=True, frozen=True):
+    """A ``message`` as the client decodes it: like :class:`Message`, with the body decoded
+    in the same pass (the server relays bodies as they are, the client needs their value)."""
+
+    room: str | None = None
+    sender: str = msgspec.field(name="from")
+    to: str | None = None
+    body: Any
+    id: str | None = None
+    reply_to: str | None = None
+    re: str | None = None
+    ts: float
+    seq: int
+
+
 class ServerAck(_Base, tag="ack", frozen=True):
     """Server to client: the messages that carried ``ids`` were carried out (routed, or the
     join/leave holds), in the order the server received them. One frame answers many: the
@@ -234,6 +252,8 @@ class Error(_Base, tag="error", frozen=True):
 
 
 ServerMessage = Welcome | Message | ServerAck | Presence | Members | Error | Ping | Pong | Bye
+#: What the client decodes: the same messages, with :class:`Delivery` for ``message``.
+ClientBound = Welcome | Delivery | ServerAck | Presence | Members | Error | Ping | Pong | Bye
 
 _CLIENT_TYPES: Final = frozenset(
     {"hello", "join", "leave", "publish", "direct", "who", "ack", "ping", "pong", "bye"}
@@ -245,6 +265,7 @@ _SERVER_TYPES: Final = frozenset(
 _encoder = msgspec.json.Encoder()
 _client_decoder = msgspec.json.Decoder(ClientMessage)
 _server_decoder = msgspec.json.Decoder(ServerMessage)
+_client_bound_decoder = msgspec.json.Decoder(ClientBound)
 _any_decoder = msgspec.json.Decoder()
 
 encode = _encoder.encode
@@ -275,6 +296,11 @@ def decode_client(payload: bytes) -> ClientMessage:
 def decode_server(payload: bytes) -> ServerMessage:
     """Decode one server-to-client payload or raise :class:`ProtocolError`."""
     return _decode(payload, _server_decoder, _SERVER_TYPES)  # type: ignore[no-any-return]
+
+
+def decode_at_client(payload: bytes) -> ClientBound:
+    """Decode one server-to-client payload, bodies included, or raise :class:`ProtocolError`."""
+    return _decode(payload, _client_bound_decoder, _SERVER_TYPES)  # type: ignore[no-any-return]
 
 
 def _decode(payload: bytes, decoder: msgspec.json.Decoder[Any], types: frozenset[str]) -> Any:

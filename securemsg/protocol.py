@@ -34,16 +34,16 @@ from securemsg.frames import DEFAULT_MAX_FRAME, FrameDecoder
 from securemsg.messages import (
     FATAL_CODES,
     Bye,
+    ClientBound,
     ClientMessage,
     Error,
     ErrorCode,
     Hello,
     Ping,
     Pong,
-    ServerMessage,
     Welcome,
+    decode_at_client,
     decode_client,
-    decode_server,
     encode_frame_of,
 )
 
@@ -71,7 +71,7 @@ class ConnectionState(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class MessageReceived:
-    message: ClientMessage | ServerMessage
+    message: ClientMessage | ClientBound
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,7 +201,7 @@ class Connection:
             return PongReceived(message.id, self.rtt)
         return self._check_message(message)
 
-    def _check_message(self, message: ClientMessage | ServerMessage) -> Event | None:
+    def _check_message(self, message: ClientMessage | ClientBound) -> Event | None:
         return MessageReceived(message)
 
     def _reject(self, error: ProtocolError, *, fatal: bool) -> FrameRejected:
@@ -321,7 +321,7 @@ class Server(Connection):
         self.handshake_deadline = now + handshake_timeout
         self._hello_seen = False
 
-    def _check_message(self, message: ClientMessage | ServerMessage) -> Event | None:
+    def _check_message(self, message: ClientMessage | ClientBound) -> Event | None:
         # A client may pipeline frames right after its hello; they can arrive in the same read,
         # before the driver has accepted the hello, so "after hello" is what counts here.
         if self.state is ConnectionState.HANDSHAKE and not self._hello_seen:
@@ -357,14 +357,14 @@ class Client(Connection):
 
     __slots__ = ()
 
-    _decode = staticmethod(decode_server)  # type: ignore[assignment]
+    _decode = staticmethod(decode_at_client)  # type: ignore[assignment]
     _sends_errors = False
     _ping_every_interval = True
 
     def hello(self, hello: Hello) -> None:
         self.send(hello)
 
-    def _check_message(self, message: ClientMessage | ServerMessage) -> Event | None:
+    def _check_message(self, message: ClientMessage | ClientBound) -> Event | None:
         if self.state is ConnectionState.HANDSHAKE:
             if type(message) is Welcome:
                 self.state = ConnectionState.OPEN
