@@ -7,6 +7,7 @@ decoding; the client decodes them with :func:`decode_body`.
 
 from __future__ import annotations
 
+import re
 from enum import StrEnum
 from typing import Annotated, Any, Final, Literal
 
@@ -49,6 +50,8 @@ __all__ = [
     "encode",
     "encode_body",
     "encode_frame_of",
+    "is_valid_name",
+    "is_valid_room",
 ]
 
 PROTOCOL_VERSION: Final = 2
@@ -57,16 +60,21 @@ ACK_DELAY: Final = 0.005
 #: Held acks go out at once when this many are pending.
 ACK_BATCH: Final = 128
 
+# ``\Z``, not ``$``: msgspec searches with the pattern as given, and ``$`` also matches
+# before a trailing newline, which would let "room\n" through.
 #: Room names: dot-separated tokens of letters, digits, ``_`` and ``-``.
-ROOM_PATTERN: Final = r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$"
+ROOM_PATTERN: Final = r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*\Z"
 #: Room patterns for join/leave: a token may be ``*`` (one token), the last may be ``>`` (rest).
-ROOM_FILTER_PATTERN: Final = r"^([A-Za-z0-9_-]+|\*)(\.([A-Za-z0-9_-]+|\*))*(\.>)?$|^>$"
+ROOM_FILTER_PATTERN: Final = r"^([A-Za-z0-9_-]+|\*)(\.([A-Za-z0-9_-]+|\*))*(\.>)?\Z|^>\Z"
 #: Client names: 1 to 64 of letters, digits, ``_``, ``-``, ``.`` and ``@``.
-NAME_PATTERN: Final = r"^[A-Za-z0-9_.@-]{1,64}$"
+NAME_PATTERN: Final = r"^[A-Za-z0-9_.@-]{1,64}\Z"
 
 Room = Annotated[str, msgspec.Meta(pattern=ROOM_PATTERN, max_length=255)]
+#: A room checked by :func:`_check_room` (cached) instead of msgspec's per-decode regex.
+CheckedRoom = Annotated[str, msgspec.Meta(max_length=255)]
 RoomFilter = Annotated[str, msgspec.Meta(pattern=ROOM_FILTER_PATTERN, max_length=255)]
 Name = Annotated[str, msgspec.Meta(pattern=NAME_PATTERN)]
+CheckedName = Annotated[str, msgspec.Meta(max_length=64)]
 MsgId = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
 Token = Annotated[str, msgspec.Meta(max_length=1024)]
 Seq = Annotated[int, msgspec.Meta(ge=0, le=2**53)]
@@ -108,6 +116,49 @@ FATAL_CODES: Final = frozenset(
         ErrorCode.SESSION_TAKEN_OVER,
     }
 )
+
+
+_room_match = re.compile(ROOM_PATTERN).match
+_name_match = re.compile(NAME_PATTERN).match
+# Rooms and names repeat: the names seen valid are kept, so the hot path (publish, direct)
+# pays a set lookup instead of a regex per message. Bounded: cleared when full.
+_valid_rooms: set[str] = set()
+_valid_names: set[str] = set()
+_MAX_REMEMBERED: Final = 4096
+
+
+def is_valid_room(room: str) -> bool:
+    """Is ``room`` a concrete room name (no wildcards)? Cached for names seen valid."""
+    if room in _valid_rooms:
+        return True
+    if _room_match(room) is None:
+        return False
+    if len(_valid_rooms) >= _MAX_REMEMBERED:
+        _valid_rooms.clear()
+    _valid_rooms.add(room)
+    return True
+
+
+def is_valid_name(name: str) -> bool:
+    """Is ``name`` a valid client name? Cached for names seen valid."""
+    if name in _valid_names:
+        return True
+    if _name_match(name) is None:
+        return False
+    if len(_valid_names) >= _MAX_REMEMBERED:
+        _valid_names.clear()
+    _valid_names.add(name)
+    return True
+
+
+def _check_room(room: str) -> None:
+    if not is_valid_room(room):
+        raise ValueError(f"bad 'room': {_RULES['room']}")
+
+
+def _check_name(name: str, field: str) -> None:
+    if not is_valid_name(name):
+        raise ValueError(f"bad {field!r}: {_RULES['name']}")
 
 
 class _Base(msgspec.Struct, tag_field="type", kw_only=True, omit_defaults=True, frozen=True):
@@ -152,17 +203,23 @@ class Leave(_Base, tag="leave", frozen=True):
 
 
 class Publish(_Base, tag="publish", frozen=True):
-    room: Room
+    room: CheckedRoom
     body: msgspec.Raw
     id: MsgId | None = None
     reply_to: Token | None = None
 
+    def __post_init__(self) -> None:
+        _check_room(self.room)
+
 
 class Direct(_Base, tag="direct", frozen=True):
-    to: Name
+    to: CheckedName
     body: msgspec.Raw
     id: MsgId | None = None
     re: Token | None = None
+
+    def __post_init__(self) -> None:
+        _check_name(self.to, "to")
 
 
 class Who(_Base, tag="who", frozen=True):

@@ -89,32 +89,46 @@ class DeliveryLog:
 
 
 class RecentIds:
-    """The ids of the last ``window`` client messages, to acknowledge a resend without
-    delivering it twice. Bounded: a client's outbox must not exceed the window."""
+    """The ids of at least the last ``window`` client messages (at most twice that), to
+    acknowledge a resend without delivering it twice.
 
-    __slots__ = ("_ids", "window")
+    Two generations of sets: ids go into the current one; when it holds ``window`` it
+    becomes the previous one and the one before is dropped. Two set lookups per message,
+    cheaper than keeping exact order. Bounded: a client's outbox must not exceed the window.
+    """
+
+    __slots__ = ("_current", "_previous", "window")
 
     def __init__(self, window: int) -> None:
         self.window = window
-        self._ids: OrderedDict[str, None] = OrderedDict()
+        # Made on first use: most sessions never publish with ids, and an empty set is ~200 B.
+        self._current: set[str] | None = None
+        self._previous: set[str] | None = None
 
     def seen(self, msg_id: str) -> bool:
         """True when ``msg_id`` was seen before; otherwise remember it and return False."""
-        ids = self._ids
-        if msg_id in ids:
+        current = self._current
+        if current is None:
+            current = self._current = set()
+        elif msg_id in current:
             return True
-        ids[msg_id] = None
-        if len(ids) > self.window:
-            # popitem, not del ids[next(iter(ids))]: a dict scans its deleted slots from the
-            # front, which grows O(n) under constant eviction.
-            ids.popitem(last=False)
+        previous = self._previous
+        if previous is not None and msg_id in previous:
+            return True
+        if len(current) >= self.window:
+            self._previous = current
+            current = self._current = set()
+        current.add(msg_id)
         return False
 
     def forget(self, msg_id: str) -> None:
-        self._ids.pop(msg_id, None)
+        if self._current is not None:
+            self._current.discard(msg_id)
+        if self._previous is not None:
+            self._previous.discard(msg_id)
 
     def __len__(self) -> int:
-        return len(self._ids)
+        return len(self._current or ()) + len(self._previous or ())
 
 
 class Inbox:

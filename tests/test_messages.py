@@ -221,7 +221,24 @@ def test_valid_non_ascii_utf8_is_accepted() -> None:
 
 CONCRETE = ["a", "chat.general", "A-b_c.0.x-y", "a." + "b" * 250]
 PATTERNS = ["*", ">", "a.*", "a.>", "*.b.>", "a.*.c", "*.*"]
-INVALID = ["", ".", "a.", ".a", "a..b", "a b", "a.b>", "a*", "a.>.b", ">.a", "a.**", "ü", "a/b"]
+INVALID = [
+    "",
+    ".",
+    "a.",
+    ".a",
+    "a..b",
+    "a b",
+    "a.b>",
+    "a*",
+    "a.>.b",
+    ">.a",
+    "a.**",
+    "ü",
+    "a/b",
+    "a\n",
+    "a.b\n",
+    "\na",
+]
 
 
 @pytest.mark.parametrize("room", CONCRETE)
@@ -259,7 +276,7 @@ def test_valid_names(name: str) -> None:
     assert isinstance(decode_client(encode({"type": "direct", "to": name, "body": 1})), Direct)
 
 
-@pytest.mark.parametrize("name", ["", "n" * 65, "a b", "ü", "a/b", "a:b", "*"])
+@pytest.mark.parametrize("name", ["", "n" * 65, "a b", "ü", "a/b", "a:b", "*", "bob\n", "\nbob"])
 def test_invalid_names_are_bad_message(name: str) -> None:
     assert rejected(encode({"type": "hello", "version": 2, "name": name})).code == "bad_message"
     assert rejected(encode({"type": "direct", "to": name, "body": 1})).code == "bad_message"
@@ -359,3 +376,21 @@ def test_the_hex_frame_in_the_protocol_doc_is_exact() -> None:
     hex_block = text.split("## 11. Worked example")[1].split("```")[1]
     frame = bytes.fromhex(" ".join(hex_block.split()))
     assert frame == encode_frame_of(Join(room="chat.general", id="1"))
+
+
+def test_a_room_or_name_remembered_as_valid_does_not_let_a_variant_through() -> None:
+    # Publish and direct check rooms and names against a cache of values seen valid: the
+    # cache must only ever answer for the exact same string.
+    for _ in range(2):
+        assert isinstance(decode_client(b'{"type":"publish","room":"a.b","body":1}'), Publish)
+        assert isinstance(decode_client(b'{"type":"direct","to":"bob","body":1}'), Direct)
+    for payload in (
+        b'{"type":"publish","room":"a.b\\n","body":1}',
+        b'{"type":"publish","room":"a.b.","body":1}',
+        b'{"type":"publish","room":"a.*","body":1}',
+        b'{"type":"direct","to":"bob\\n","body":1}',
+        b'{"type":"direct","to":"bob ","body":1}',
+    ):
+        assert rejected(payload).code == "bad_message", payload
+    with pytest.raises(ValueError, match="bad 'room'"):
+        Publish(room="a b", body=msgspec.Raw(b"1"))
