@@ -11,6 +11,7 @@ import time
 from typing import TYPE_CHECKING, Any, cast
 
 import structlog
+from structlog.typing import FilteringBoundLogger
 
 from securemsg import protocol
 from securemsg.broker import Refused, Session
@@ -41,10 +42,37 @@ if TYPE_CHECKING:
 
 __all__ = ["ServerConnection"]
 
+_logger = structlog.get_logger("securemsg.server")
 _SLOW_CONSUMER_GRACE = 1.0  # seconds a slow consumer's close may take before we abort
 
 
 class ServerConnection(asyncio.Protocol):
+    # Slots: a server holds thousands of these, mostly idle; a __dict__ would cost ~1 KB each.
+    __slots__ = (
+        "_ack_timer",
+        "_acks",
+        "_burst",
+        "_close_reason",
+        "_flush_scheduled",
+        "_loop",
+        "_rate",
+        "_session_id",
+        "_session_name",
+        "_timer",
+        "_tokens",
+        "_tokens_at",
+        "accepted_at",
+        "broker",
+        "closed",
+        "core",
+        "id",
+        "identity",
+        "peer",
+        "server",
+        "session",
+        "transport",
+    )
+
     def __init__(self, server: Server, *, conn_id: int, peer: str, accepted_at: float) -> None:
         config = server.config
         self.server = server
@@ -64,7 +92,7 @@ class ServerConnection(asyncio.Protocol):
         self.session: Session | None = None
         self.identity: str | None = None
         self._session_name: str | None = None  # kept after a bye ends the session
-        self.log = structlog.get_logger("securemsg.server").bind(conn=conn_id, peer=peer)
+        self._session_id: str | None = None
         self._flush_scheduled = False
         self._timer: asyncio.TimerHandle | None = None
         # Acks held back to ride with the next frame to this client (see _flush).
@@ -77,6 +105,15 @@ class ServerConnection(asyncio.Protocol):
         self._tokens = self._burst
         self._tokens_at = accepted_at
         self.closed = self._loop.create_future()
+
+    @property
+    def log(self) -> FilteringBoundLogger:
+        """This connection's logger. Bound when something is logged, which is rare next to
+        the connection's life: keeping one bound logger per connection cost ~650 bytes."""
+        log: FilteringBoundLogger = _logger.bind(conn=self.id, peer=self.peer)
+        if self._session_id is not None:
+            log = log.bind(name=self._session_name, session=self._session_id)
+        return log
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
 
@@ -329,7 +366,7 @@ class ServerConnection(asyncio.Protocol):
         session = self.session = opened.session
         self._session_name = session.name
         self.server.session_attached(session)
-        self.log = self.log.bind(name=session.name, session=session.id)
+        self._session_id = session.id
         self.core.accept(
             Welcome(
                 version=PROTOCOL_VERSION,
