@@ -127,7 +127,12 @@ async def _client() -> tuple[Client, ClientConnection, FakeTransport]:
     conn.connection_made(transport)  # type: ignore[arg-type]
     heartbeat = Heartbeat(interval=10.0, timeout=30.0)
     welcome = Welcome(
-        version=PROTOCOL_VERSION, session="t", name="bench", resumed=False, heartbeat=heartbeat, max_frame=2**20
+        version=PROTOCOL_VERSION,
+        session="t",
+        name="bench",
+        resumed=False,
+        heartbeat=heartbeat,
+        max_frame=2**20,
     )
     conn.data_received(_frames([welcome]))
     client._connected(conn, first=True)

@@ -43,6 +43,7 @@ from securemsg.messages import (
     Welcome,
 )
 from securemsg.protocol import ConnectionState, Event, FrameRejected, MessageReceived
+from securemsg.readbuffer import read_buffer
 from securemsg.tls import client_context, translate_client_error
 
 __all__ = [
@@ -75,7 +76,7 @@ class HandshakeClosedError(EOFError):
         self.reason = reason
 
 
-class ClientConnection(asyncio.Protocol):
+class ClientConnection(asyncio.BufferedProtocol):
     def __init__(self, loop: asyncio.AbstractEventLoop, hello: Hello) -> None:
         self._loop = loop
         self._hello = hello
@@ -91,6 +92,7 @@ class ClientConnection(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._reading_paused = False
         self._log = structlog.get_logger("securemsg.client")
+        self._read_buffer = read_buffer()
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
 
@@ -99,6 +101,13 @@ class ClientConnection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
         self.core.hello(self._hello)
         self._flush()
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._read_buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        # Copied out at once: the next read, on any connection of this thread, overwrites it.
+        self.data_received(self._read_buffer[:nbytes].tobytes())
 
     def data_received(self, data: bytes) -> None:
         core = self.core

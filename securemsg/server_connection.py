@@ -35,6 +35,7 @@ from securemsg.messages import (
     Who,
 )
 from securemsg.protocol import ConnectionState, FrameRejected, MessageReceived, PeerTimedOut
+from securemsg.readbuffer import read_buffer
 from securemsg.tls import peer_identity
 
 if TYPE_CHECKING:
@@ -46,7 +47,7 @@ _logger = structlog.get_logger("securemsg.server")
 _SLOW_CONSUMER_GRACE = 1.0  # seconds a slow consumer's close may take before we abort
 
 
-class ServerConnection(asyncio.Protocol):
+class ServerConnection(asyncio.BufferedProtocol):
     # Slots: a server holds thousands of these, mostly idle; a __dict__ would cost ~1 KB each.
     __slots__ = (
         "_ack_timer",
@@ -56,6 +57,7 @@ class ServerConnection(asyncio.Protocol):
         "_flush_scheduled",
         "_loop",
         "_rate",
+        "_read_buffer",
         "_session_id",
         "_session_name",
         "_timer",
@@ -81,6 +83,7 @@ class ServerConnection(asyncio.Protocol):
         self.peer = peer
         self.accepted_at = accepted_at
         self._loop = server.loop
+        self._read_buffer = read_buffer()
         self.core = protocol.Server(
             now=accepted_at,
             handshake_timeout=config.handshake_timeout,
@@ -126,6 +129,13 @@ class ServerConnection(asyncio.Protocol):
         if ssl_object is not None:
             self.identity = peer_identity(ssl_object)
         self._arm_timer()
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._read_buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        # Copied out at once: the next read, on any connection of this thread, overwrites it.
+        self.data_received(self._read_buffer[:nbytes].tobytes())
 
     def data_received(self, data: bytes) -> None:
         core = self.core

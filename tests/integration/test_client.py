@@ -576,3 +576,29 @@ async def test_the_client_runs_on_uvloop_too(start_server, tls_files, unit) -> N
     body, rtt, loop_module = await asyncio.to_thread(uvloop.run, scenario())
     assert body == {"on": "uvloop"} and rtt is not None
     assert loop_module.startswith("uvloop")
+
+
+async def test_messages_larger_than_the_read_buffer_and_many_at_once_arrive_intact(
+    start_server, open_client
+) -> None:
+    # TLS decrypts into one shared buffer per thread (securemsg.readbuffer): a message larger
+    # than it takes several reads, and a burst fills it many times over.
+    from securemsg.readbuffer import READ_BUFFER_SIZE
+
+    server = await start_server()
+    alice = await open_client(server.port, "alice")
+    bob = await open_client(server.port, "bob")
+    carol = await open_client(server.port, "carol")
+    await bob.join("big")
+    await carol.join("big")
+    large = "".join(chr(ord("a") + i % 26) for i in range(READ_BUFFER_SIZE + 100_000))
+    small = [f"{i:06d}" + "x" * 200 for i in range(2_000)]
+    await alice.publish("big", large)
+    for body in small:
+        await alice.publish("big", body)
+    await alice.publish("big", large[::-1], confirm=True)
+    for reader in (bob, carol):
+        assert (await reader.receive(timeout=5)).body == large
+        for body in small:
+            assert (await reader.receive(timeout=5)).body == body
+        assert (await reader.receive(timeout=5)).body == large[::-1]
