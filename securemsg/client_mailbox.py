@@ -360,21 +360,10 @@ class Mailbox:
         elif error is not None:
             self._log.warning("message_rejected", id=ref, code=error.code, reason=error.message)
 
-    def _message_received(self, m: messages.Delivery) -> None:
-        if not self.inbox.accept(m.seq):
+    def _message_received(self, message: Message) -> None:
+        if not self.inbox.accept(message.seq):
             return
-        message = Message(
-            room=m.room,
-            sender=m.sender,
-            to=m.to,
-            body=m.body,
-            seq=m.seq,
-            time=m.ts,
-            reply_to=m.reply_to,
-            re=m.re,
-            id=m.id,
-        )
-        token = m.re
+        token = message.re
         if token is not None and token.startswith(self._request_prefix):
             future = self._requests.pop(token, None)
             if future is not None and not future.done():

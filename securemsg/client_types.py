@@ -25,16 +25,19 @@ __all__ = [
 ]
 
 
-class Message(msgspec.Struct, frozen=True, kw_only=True):
+class Message(msgspec.Struct, frozen=True, kw_only=True, tag="message", tag_field="type"):
     """A message delivered to this client: a room message (``room`` set) or a direct one
-    (``to`` set). ``body`` is the decoded JSON value; ``time`` is the server's timestamp."""
+    (``to`` set). ``body`` is the decoded JSON value; ``time`` is the server's timestamp.
 
-    room: str | None
-    sender: str
-    to: str | None
+    The client decodes the wire's ``message`` straight into this (``from`` is ``sender``,
+    ``ts`` is ``time``), so each delivery is one object, made once."""
+
+    room: str | None = None
+    sender: str = msgspec.field(name="from")
+    to: str | None = None
     body: Any
     seq: int
-    time: float
+    time: float = msgspec.field(name="ts")
     reply_to: str | None = None
     re: str | None = None
     id: str | None = None

@@ -13,6 +13,7 @@ from typing import Annotated, Any, Final, Literal
 
 import msgspec
 
+from securemsg import client_types
 from securemsg.exceptions import ProtocolError
 from securemsg.frames import encode_frame
 
@@ -267,21 +268,6 @@ class Message(_Base, tag="message", kw_only=True, frozen=True):
     seq: int
 
 
-class Delivery(_Base, tag="message", kw_only=True, frozen=True):
-    """A ``message`` as the client decodes it: like :class:`Message`, with the body decoded
-    in the same pass (the server relays bodies as they are, the client needs their value)."""
-
-    room: str | None = None
-    sender: str = msgspec.field(name="from")
-    to: str | None = None
-    body: Any
-    id: str | None = None
-    reply_to: str | None = None
-    re: str | None = None
-    ts: float
-    seq: int
-
-
 class ServerAck(_Base, tag="ack", frozen=True):
     """Server to client: the messages that carried ``ids`` were carried out (routed, or the
     join/leave holds), in the order the server received them. One frame answers many: the
@@ -309,7 +295,10 @@ class Error(_Base, tag="error", frozen=True):
 
 
 ServerMessage = Welcome | Message | ServerAck | Presence | Members | Error | Ping | Pong | Bye
-#: What the client decodes: the same messages, with :class:`Delivery` for ``message``.
+#: What the client decodes: the same messages, but ``message`` becomes the application's
+#: :class:`securemsg.client_types.Message` directly, its body decoded in the same pass (the
+#: server relays bodies as they are; the client needs their value).
+Delivery = client_types.Message
 ClientBound = Welcome | Delivery | ServerAck | Presence | Members | Error | Ping | Pong | Bye
 
 _CLIENT_TYPES: Final = frozenset(

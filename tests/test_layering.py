@@ -8,7 +8,17 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "securemsg"
-CORE = ["frames", "messages", "protocol", "session", "rooms", "backoff", "exceptions"]
+# client_types: the application's value types, which the client's decoder makes directly.
+CORE = [
+    "frames",
+    "messages",
+    "protocol",
+    "session",
+    "rooms",
+    "backoff",
+    "exceptions",
+    "client_types",
+]
 OPTIONAL_CORE = ["clienthello"]
 FORBIDDEN = {"asyncio", "ssl", "socket", "time", "structlog"}
 

@@ -129,7 +129,7 @@ def test_the_handshake_survives_any_split_of_the_bytes() -> None:
 
 
 PUBLISH_AS_MESSAGE = Message(room="chat", sender="bob", body=msgspec.Raw(b"1"), ts=1.0, seq=1)
-AS_DELIVERED = Delivery(room="chat", sender="bob", body=1, ts=1.0, seq=1)
+AS_DELIVERED = Delivery(room="chat", sender="bob", body=1, time=1.0, seq=1)
 
 
 def test_a_first_frame_that_is_not_hello_gets_bad_message_and_a_close() -> None:
