@@ -317,6 +317,9 @@ class Client:
     async def receive(self, timeout: float | None = None) -> Message:
         """The next message, room or direct. Once closed, the messages already received
         are still returned, then :class:`ClosedError` is raised."""
+        message = self._mailbox.take()
+        if message is not None:
+            return message
         return await self._mailbox.receive(timeout)
 
     def __aiter__(self) -> Client:
@@ -324,6 +327,9 @@ class Client:
 
     async def __anext__(self) -> Message:
         """Ends when the client is closed; raises :class:`ClosedError` if it gave up."""
+        message = self._mailbox.take()
+        if message is not None:
+            return message
         try:
             return await self._mailbox.receive(None)
         except ClosedError:

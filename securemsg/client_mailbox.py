@@ -246,6 +246,16 @@ class Mailbox:
 
     # -- receiving --------------------------------------------------------------------------------
 
+    def take(self) -> Message | None:
+        """The next message if one is waiting, without awaiting: receive()'s fast path."""
+        received = self._received
+        if not received or self._paused:
+            return None  # nothing there, or a paused connection to resume: receive() does it
+        message = received.popleft()
+        if message is None:
+            received.put_back(None)  # closed: receive() raises
+        return message
+
     async def receive(self, timeout: float | None) -> Message:
         received = self._received
         if not received:
