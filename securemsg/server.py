@@ -5,6 +5,10 @@ failed handshakes: each accepted socket is counted against ``max_connections`` b
 TLS work, its ClientHello is peeked at (plaintext, HTTP and ALPN offers without
 ``securemsg/1`` are refused and logged), and the TLS handshake runs under the handshake
 timeout with ``connect_accepted_socket``, so every failure is visible and logged.
+
+Accepting is on the path of every new connection: the listening sockets are read by one
+reader callback each (no future or task wakeup per accept), and the ClientHello is peeked
+at before waiting for it, since it has often arrived by then.
 """
 
 from __future__ import annotations
@@ -35,6 +39,9 @@ logger = structlog.get_logger("securemsg.server")
 
 _PEEK_SIZE: Final = 16 * 1024 + 5
 _BACKLOG: Final = 1024
+#: Bounds one wakeup's work so that a burst of connections cannot starve the others.
+_ACCEPTS_PER_WAKEUP: Final = 64
+_ACCEPT_RETRY_DELAY: Final = 0.1
 _HTTP_BODY: Final = b"This is a securemsg TLS port, not HTTP(S).\r\n"
 _HTTP_REFUSAL: Final = (
     b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\nContent-Type: text/plain\r\n"
@@ -102,7 +109,7 @@ class Server:
         self._sockets = _listen(self.config.host, self.config.port)
         self.port = self._sockets[0].getsockname()[1]
         for sock in self._sockets:
-            self._spawn(self._accept_loop(sock))
+            self.loop.add_reader(sock.fileno(), self._accept_ready, sock)
         logger.info(
             "server_listening",
             host=self.config.host,
@@ -172,41 +179,51 @@ class Server:
             exc = task.exception()
             logger.error("task_failed", task=task.get_name(), error=repr(exc), exc_info=exc)
 
-    async def _accept_loop(self, listener: socket.socket) -> None:
-        loop = self.loop
-        while True:
+    def _accept_ready(self, listener: socket.socket) -> None:
+        for _ in range(_ACCEPTS_PER_WAKEUP):
             try:
-                sock, address = await loop.sock_accept(listener)
+                sock, address = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionAbortedError:
+                continue  # the client gave up while queued
             except OSError as exc:
-                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    logger.error("accept_failed", reason=str(exc))
-                    await asyncio.sleep(0.1)
-                    continue
-                raise
-            peer = _format_peer(address)
-            if len(self.connections) + self._pending_handshakes >= self.config.max_connections:
-                self.counts["refused"] += 1
-                logger.warning(
-                    "connection_refused",
-                    peer=peer,
-                    reason="max_connections",
-                    max_connections=self.config.max_connections,
-                )
-                sock.close()
-                continue
-            self.counts["accepted"] += 1
-            self._pending_handshakes += 1
-            self._spawn(self._open(sock, peer))
+                # Out of descriptors or memory, say: the backlog keeps the queued clients
+                # while we stop listening for a moment instead of spinning on the error.
+                logger.error("accept_failed", reason=str(exc))
+                self.loop.remove_reader(listener.fileno())
+                self.loop.call_later(_ACCEPT_RETRY_DELAY, self._resume_accepting, listener)
+                return
+            self._accepted(sock, address)
+
+    def _resume_accepting(self, listener: socket.socket) -> None:
+        if not self._stopping and listener.fileno() >= 0:
+            self.loop.add_reader(listener.fileno(), self._accept_ready, listener)
+
+    def _accepted(self, sock: socket.socket, address: object) -> None:
+        peer = _format_peer(address)
+        if len(self.connections) + self._pending_handshakes >= self.config.max_connections:
+            self.counts["refused"] += 1
+            logger.warning(
+                "connection_refused",
+                peer=peer,
+                reason="max_connections",
+                max_connections=self.config.max_connections,
+            )
+            sock.close()
+            return
+        self.counts["accepted"] += 1
+        self._pending_handshakes += 1
+        sock.setblocking(False)
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._spawn(self._open(sock, peer))
 
     async def _open(self, sock: socket.socket, peer: str) -> None:
         loop = self.loop
         conn_id = next(self._ids)
         accepted_at = loop.time()
-        log = logger.bind(conn=conn_id, peer=peer)
-        log.debug("connection_opened")
-        sock.setblocking(False)
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        logger.debug("connection_opened", conn=conn_id, peer=peer)
         conn: ServerConnection | None = None
         reason: str | None = None
         try:
@@ -236,22 +253,24 @@ class Server:
             if conn is None:
                 sock.close()
                 if reason is not None:
-                    self._handshake_failed(log, reason)
+                    self._handshake_failed(conn_id, peer, reason)
         if conn is None:
             return
         self.connections.add(conn)
         tls = conn.transport.get_extra_info("ssl_object") if conn.transport else None
-        log.info(
+        logger.info(
             "connection_opened",
+            conn=conn_id,
+            peer=peer,
             tls_version=tls.version() if tls else None,
             identity=conn.identity,
         )
         if self._stopping:
             conn.send_bye(ErrorCode.SERVER_SHUTDOWN)
 
-    def _handshake_failed(self, log: structlog.typing.FilteringBoundLogger, reason: str) -> None:
+    def _handshake_failed(self, conn_id: int, peer: str, reason: str) -> None:
         self.counts["handshake_failed"] += 1
-        log.warning("tls_handshake_failed", reason=reason)
+        logger.warning("tls_handshake_failed", conn=conn_id, peer=peer, reason=reason)
 
     # -- sessions (called by connections) -----------------------------------------------------
 
@@ -317,8 +336,13 @@ async def _peek_client_hello(
     """Look at the first bytes without consuming them, so TLS still sees them."""
     delay = 0.001
     while True:
-        await _readable(loop, sock)
-        data = sock.recv(_PEEK_SIZE, socket.MSG_PEEK)
+        try:
+            data = sock.recv(_PEEK_SIZE, socket.MSG_PEEK)
+        except BlockingIOError:
+            # About half the time the ClientHello is already here: try before paying
+            # for a reader registration and a future.
+            await _readable(loop, sock)
+            continue
         if not data:
             raise EOFError("the client closed before sending a ClientHello")
         info = inspect_client_hello(data)
