@@ -113,10 +113,11 @@ class ServerConnection(asyncio.BufferedProtocol):
     def log(self) -> FilteringBoundLogger:
         """This connection's logger. Bound when something is logged, which is rare next to
         the connection's life: keeping one bound logger per connection cost ~650 bytes."""
-        log: FilteringBoundLogger = _logger.bind(conn=self.id, peer=self.peer)
-        if self._session_id is not None:
-            log = log.bind(name=self._session_name, session=self._session_id)
-        return log
+        if self._session_id is None:
+            return _logger.bind(conn=self.id, peer=self.peer)  # type: ignore[no-any-return]
+        return _logger.bind(  # type: ignore[no-any-return]
+            conn=self.id, peer=self.peer, name=self._session_name, session=self._session_id
+        )
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
 
