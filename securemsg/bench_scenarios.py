@@ -43,6 +43,7 @@ __all__ = [
 #: Publisher number (4 digits), sequence number (10) and send time in ns (20) come first.
 _HEADER_CHARS: Final = 34
 MIN_SIZE: Final = _HEADER_CHARS + 2
+_PAYLOAD: Final = "%04d%010d%020d%s"
 #: Messages a publisher sends between two yields to the event loop when not rate-limited.
 _BATCH: Final = 50
 #: A run ends this long after the last delivery when messages stop arriving.
@@ -95,7 +96,10 @@ class System(Protocol):
 
 def make_payload(publisher: int, seq: int, chars: int, pad: str) -> str:
     """Publisher, sequence number and send time, padded to ``chars`` characters."""
-    return f"{publisher:04d}{seq:010d}{time.perf_counter_ns():020d}{pad[: chars - _HEADER_CHARS]}"
+    # %-formatting: half the cost of the equivalent f-string with format specs, and this runs
+    # once per message in every system's publisher.
+    tail = pad[: chars - _HEADER_CHARS]
+    return _PAYLOAD % (publisher, seq, time.perf_counter_ns(), tail)
 
 
 def parse_payload(payload: str | bytes) -> tuple[int, int, int]:
