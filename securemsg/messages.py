@@ -119,37 +119,36 @@ FATAL_CODES: Final = frozenset(
 )
 
 
-_room_match = re.compile(ROOM_PATTERN).match
-_name_match = re.compile(NAME_PATTERN).match
-# Rooms and names repeat: the names seen valid are kept, so the hot path (publish, direct)
-# pays a set lookup instead of a regex per message. Bounded: cleared when full.
-_valid_rooms: set[str] = set()
-_valid_names: set[str] = set()
 _MAX_REMEMBERED: Final = 4096
 
 
-def is_valid_room(room: str) -> bool:
-    """Is ``room`` a concrete room name (no wildcards)? Cached for names seen valid."""
-    if room in _valid_rooms:
+class _Validator:
+    """Does a value match ``pattern``? Rooms and names repeat, so the values seen valid are
+    remembered and the hot path (publish, direct) pays a set lookup instead of a regex per
+    message. Bounded: the memory is cleared when full."""
+
+    __slots__ = ("_match", "_valid")
+
+    def __init__(self, pattern: str) -> None:
+        self._match = re.compile(pattern).match
+        self._valid: set[str] = set()
+
+    def __call__(self, value: str) -> bool:
+        valid = self._valid
+        if value in valid:
+            return True
+        if self._match(value) is None:
+            return False
+        if len(valid) >= _MAX_REMEMBERED:
+            valid.clear()
+        valid.add(value)
         return True
-    if _room_match(room) is None:
-        return False
-    if len(_valid_rooms) >= _MAX_REMEMBERED:
-        _valid_rooms.clear()
-    _valid_rooms.add(room)
-    return True
 
 
-def is_valid_name(name: str) -> bool:
-    """Is ``name`` a valid client name? Cached for names seen valid."""
-    if name in _valid_names:
-        return True
-    if _name_match(name) is None:
-        return False
-    if len(_valid_names) >= _MAX_REMEMBERED:
-        _valid_names.clear()
-    _valid_names.add(name)
-    return True
+#: Is this a concrete room name (no wildcards)?
+is_valid_room: Final = _Validator(ROOM_PATTERN)
+#: Is this a valid client name?
+is_valid_name: Final = _Validator(NAME_PATTERN)
 
 
 def _check_room(room: str) -> None:
