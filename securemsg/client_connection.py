@@ -1,7 +1,7 @@
 """One live client connection, and the edge where connect failures become securemsg errors.
 
 Read path: bytes -> :class:`securemsg.protocol.Client` -> events -> the owner (the
-:class:`~securemsg.client.Client`) -> frames queued on the core -> one ``writelines`` per
+:class:`~securemsg.client.Client`) -> frames queued on the core -> one joined ``write`` per
 event-loop iteration. The connection owns its transport and its heartbeat timer; what the
 frames mean (inbox, outbox, waiters) is the owner's business.
 

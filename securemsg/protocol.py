@@ -225,7 +225,7 @@ class Connection:
         self.bytes_out += len(frame)
 
     def data_to_send(self) -> list[bytes]:
-        """Take the queued frames; write them with one ``writelines``."""
+        """Take the queued frames; write them joined, in one ``write`` (see the drivers)."""
         out = self._out
         if out:
             self._out = []

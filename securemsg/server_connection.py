@@ -1,7 +1,7 @@
 """One client connection on the server: the asyncio read/write path over the protocol core.
 
 Read path: bytes -> :class:`securemsg.protocol.Server` -> events -> broker -> frames queued on
-this or other connections -> one ``writelines`` per connection per loop iteration.
+this or other connections -> one joined ``write`` per connection per loop iteration.
 """
 
 from __future__ import annotations
