@@ -114,8 +114,7 @@ async def server_route(count: int) -> float:
     took = time.perf_counter() - start
     assert sub.session is not None and sub.session.log.last_seq == len(reads) * BATCH
     for conn in (pub, sub):
-        if conn._timer is not None:
-            conn._timer.cancel()
+        conn._cancel_timer()
     return took / (len(reads) * BATCH) * 1e6
 
 

@@ -31,6 +31,7 @@ from securemsg.config import ServerConfig, read_token
 from securemsg.exceptions import ConfigError
 from securemsg.messages import ErrorCode
 from securemsg.server_connection import ServerConnection
+from securemsg.timerwheel import TimerWheel
 from securemsg.tls import describe_server_handshake_error, server_context
 
 __all__ = ["Server"]
@@ -79,6 +80,7 @@ class Server:
         self._expiry: dict[Session, asyncio.TimerHandle] = {}
         self._ids = itertools.count(1)
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._wheel: TimerWheel | None = None
         self._stopping = False
         self._stopped: asyncio.Event | None = None
         self.port = 0
@@ -88,6 +90,16 @@ class Server:
     def loop(self) -> asyncio.AbstractEventLoop:
         assert self._loop is not None, "the server is not started"
         return self._loop
+
+    @property
+    def wheel(self) -> TimerWheel:
+        """The connections' heartbeat and handshake deadlines (made with the loop)."""
+        if self._wheel is None:
+            config = self.config
+            shortest = min(config.heartbeat_interval, config.handshake_timeout)
+            # A hundredth of the shortest period: deadlines are met within 1 %.
+            self._wheel = TimerWheel(self.loop, max(0.001, shortest / 100))
+        return self._wheel
 
     # -- lifecycle ----------------------------------------------------------------------------
 

@@ -60,7 +60,7 @@ class ServerConnection(asyncio.BufferedProtocol):
         "_read_buffer",
         "_session_id",
         "_session_name",
-        "_timer",
+        "_timer_slot",
         "_tokens",
         "_tokens_at",
         "accepted_at",
@@ -97,7 +97,8 @@ class ServerConnection(asyncio.BufferedProtocol):
         self._session_name: str | None = None  # kept after a bye ends the session
         self._session_id: str | None = None
         self._flush_scheduled = False
-        self._timer: asyncio.TimerHandle | None = None
+        # The slot of our deadline in the server's timer wheel (no TimerHandle per connection).
+        self._timer_slot: int | None = None
         # Acks held back to ride with the next frame to this client (see _flush).
         self._acks: list[str] | None = None
         self._ack_timer: asyncio.TimerHandle | None = None
@@ -170,9 +171,7 @@ class ServerConnection(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.core.connection_lost()
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._cancel_timer()
         if self._ack_timer is not None:
             self._ack_timer.cancel()
             self._ack_timer = None
@@ -276,10 +275,16 @@ class ServerConnection(asyncio.BufferedProtocol):
     def _arm_timer(self) -> None:
         if self.core.state is ConnectionState.CLOSED:
             return
-        self._timer = self._loop.call_at(self.core.next_deadline(), self._on_timer)
+        self._timer_slot = self.server.wheel.schedule(self.core.next_deadline(), self)
 
-    def _on_timer(self) -> None:
-        self._timer = None
+    def _cancel_timer(self) -> None:
+        if self._timer_slot is not None:
+            self.server.wheel.cancel(self._timer_slot, self)
+            self._timer_slot = None
+
+    def on_timer(self) -> None:
+        """Our deadline came (called by the server's timer wheel)."""
+        self._timer_slot = None
         for event in self.core.tick(self._loop.time()):
             if type(event) is PeerTimedOut:
                 self._close_reason = event.code
@@ -402,6 +407,5 @@ class ServerConnection(asyncio.BufferedProtocol):
         else:
             self.log.info("session_started", resumed_requested=hello.session is not None)
         # The handshake deadline no longer applies: re-arm for the heartbeat.
-        if self._timer is not None:
-            self._timer.cancel()
+        self._cancel_timer()
         self._arm_timer()
