@@ -249,11 +249,27 @@ class Client:
         ``confirm=True``, once the server acknowledged it. ``timeout`` bounds the whole wait
         (:class:`securemsg.TimeoutError`); the message may still be delivered after it.
         """
-        _check_room(room)
+        check_room(room)
         raw = encode_body(body)
         mailbox = self._mailbox
         if not confirm and mailbox.closed is None and not mailbox.outbox.full:
             # The hot path: into the outbox and onto the connection, no waiting to set up.
+            mailbox.submit(lambda i: Publish(room=room, body=raw, id=i))
+            return
+        await self._publish_encoded(room, raw, confirm=confirm, timeout=timeout)
+
+    async def _publish_encoded(
+        self,
+        room: str,
+        raw: msgspec.Raw,
+        *,
+        confirm: bool = False,
+        timeout: float | None = None,
+    ) -> None:
+        """:meth:`publish` for a room already checked and a body already encoded (the
+        blocking client does both in the caller's thread)."""
+        mailbox = self._mailbox
+        if not confirm and mailbox.closed is None and not mailbox.outbox.full:
             mailbox.submit(lambda i: Publish(room=room, body=raw, id=i))
             return
         await mailbox.send(
@@ -277,7 +293,7 @@ class Client:
         Raises :class:`securemsg.TimeoutError` when nobody answers within ``timeout``. The
         reply never reaches :meth:`receive`; later replies to the same request are dropped.
         """
-        _check_room(room)
+        check_room(room)
         raw = encode_body(body)
         mailbox = self._mailbox
         token, reply = mailbox.request_token()
@@ -490,7 +506,8 @@ class Client:
             self._log.error("client_closed", error=failure)
 
 
-def _check_room(room: str) -> None:
+def check_room(room: str) -> None:
+    """Raise ValueError unless ``room`` is a concrete room name (cached; the publish path)."""
     # The cached check: publish runs it for every message.
     if not isinstance(room, str) or not is_valid_room(room):
         raise ValueError(f"invalid room {room!r}")

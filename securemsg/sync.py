@@ -10,11 +10,13 @@
 
 Each :class:`SyncClient` runs its asyncio client on one daemon thread with its own event
 loop; every method hands a coroutine to that loop (``run_coroutine_threadsafe``) and waits
-for the result, so any number of threads may call it at once. No wait is unbounded by
-accident: a call given a timeout raises :class:`securemsg.TimeoutError` shortly after it, a
-call whose loop died raises :class:`ClosedError`, ``close()`` is bounded, and at interpreter
-exit open clients are closed within a second or two (the thread is a daemon, so exit never
-waits for it).
+for the result, so any number of threads may call it at once. The exception is
+``publish()`` without ``confirm``, which needs no answer: it checks and encodes the message
+in the caller's thread and hands it over without waiting (see :class:`_Handover`). No wait
+is unbounded by accident: a call given a timeout raises :class:`securemsg.TimeoutError`
+shortly after it, a call whose loop died raises :class:`ClosedError`, ``close()`` is
+bounded, and at interpreter exit open clients are closed within a second or two (the thread
+is a daemon, so exit never waits for it).
 """
 
 from __future__ import annotations
@@ -22,22 +24,31 @@ from __future__ import annotations
 import asyncio
 import atexit
 import concurrent.futures
+import contextlib
 import threading
 import weakref
+from collections import deque
 from collections.abc import Coroutine, Iterator
 from types import TracebackType
 from typing import Any, Final, Generic, TypeVar
 
+import msgspec
+
 from securemsg import client as aio
+from securemsg.client import check_room
+from securemsg.client_mailbox import deadline
 from securemsg.client_types import ClientState, Message, Presence, StateChange
 from securemsg.config import ClientConfig
 from securemsg.exceptions import ClosedError, TimeoutError
+from securemsg.messages import encode_body
 from securemsg.runner import loop_factory
 
 __all__ = ["SyncClient", "connect"]
 
 T = TypeVar("T")
 
+#: Publishes handed over to the loop thread and not yet in the client's outbox.
+_MAX_HANDED_OVER: Final = 1024
 #: Extra time a call with a timeout waits for the loop to report that timeout itself.
 _GRACE: Final = 1.0
 #: How often a wait without a timeout checks that the loop thread is still alive.
@@ -113,6 +124,76 @@ class _LoopThread:
         self._thread.join(timeout)
 
 
+class _Handover:
+    """``publish()`` without ``confirm`` from any thread to the loop: in order, bounded, and
+    without waiting for the loop thread.
+
+    Waiting for the loop thread on every message (two thread wake-ups each) held a blocking
+    publisher to a few thousand messages per second. Instead the caller checks the room and
+    encodes the body itself, so a bad message still raises at once, and hands the message
+    over; the loop puts hand-overs into the outbox in the order they came, waiting for room
+    there. At most ``_MAX_HANDED_OVER`` are in between: a caller past that waits. A failure
+    on the loop's side (the client closed meanwhile, a message over the server's
+    ``max_frame``) is raised by the next ``publish()`` or ``flush()``.
+    """
+
+    def __init__(self, thread: _LoopThread, client: aio.Client) -> None:
+        self._thread = thread
+        self._client = client
+        self._free = threading.BoundedSemaphore(_MAX_HANDED_OVER)
+        self._queue: deque[tuple[str, msgspec.Raw]] = deque()  # the loop thread's
+        self._drainer: asyncio.Task[None] | None = None  # the loop thread's
+        self._failure: BaseException | None = None
+        self._failure_lock = threading.Lock()  # set on the loop thread, taken on the caller's
+
+    def raise_failure(self) -> None:
+        if self._failure is None:  # the common case, without the lock
+            return
+        with self._failure_lock:
+            failure, self._failure = self._failure, None
+        if failure is not None:
+            raise failure
+
+    def hand_over(self, room: str, raw: msgspec.Raw, timeout: float | None) -> None:
+        """Called in the caller's thread."""
+        if not self._free.acquire(timeout=timeout):
+            raise TimeoutError(f"publish to {room!r} did not complete within {timeout:g} s")
+        try:
+            self._thread.loop.call_soon_threadsafe(self._arrived, room, raw)
+        except RuntimeError:  # the loop is closed
+            self._free.release()
+            raise ClosedError("the client is closed") from None
+
+    async def drained(self) -> None:
+        """Return once every message handed over so far is in the outbox (or failed)."""
+        while self._drainer is not None:
+            # Shielded: a flush that times out must not cancel the publishes it waited for.
+            await asyncio.shield(self._drainer)
+
+    def _arrived(self, room: str, raw: msgspec.Raw) -> None:
+        self._queue.append((room, raw))
+        if self._drainer is None:
+            self._drainer = self._thread.loop.create_task(self._drain())
+
+    async def _drain(self) -> None:
+        queue = self._queue
+        try:
+            while queue:
+                room, raw = queue[0]
+                try:
+                    # Returns at once while the outbox has room; otherwise waits for it.
+                    await self._client._publish_encoded(room, raw)
+                except Exception as exc:  # the caller learns of it on its next call
+                    with self._failure_lock:
+                        if self._failure is None:
+                            self._failure = exc
+                finally:
+                    queue.popleft()
+                    self._free.release()
+        finally:
+            self._drainer = None
+
+
 class _SyncStream(Generic[T]):
     """A blocking iterator over one of the client's event streams."""
 
@@ -137,6 +218,7 @@ class SyncClient:
     def __init__(self, thread: _LoopThread, client: aio.Client) -> None:
         self._thread = thread
         self._client = client
+        self._handover = _Handover(thread, client)
         _open_clients.add(self)
 
     def __repr__(self) -> str:
@@ -175,8 +257,18 @@ class SyncClient:
     def publish(
         self, room: str, body: Any, *, confirm: bool = False, timeout: float | None = None
     ) -> None:
-        coro = self._client.publish(room, body, confirm=confirm, timeout=timeout)
-        self._thread.run(coro, timeout)
+        """Send ``body`` to ``room``. Without ``confirm`` it returns once the message is
+        handed to the client's thread (a failure there is raised by the next ``publish()``
+        or ``flush()``); with ``confirm``, once the server acknowledged it."""
+        if confirm:
+            coro = self._client.publish(room, body, confirm=True, timeout=timeout)
+            self._thread.run(coro, timeout)
+            return
+        self._handover.raise_failure()
+        if self._client.state is ClientState.CLOSED or not self._thread.alive:
+            raise ClosedError(str(self._client.failure or "the client is closed"))
+        check_room(room)
+        self._handover.hand_over(room, encode_body(body), timeout)
 
     def direct(
         self, name: str, body: Any, *, confirm: bool = False, timeout: float | None = None
@@ -194,7 +286,18 @@ class SyncClient:
         self._thread.run(coro, timeout)
 
     def flush(self, timeout: float | None = None) -> None:
-        self._thread.run(self._client.flush(timeout), timeout)
+        """Wait until every message sent so far is acknowledged by the server."""
+        self._handover.raise_failure()
+        self._thread.run(self._flush(timeout), timeout)
+        self._handover.raise_failure()
+
+    async def _flush(self, timeout: float | None) -> None:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        async with deadline(timeout, "flush"):
+            await self._handover.drained()
+        left = None if timeout is None else max(0.0, timeout - (loop.time() - start))
+        await self._client.flush(left)
 
     def receive(self, timeout: float | None = None) -> Message:
         return self._thread.run(self._client.receive(timeout), timeout)
@@ -224,11 +327,20 @@ class SyncClient:
         _open_clients.discard(self)
         try:
             if self._thread.alive:
-                self._thread.run(self._client.close(timeout), timeout)
+                self._thread.run(self._close(timeout), timeout)
         except (TimeoutError, ClosedError):
             pass
         finally:
             self._thread.stop(_GRACE)
+
+    async def _close(self, timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        # What was handed over goes into the outbox first, so that close() flushes it too.
+        with contextlib.suppress(TimeoutError):
+            async with deadline(timeout, "close"):
+                await self._handover.drained()
+        await self._client.close(max(0.0, timeout - (loop.time() - start)))
 
     def __enter__(self) -> SyncClient:
         return self

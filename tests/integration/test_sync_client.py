@@ -189,3 +189,41 @@ async def test_interpreter_exit_never_hangs_on_an_open_client(
         started = time.monotonic()
         assert await asyncio.wait_for(process.wait(), 10) == 0
         assert time.monotonic() - started < 4
+
+
+async def test_publish_without_confirm_hands_over_in_order_and_raises_bad_input_at_once(
+    start_server, options
+) -> None:
+    server = await start_server(max_frame=4096)
+
+    def program() -> tuple[list[Any], list[str]]:
+        raised: list[str] = []
+        with sync.connect("localhost", server.port, name="alice", **options) as alice:
+            with sync.connect("localhost", server.port, name="bob", **options) as bob:
+                bob.join("chat")
+                for i in range(5_000):  # more than can be handed over at once: it waits
+                    alice.publish("chat", i)
+                for bad_room, body in (("no spaces", 1), ("chat", object())):
+                    try:
+                        alice.publish(bad_room, body)
+                    except (ValueError, TypeError) as exc:  # in this thread, at once
+                        raised.append(type(exc).__name__)
+                alice.publish("chat", "x" * 5_000)  # over max_frame: found in the loop thread
+                try:
+                    alice.flush(timeout=5)
+                except ValueError as exc:
+                    raised.append(f"flush: {exc}")
+                alice.publish("chat", "after")  # the failure was raised once, not forever
+                alice.flush(timeout=5)
+                received = [bob.receive(timeout=5).body for _ in range(5_001)]
+        try:
+            alice.publish("chat", "closed")
+        except sync.ClosedError:
+            raised.append("closed")
+        return received, raised
+
+    received, raised = await asyncio.to_thread(program)
+    assert received == [*range(5_000), "after"]
+    assert raised[:2] == ["ValueError", "TypeError"]
+    assert raised[2].startswith("flush: message of") and "max_frame" in raised[2]
+    assert raised[3:] == ["closed"]
