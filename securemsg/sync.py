@@ -260,11 +260,11 @@ class SyncClient:
         """Send ``body`` to ``room``. Without ``confirm`` it returns once the message is
         handed to the client's thread (a failure there is raised by the next ``publish()``
         or ``flush()``); with ``confirm``, once the server acknowledged it."""
+        self._handover.raise_failure()
         if confirm:
             coro = self._client.publish(room, body, confirm=True, timeout=timeout)
             self._thread.run(coro, timeout)
             return
-        self._handover.raise_failure()
         if self._client.state is ClientState.CLOSED or not self._thread.alive:
             raise ClosedError(str(self._client.failure or "the client is closed"))
         check_room(room)
