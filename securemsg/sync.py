@@ -134,7 +134,8 @@ class _Handover:
     over; the loop puts hand-overs into the outbox in the order they came, waiting for room
     there. At most ``_MAX_HANDED_OVER`` are in between: a caller past that waits. A failure
     on the loop's side (the client closed meanwhile, a message over the server's
-    ``max_frame``) is raised by the next ``publish()`` or ``flush()``.
+    ``max_frame``) is raised by the next call that sends or flushes. Calls that send go
+    after the hand-overs before them (:meth:`then`), so the order of calls is kept.
     """
 
     def __init__(self, thread: _LoopThread, client: aio.Client) -> None:
@@ -169,6 +170,15 @@ class _Handover:
         while self._drainer is not None:
             # Shielded: a flush that times out must not cancel the publishes it waited for.
             await asyncio.shield(self._drainer)
+
+    async def then(self, coro: Coroutine[Any, Any, T]) -> T:
+        """``coro``, once every message handed over before it is in the outbox."""
+        try:
+            await self.drained()
+        except BaseException:
+            coro.close()
+            raise
+        return await coro
 
     def _arrived(self, room: str, raw: msgspec.Raw) -> None:
         self._queue.append((room, raw))
@@ -246,10 +256,10 @@ class SyncClient:
         return self._client
 
     def join(self, room: str, *, timeout: float | None = None) -> None:
-        self._thread.run(self._client.join(room, timeout=timeout), timeout)
+        self._send(self._client.join(room, timeout=timeout), timeout)
 
     def leave(self, room: str, *, timeout: float | None = None) -> None:
-        self._thread.run(self._client.leave(room, timeout=timeout), timeout)
+        self._send(self._client.leave(room, timeout=timeout), timeout)
 
     def who(self, room: str, *, timeout: float | None = None) -> list[str]:
         return self._thread.run(self._client.who(room, timeout=timeout), timeout)
@@ -258,13 +268,13 @@ class SyncClient:
         self, room: str, body: Any, *, confirm: bool = False, timeout: float | None = None
     ) -> None:
         """Send ``body`` to ``room``. Without ``confirm`` it returns once the message is
-        handed to the client's thread (a failure there is raised by the next ``publish()``
-        or ``flush()``); with ``confirm``, once the server acknowledged it."""
-        self._handover.raise_failure()
+        handed to the client's thread (a failure there is raised by the next call that
+        sends or flushes); with ``confirm``, once the server acknowledged it. Every call
+        that sends keeps its place after the messages handed over before it."""
         if confirm:
-            coro = self._client.publish(room, body, confirm=True, timeout=timeout)
-            self._thread.run(coro, timeout)
+            self._send(self._client.publish(room, body, confirm=True, timeout=timeout), timeout)
             return
+        self._handover.raise_failure()
         if self._client.state is ClientState.CLOSED or not self._thread.alive:
             raise ClosedError(str(self._client.failure or "the client is closed"))
         check_room(room)
@@ -273,17 +283,20 @@ class SyncClient:
     def direct(
         self, name: str, body: Any, *, confirm: bool = False, timeout: float | None = None
     ) -> None:
-        coro = self._client.direct(name, body, confirm=confirm, timeout=timeout)
-        self._thread.run(coro, timeout)
+        self._send(self._client.direct(name, body, confirm=confirm, timeout=timeout), timeout)
 
     def request(self, room: str, body: Any, timeout: float = 10.0) -> Message:
-        return self._thread.run(self._client.request(room, body, timeout), timeout)
+        return self._send(self._client.request(room, body, timeout), timeout)
 
     def reply(
         self, message: Message, body: Any, *, confirm: bool = False, timeout: float | None = None
     ) -> None:
-        coro = self._client.reply(message, body, confirm=confirm, timeout=timeout)
-        self._thread.run(coro, timeout)
+        self._send(self._client.reply(message, body, confirm=confirm, timeout=timeout), timeout)
+
+    def _send(self, coro: Coroutine[Any, Any, T], timeout: float | None) -> T:
+        """Run a call that sends, after the publishes handed over before it: order is kept."""
+        self._handover.raise_failure()
+        return self._thread.run(self._handover.then(coro), timeout)
 
     def flush(self, timeout: float | None = None) -> None:
         """Wait until every message sent so far is acknowledged by the server."""

@@ -227,3 +227,22 @@ async def test_publish_without_confirm_hands_over_in_order_and_raises_bad_input_
     assert raised[:2] == ["ValueError", "TypeError"]
     assert raised[2].startswith("flush: message of") and "max_frame" in raised[2]
     assert raised[3:] == ["closed"]
+
+
+async def test_calls_that_send_keep_their_place_after_handed_over_publishes(
+    start_server, options
+) -> None:
+    server = await start_server()
+
+    def program() -> list[Any]:
+        # A tiny outbox, so that hand-overs wait for room while the later calls arrive.
+        with sync.connect("localhost", server.port, name="alice", max_outbox=4, **options) as a:
+            with sync.connect("localhost", server.port, name="bob", **options) as bob:
+                bob.join("chat")
+                for i in range(200):
+                    a.publish("chat", i)
+                a.publish("chat", "confirmed", confirm=True, timeout=5)
+                a.direct("bob", "direct", timeout=5)
+                return [bob.receive(timeout=5).body for _ in range(202)]
+
+    assert await asyncio.to_thread(program) == [*range(200), "confirmed", "direct"]
