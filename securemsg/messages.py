@@ -70,8 +70,8 @@ ROOM_FILTER_PATTERN: Final = r"^([A-Za-z0-9_-]+|\*)(\.([A-Za-z0-9_-]+|\*))*(\.>)
 #: Client names: 1 to 64 of letters, digits, ``_``, ``-``, ``.`` and ``@``.
 NAME_PATTERN: Final = r"^[A-Za-z0-9_.@-]{1,64}\Z"
 
-Room = Annotated[str, msgspec.Meta(pattern=ROOM_PATTERN, max_length=255)]
-#: A room checked by :func:`_check_room` (cached) instead of msgspec's per-decode regex.
+# Rooms in publish and names in direct are checked by __post_init__ against a cache of values
+# seen valid (is_valid_room, is_valid_name) instead of msgspec's regex on every decode.
 CheckedRoom = Annotated[str, msgspec.Meta(max_length=255)]
 RoomFilter = Annotated[str, msgspec.Meta(pattern=ROOM_FILTER_PATTERN, max_length=255)]
 Name = Annotated[str, msgspec.Meta(pattern=NAME_PATTERN)]
