@@ -45,7 +45,7 @@ class Echo(asyncio.Protocol):
 
 
 async def serve(directory: str, port: int) -> None:
-    from securemsg.tls import server_context
+    from securemsg.tls.contexts import server_context
 
     context = server_context(cert=f"{directory}/server.pem", key=f"{directory}/server.key")
     loop = asyncio.get_running_loop()
@@ -54,7 +54,7 @@ async def serve(directory: str, port: int) -> None:
 
 
 async def drive(directory: str, port: int, pid: int, count: int) -> None:
-    from securemsg.tls import client_context
+    from securemsg.tls.contexts import client_context
 
     context = client_context(ca=f"{directory}/ca.pem")
     gate = asyncio.Semaphore(CONCURRENCY)
@@ -83,7 +83,7 @@ def main() -> None:
         run(serve(sys.argv[2], int(sys.argv[3])))
         return
     count = int(sys.argv[1]) if len(sys.argv) > 1 else 1000
-    from securemsg.certs import make_dev_pki
+    from securemsg.tls.devcerts import make_dev_pki
 
     with tempfile.TemporaryDirectory() as directory:
         make_dev_pki(directory, hosts=("localhost", "127.0.0.1"))

@@ -6,7 +6,7 @@
 
 Every system gets the same TLS certificates (one development PKI), the same payloads,
 counts and pacing, and the same verification: the scenarios are the code of
-``securemsg bench`` (:mod:`securemsg.bench_scenarios`), run against a small driver per
+``securemsg bench`` (:mod:`securemsg.bench.scenarios`), run against a small driver per
 system. Each run is a fresh client process against a fresh server process on 127.0.0.1,
 bounded in count and time; systems are interleaved within each round. The result is
 ``docs/benchmarks.md`` (medians, min-max, ratios) and ``docs/benchmarks-latency.png``
@@ -260,7 +260,7 @@ async def client_main(args: argparse.Namespace) -> None:
     """One scenario run against a peer; prints the JSON result like ``securemsg bench``."""
     import msgspec
 
-    from securemsg.bench import BenchOptions, run_bench
+    from securemsg.bench.run import BenchOptions, run_bench
 
     system: Any = (NatsSystem if args.system == "nats" else WsSystem)(args.port, args.ca)
     options = BenchOptions(
@@ -419,7 +419,7 @@ def _run_one(system: str, scenario: Scenario, pki: Pki) -> dict[str, Any]:
 
 
 def main_compare(args: argparse.Namespace) -> None:
-    from securemsg.certs import make_dev_pki
+    from securemsg.tls.devcerts import make_dev_pki
 
     with tempfile.TemporaryDirectory(prefix="securemsg-compare-") as tmp:
         dev = make_dev_pki(tmp, hosts=("localhost", HOST))

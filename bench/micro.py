@@ -17,25 +17,25 @@ import ssl
 import time
 from typing import Any
 
-from securemsg.client import Client
-from securemsg.client_connection import ClientConnection
+from securemsg.client.client import Client
+from securemsg.client.connection import ClientConnection
 from securemsg.config import ClientConfig, ServerConfig
-from securemsg.frames import encode_frame
-from securemsg.messages import (
+from securemsg.core.frames import encode_frame
+from securemsg.core.messages import (
     PROTOCOL_VERSION,
     Ack,
+    Delivery,
     Heartbeat,
     Hello,
     Join,
-    Message,
     Publish,
     ServerAck,
     Welcome,
     encode,
     encode_body,
 )
-from securemsg.server import Server
-from securemsg.server_connection import ServerConnection
+from securemsg.server.connection import ServerConnection
+from securemsg.server.server import Server
 
 BATCH = 64  # frames per read, about what a busy TLS connection delivers at once
 
@@ -164,7 +164,7 @@ async def client_receive(count: int) -> float:
     reads = [
         _frames(
             [
-                Message(room="bench", sender="pub", body=body, id=str(seq), ts=1.0, seq=seq)
+                Delivery(room="bench", sender="pub", body=body, id=str(seq), ts=1.0, seq=seq)
                 for seq in range(i + 1, i + BATCH + 1)
             ]
         )

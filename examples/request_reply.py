@@ -19,7 +19,7 @@ import os
 import sys
 
 import securemsg
-from securemsg.client import connect
+from securemsg import connect
 from securemsg.log import configure_logging
 
 

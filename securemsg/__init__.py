@@ -1,20 +1,16 @@
-"""securemsg: TLS-only messaging with self-healing clients."""
+"""securemsg: TLS-only messaging with self-healing clients.
+
+The public API: :func:`connect` and :class:`Client` (asyncio), :mod:`securemsg.sync` (blocking),
+:class:`Server`, the value types and the exception tree. Names are loaded on first use, so
+``import securemsg`` costs little and never loads the server (nor the server the client).
+"""
 
 from __future__ import annotations
 
-from securemsg import sync
-from securemsg.client import Client, connect
-from securemsg.client_types import (
-    ClientState,
-    Closed,
-    Disconnected,
-    Message,
-    Presence,
-    Reconnected,
-    Reconnecting,
-    StateChange,
-)
-from securemsg.exceptions import (
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from securemsg.errors import (
     AuthError,
     ClosedError,
     ConfigError,
@@ -27,7 +23,48 @@ from securemsg.exceptions import (
     TLSError,
 )
 
+if TYPE_CHECKING:
+    from securemsg import sync
+    from securemsg.client.client import Client, connect
+    from securemsg.client.types import (
+        ClientState,
+        Closed,
+        Disconnected,
+        Message,
+        Presence,
+        Reconnected,
+        Reconnecting,
+        StateChange,
+    )
+    from securemsg.server.server import Server
+
 __version__ = "0.1.0"
+
+_LAZY = {
+    "Client": "securemsg.client.client",
+    "connect": "securemsg.client.client",
+    "ClientState": "securemsg.client.types",
+    "Closed": "securemsg.client.types",
+    "Disconnected": "securemsg.client.types",
+    "Message": "securemsg.client.types",
+    "Presence": "securemsg.client.types",
+    "Reconnected": "securemsg.client.types",
+    "Reconnecting": "securemsg.client.types",
+    "StateChange": "securemsg.client.types",
+    "Server": "securemsg.server.server",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name == "sync":
+        return importlib.import_module("securemsg.sync")
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'securemsg' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "AuthError",
@@ -45,6 +82,7 @@ __all__ = [
     "Reconnecting",
     "RejectedError",
     "SecureMsgError",
+    "Server",
     "StateChange",
     "TLSConfigError",
     "TLSError",

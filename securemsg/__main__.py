@@ -1,3 +1,3 @@
-from securemsg.cli import main
+from securemsg.cli.main import main
 
 raise SystemExit(main())

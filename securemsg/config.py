@@ -5,7 +5,7 @@ One name, four spellings. ``heartbeat_interval`` is the attribute and keyword, t
 environment variable ``SECUREMSG_HEARTBEAT_INTERVAL`` and the flag ``--heartbeat-interval``.
 :func:`load_config` merges them in that order (a flag beats the environment, which beats the
 file, which beats the default), types every value and then validates the whole. Every
-mistake is a :class:`~securemsg.exceptions.ConfigError` whose message is one sentence that
+mistake is a :class:`~securemsg.errors.ConfigError` whose message is one sentence that
 starts with where the value came from (the file, the variable or the flag)::
 
     config/server.toml: unknown key 'heartbeat_intervall' in [server] (did you mean ...?)
@@ -15,7 +15,7 @@ starts with where the value came from (the file, the variable or the flag)::
 Empty environment variables count as unset. The token is never shown: ``repr()`` masks it,
 :func:`add_config_flags` adds no ``--token`` flag (command lines are visible to every user
 of the machine) and the example files leave it out; pass it in ``SECUREMSG_TOKEN`` or put it
-in ``token_file``. Certificate files are checked by :mod:`securemsg.tls`, not here.
+in ``token_file``. Certificate files are checked by :mod:`securemsg.tls.contexts`, not here.
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ from typing import Any, ClassVar, Final, Literal, NamedTuple, TypeVar, cast, get
 
 import msgspec
 
-from securemsg.exceptions import ConfigError
-from securemsg.messages import NAME_PATTERN
+from securemsg.core.messages import NAME_PATTERN
+from securemsg.errors import ConfigError
 
 __all__ = [
     "ENV_PREFIX",

@@ -28,7 +28,7 @@ from typing import Any, Final, TextIO, cast
 import structlog
 from structlog.typing import EventDict, FilteringBoundLogger, Processor, WrappedLogger
 
-from securemsg.exceptions import ConfigError
+from securemsg.errors import ConfigError
 
 __all__ = [
     "LOG_FORMATS",

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 import trustme
+from hypothesis import HealthCheck, settings
 
-from securemsg.tls import client_context, server_context
+from securemsg.tls.contexts import client_context, server_context
 
 __all__ = ["TLSFiles"]
 
@@ -81,3 +82,11 @@ def client_ssl_context(tls_files: TLSFiles) -> ssl.SSLContext:
 def unit() -> float:
     """The base time unit of timing tests, in seconds; SECUREMSG_TEST_TIMESCALE stretches it."""
     return float(os.environ.get("SECUREMSG_TEST_TIMESCALE", "1")) * 0.1
+
+
+# CI machines are shared and slow: a strategy that takes a second to draw an example is the
+# machine's fault, not the code's. Limits on examples stay as each test sets them.
+settings.register_profile(
+    "ci", suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large], deadline=None
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

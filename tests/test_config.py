@@ -18,7 +18,7 @@ from securemsg.config import (
     overrides_from_args,
     read_token,
 )
-from securemsg.exceptions import ConfigError
+from securemsg.errors import ConfigError
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "config"
 

@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
-from securemsg.cli import build_parser
+from securemsg.cli.main import build_parser
 from securemsg.config import ENV_PREFIX, ClientConfig, ServerConfig, fields_with_defaults
-from securemsg.messages import FATAL_CODES, ErrorCode
+from securemsg.core.messages import FATAL_CODES, ErrorCode
 
 ROOT = Path(__file__).resolve().parent.parent
 OPERATIONS = ROOT / "docs" / "operations.md"
@@ -125,9 +125,9 @@ def test_operations_doc_names_every_server_flag(operations: str) -> None:
 
 
 def logged_event_names() -> set[str]:
-    """Every event name a logger call in securemsg/*.py spells out."""
+    """Every event name a logger call in the package spells out."""
     names: set[str] = set(_COMPUTED_EVENTS)
-    for path in sorted((ROOT / "securemsg").glob("*.py")):
+    for path in sorted((ROOT / "securemsg").rglob("*.py")):
         names.update(_LOG_CALL.findall(path.read_text(encoding="utf-8")))
     return names
 

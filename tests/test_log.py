@@ -10,7 +10,7 @@ import pytest
 import structlog
 from structlog.testing import capture_logs
 
-from securemsg.exceptions import ConfigError
+from securemsg.errors import ConfigError
 from securemsg.log import REDACTED, REDACTED_KEYS, configure_logging, get_logger, redact
 
 
@@ -158,5 +158,5 @@ def test_capture_logs_works_after_configure_logging_is_reset() -> None:
     configure_logging(stream=io.StringIO())
     structlog.reset_defaults()
     with capture_logs() as logs:
-        get_logger("securemsg.server").warning("client_too_slow", queued=3)
+        get_logger("securemsg.server.server").warning("client_too_slow", queued=3)
     assert logs == [{"event": "client_too_slow", "queued": 3, "log_level": "warning"}]

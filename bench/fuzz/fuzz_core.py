@@ -3,12 +3,13 @@
 One input is a byte stream a hostile client could send, cut into chunks where the input says.
 :func:`check` feeds it to
 
-1. a :class:`~securemsg.frames.FrameDecoder` (small ``max_frame``), then every payload to
-   :func:`~securemsg.messages.decode_client` and :func:`~securemsg.messages.decode_server`;
-2. a :class:`securemsg.protocol.Server` that has accepted a hello, as the server's read path
+1. a :class:`~securemsg.core.frames.FrameDecoder` (small ``max_frame``), then every payload to
+   :func:`~securemsg.core.messages.decode_client` and
+   :func:`~securemsg.core.messages.decode_server`;
+2. a :class:`securemsg.core.connection.Server` that has accepted a hello, as the server's read path
    does, then ticks its clock.
 
-and checks what must always hold: only :class:`~securemsg.exceptions.ProtocolError` comes out
+and checks what must always hold: only :class:`~securemsg.errors.ProtocolError` comes out
 of the decoders, with a known code; the decoder never holds more than one frame; a message that
 decodes re-encodes to one that decodes equal; the protocol core never raises, and every frame
 it queues for the peer is a valid server message; after a fatal rejection it is closing.
@@ -39,11 +40,13 @@ USE_ATHERIS = (
 
 if USE_ATHERIS:
     with atheris.instrument_imports(include=["securemsg"]):
-        from securemsg import frames, messages, protocol
-        from securemsg.exceptions import ProtocolError
+        from securemsg.core import connection as protocol
+        from securemsg.core import frames, messages
+        from securemsg.errors import ProtocolError
 else:
-    from securemsg import frames, messages, protocol
-    from securemsg.exceptions import ProtocolError
+    from securemsg.core import connection as protocol
+    from securemsg.core import frames, messages
+    from securemsg.errors import ProtocolError
 
 MAX_FRAME = 256
 DECODE_CODES = frozenset({"bad_frame", "bad_message", "unknown_type"})

@@ -12,10 +12,10 @@ import msgspec
 import pytest
 
 from securemsg.config import ServerConfig
-from securemsg.frames import FrameDecoder, encode_frame
-from securemsg.messages import Hello, Ping, Pong, ServerMessage, decode_server, encode
-from securemsg.server import Server
-from securemsg.tls import client_context
+from securemsg.core.frames import FrameDecoder, encode_frame
+from securemsg.core.messages import Hello, Ping, Pong, ServerMessage, decode_server, encode
+from securemsg.server.server import Server
+from securemsg.tls.contexts import client_context
 
 StartServer = Callable[..., Awaitable[Server]]
 

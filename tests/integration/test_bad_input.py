@@ -27,11 +27,11 @@ import pytest
 import trustme
 from structlog.testing import capture_logs
 
-from securemsg.client import Client, connect
-from securemsg.exceptions import AuthError, ConnectError, TLSError
-from securemsg.frames import encode_frame
-from securemsg.messages import Error, Join, Ping, Pong, Publish, ServerAck
-from securemsg.tls import client_context
+from securemsg.client.client import Client, connect
+from securemsg.core.frames import encode_frame
+from securemsg.core.messages import Error, Join, Ping, Pong, Publish, ServerAck
+from securemsg.errors import AuthError, ConnectError, TLSError
+from securemsg.tls.contexts import client_context
 from tests.faults import ServerProcess, peak_rss, record_figure, wait_until
 
 pytestmark = pytest.mark.timeout(60)

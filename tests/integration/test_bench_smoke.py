@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from securemsg.bench import BenchOptions, BenchResult, format_result, run_bench
-from securemsg.bench_scenarios import Tally, make_payload, percentiles
+from securemsg.bench.run import BenchOptions, BenchResult, format_result, run_bench
+from securemsg.bench.scenarios import Tally, make_payload, percentiles
 from tests.integration.conftest import StartServer
 
 pytestmark = pytest.mark.timeout(60)

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from securemsg.client import (
+from securemsg.client.client import (
     Client,
     ClientState,
     Disconnected,
@@ -33,7 +33,7 @@ from securemsg.client import (
     StateChange,
     connect,
 )
-from securemsg.exceptions import TimeoutError
+from securemsg.errors import TimeoutError
 from tests.faults import FaultProxy, ServerProcess, record_figure, wait_until
 
 #: Seconds each test may take (pytest-timeout); the long versions raise it.

@@ -27,9 +27,9 @@ from typing import Any
 
 import pytest
 
-from securemsg.chat import default_name
-from securemsg.client import Client, connect
-from securemsg.messages import NAME_PATTERN
+from securemsg.cli.client_common import default_name
+from securemsg.client.client import Client, connect
+from securemsg.core.messages import NAME_PATTERN
 from tests.integration.conftest import StartServer
 
 pytestmark = pytest.mark.timeout(60)

@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
-from securemsg.frames import FrameDecoder, encode_frame
-from securemsg.messages import Hello, Welcome, decode_server, encode
-from securemsg.tls import client_context
+from securemsg.core.frames import FrameDecoder, encode_frame
+from securemsg.core.messages import Hello, Welcome, decode_server, encode
+from securemsg.tls.contexts import client_context
 from tests.faults import ServerProcess
 
 pytestmark = pytest.mark.timeout(60)

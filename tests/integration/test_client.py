@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import pytest
 from structlog.testing import capture_logs
 
-from securemsg.client import (
+from securemsg.client.client import (
     Client,
     ClientState,
     Closed,
@@ -28,7 +28,7 @@ from securemsg.client import (
     StateChange,
     connect,
 )
-from securemsg.exceptions import (
+from securemsg.errors import (
     AuthError,
     ClosedError,
     ConnectError,
@@ -581,9 +581,9 @@ async def test_the_client_runs_on_uvloop_too(start_server, tls_files, unit) -> N
 async def test_messages_larger_than_the_read_buffer_and_many_at_once_arrive_intact(
     start_server, open_client
 ) -> None:
-    # TLS decrypts into one shared buffer per thread (securemsg.readbuffer): a message larger
+    # TLS decrypts into one shared buffer per thread (securemsg.core.readbuffer): a message larger
     # than it takes several reads, and a burst fills it many times over.
-    from securemsg.readbuffer import READ_BUFFER_SIZE
+    from securemsg.core.readbuffer import READ_BUFFER_SIZE
 
     server = await start_server()
     alice = await open_client(server.port, "alice")

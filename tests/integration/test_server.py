@@ -11,17 +11,17 @@ import msgspec
 import pytest
 from structlog.testing import capture_logs
 
-from securemsg.frames import encode_frame
-from securemsg.messages import (
+from securemsg.core.frames import encode_frame
+from securemsg.core.messages import (
     Ack,
     Bye,
+    Delivery,
     Direct,
     Error,
     Hello,
     Join,
     Leave,
     Members,
-    Message,
     Ping,
     Pong,
     Presence,
@@ -31,7 +31,7 @@ from securemsg.messages import (
     Who,
     decode_body,
 )
-from securemsg.tls import client_context
+from securemsg.tls.contexts import client_context
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -67,7 +67,7 @@ async def test_publish_reaches_every_member_but_the_sender(start_server, raw) ->
     alice.send(Publish(room="lobby", body=body({"n": 1}), id="p1"))
     assert await alice.recv_type(ServerAck) == ServerAck(ids=["p1"])
     for client in (bob, carol):
-        message = await client.recv_type(Message)
+        message = await client.recv_type(Delivery)
         assert message.room == "lobby" and message.sender == "alice"
         assert decode_body(message.body) == {"n": 1} and message.seq == 1
     alice.send(Ping(id=99))
@@ -85,8 +85,8 @@ async def test_wildcards_route_by_token(start_server, raw) -> None:
         Publish(room="sensors.kitchen.temp", body=body(21)),
         Publish(room="sensors.kitchen.humidity", body=body(40)),
     )
-    assert (await star.recv_type(Message)).room == "sensors.kitchen.temp"
-    got = [(await rest.recv_type(Message)).room for _ in range(2)]
+    assert (await star.recv_type(Delivery)).room == "sensors.kitchen.temp"
+    got = [(await rest.recv_type(Delivery)).room for _ in range(2)]
     assert got == ["sensors.kitchen.temp", "sensors.kitchen.humidity"]
     star.send(Ping(id=1))
     assert isinstance(await star.recv(), Pong)  # humidity did not reach sensors.*.temp
@@ -109,7 +109,7 @@ async def test_direct_reaches_the_named_user_and_unknown_names_get_an_error(
     alice, bob = await raw(server.port, "alice"), await raw(server.port, "bob")
     alice.send(Direct(to="bob", body=body("hi"), id="d1"))
     assert await alice.recv_type(ServerAck) == ServerAck(ids=["d1"])
-    message = await bob.recv_type(Message)
+    message = await bob.recv_type(Delivery)
     assert (message.sender, message.to, message.room) == ("alice", "bob", None)
     alice.send(Direct(to="nobody", body=body("hi"), id="d2"))
     error = await alice.recv_type(Error)
@@ -122,10 +122,10 @@ async def test_request_reply_token_travels_to_the_answer(start_server, raw) -> N
     svc.send(Join(room="math", id="j"))
     await svc.recv_type(ServerAck)
     asker.send(Publish(room="math", body=body([2, 3]), reply_to="tok-1"))
-    request = await svc.recv_type(Message)
+    request = await svc.recv_type(Delivery)
     assert request.reply_to == "tok-1"
     svc.send(Direct(to=request.sender, body=body(5), re=request.reply_to))
-    answer = await asker.recv_type(Message)
+    answer = await asker.recv_type(Delivery)
     assert answer.re == "tok-1" and decode_body(answer.body) == 5
 
 
@@ -152,7 +152,7 @@ async def test_resent_id_is_acknowledged_again_but_not_delivered_twice(start_ser
     await bob.recv_type(ServerAck)
     alice.send(Publish(room="r", body=body(1), id="m1"), Publish(room="r", body=body(1), id="m1"))
     assert await acked_ids(alice, 2) == ["m1", "m1"]
-    assert (await bob.recv_type(Message)).seq == 1
+    assert (await bob.recv_type(Delivery)).seq == 1
     bob.send(Ping(id=3))
     assert await bob.recv() == Pong(id=3)  # no second copy
 
@@ -163,7 +163,7 @@ async def test_resume_within_ttl_replays_after_last_seq(start_server, raw) -> No
     bob.send(Join(room="r", id="j"))
     await bob.recv_type(ServerAck)
     alice.send(*[Publish(room="r", body=body(i)) for i in range(1, 6)])
-    got = [await bob.recv_type(Message) for _ in range(5)]
+    got = [await bob.recv_type(Delivery) for _ in range(5)]
     assert [m.seq for m in got] == [1, 2, 3, 4, 5]
     bob.send(Ack(seq=2))
     token = bob.welcome.session
@@ -173,10 +173,10 @@ async def test_resume_within_ttl_replays_after_last_seq(start_server, raw) -> No
     await alice.recv_type(ServerAck)
     again = await raw(server.port, "bob", session=token, last_seq=3)
     assert again.welcome.resumed is True and again.welcome.session == token
-    replay = [await again.recv_type(Message) for _ in range(3)]
+    replay = [await again.recv_type(Delivery) for _ in range(3)]
     assert [(m.seq, decode_body(m.body)) for m in replay] == [(4, 4), (5, 5), (6, 6)]
     alice.send(Publish(room="r", body=body(7)))  # still a member: rooms survive the resume
-    assert (await again.recv_type(Message)).seq == 7
+    assert (await again.recv_type(Delivery)).seq == 7
 
 
 async def test_resume_before_the_old_connection_is_noticed_takes_it_over(start_server, raw) -> None:
@@ -384,14 +384,14 @@ async def test_slow_consumer_is_cut_off_while_others_keep_receiving(start_server
         for _ in range(400):  # at most 40 MB: kernel buffers on loopback hold several MB
             pub.send(*[Publish(room="r", body=payload) for _ in range(25)])
             for _ in range(25):
-                await fast.recv_type(Message)
+                await fast.recv_type(Delivery)
                 received += 1
             if any(e["event"] == "slow_consumer" for e in logs):
                 break
     assert any(e["event"] == "slow_consumer" for e in logs)
     assert received >= 25
     pub.send(Publish(room="r", body=body("after")))
-    assert decode_body((await fast.recv_type(Message)).body) == "after"
+    assert decode_body((await fast.recv_type(Delivery)).body) == "after"
 
 
 async def test_rate_limit_drops_and_answers_excess_messages(start_server, raw) -> None:
@@ -456,7 +456,7 @@ async def test_graceful_shutdown_says_bye_after_queued_messages(start_server, ra
         if isinstance(frame, Bye):
             break
     assert frames[-1] == Bye(reason="server_shutdown")
-    assert len([f for f in frames if isinstance(f, Message)]) == 101
+    assert len([f for f in frames if isinstance(f, Delivery)]) == 101
     assert any(e["event"] == "server_stopped" for e in logs)
 
 

@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
-from securemsg import sync
-from securemsg.client_types import ClientState, Message
-from securemsg.exceptions import ConnectError, TimeoutError
+from securemsg import ClosedError, sync
+from securemsg.client.types import ClientState, Message
+from securemsg.errors import ConnectError, TimeoutError
 from tests.faults import FaultProxy
 
 pytestmark = pytest.mark.timeout(30)
@@ -170,7 +170,7 @@ async def test_interpreter_exit_never_hangs_on_an_open_client(
     server = await start_server()
     async with FaultProxy(server.port) as proxy:
         script = (
-            "import securemsg.sync as s, securemsg.log as l\n"
+            "import securemsg.client.sync as s, securemsg.log as l\n"
             "l.configure_logging(level='warning')\n"
             f"c = s.connect('localhost', {proxy.port}, ca={str(tls_files.ca_pem)!r}, name='x')\n"
             "c.publish('chat', 1)\n"
@@ -218,7 +218,7 @@ async def test_publish_without_confirm_hands_over_in_order_and_raises_bad_input_
                 received = [bob.receive(timeout=5).body for _ in range(5_001)]
         try:
             alice.publish("chat", "closed")
-        except sync.ClosedError:
+        except ClosedError:
             raised.append("closed")
         return received, raised
 

@@ -5,7 +5,7 @@ virtual environment, ``.ci/.sslyze-venv``, which ``.ci/run`` creates; the scan i
 ``sslyze_scan.py`` run there in a subprocess, talking to a server on 127.0.0.1 port 0. The
 test skips when the environment is missing locally, and fails under CI (``CI=true``).
 
-The server certificate is made by :func:`securemsg.certs.make_dev_pki` (what ``--dev``
+The server certificate is made by :func:`securemsg.tls.devcerts.make_dev_pki` (what ``--dev``
 uses: P-256, non-critical subjectAltName), with a 90-day validity: Mozilla's profiles bound
 a certificate's lifespan (366 days for intermediate, 90 for modern) while the development
 certificates live 825 days, a difference a test below pins down as the only one.
@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from securemsg import certs
+from securemsg.tls import devcerts as certs
 from tests.faults import record_figure
 
 pytestmark = pytest.mark.timeout(120)

@@ -1,0 +1,310 @@
+"""The ``securemsg`` command: argument parsing and process concerns only.
+
+Every failure a user can cause ends in one sentence on stderr and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from securemsg import __version__
+from securemsg.config import (
+    ClientConfig,
+    ServerConfig,
+    add_config_flags,
+    load_config,
+    overrides_from_args,
+)
+from securemsg.errors import SecureMsgError
+from securemsg.log import configure_logging
+from securemsg.runner import run
+
+__all__ = ["main"]
+
+DEFAULT_PORT = 7443
+EXIT_USAGE = 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        return int(args.handler(args))
+    except SecureMsgError as exc:
+        print(f"securemsg: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and getattr(args, "client_command", None) == "send":
+        if not any(word.startswith("-") for word in extra):
+            # `send HOST:PORT --room R MESSAGE`: argparse takes HOST:PORT as the whole word
+            # list and leaves MESSAGE over, because options stand between them.
+            args.words += extra
+            extra = []
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="securemsg", description="TLS-only messaging: server, clients and dev certificates."
+    )
+    parser.add_argument("--version", action="version", version=f"securemsg {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    certs = commands.add_parser("certs", help="make development certificates with trustme")
+    certs.add_argument("--dir", default="certs", help="where to write them (default: certs)")
+    certs.add_argument(
+        "--host",
+        action="append",
+        metavar="NAME",
+        help="a server host name or address (repeatable; default: localhost, 127.0.0.1, ::1)",
+    )
+    certs.add_argument(
+        "--client",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="also make a client certificate for NAME (repeatable)",
+    )
+    certs.add_argument("--force", action="store_true", help="start over with a new CA")
+    certs.set_defaults(handler=_cmd_certs)
+
+    server = commands.add_parser("server", help="run the server")
+    server.add_argument("--config", metavar="FILE", help="a TOML file with a [server] table")
+    server.add_argument(
+        "--dev",
+        action="store_true",
+        help="use development certificates from certs/, making them if missing",
+    )
+    add_config_flags(server, ServerConfig)
+    server.set_defaults(handler=_cmd_server)
+
+    for name, help_text in (
+        ("client", "chat interactively (or publish stdin lines when not a terminal)"),
+        ("send", "send one message and wait for the acknowledgement"),
+        ("listen", "print messages from a room"),
+    ):
+        sub = commands.add_parser(name, help=help_text)
+        if name != "send":  # send takes [HOST[:PORT]] MESSAGE as one list: see _cmd_client
+            sub.add_argument(
+                "address",
+                nargs="?",
+                metavar="HOST[:PORT]",
+                help="the server (default: localhost:7443)",
+            )
+        sub.add_argument("--config", metavar="FILE", help="a TOML file with a [client] table")
+        add_config_flags(sub, ClientConfig, exclude=("host", "port"))
+        if name == "client":
+            sub.add_argument(
+                "--room",
+                action="append",
+                default=[],
+                metavar="ROOM",
+                help="join ROOM (repeatable; the first is the current room)",
+            )
+            sub.add_argument("--json", action="store_true", help="print one JSON object a line")
+        elif name == "send":
+            target = sub.add_mutually_exclusive_group(required=True)
+            target.add_argument("--room", metavar="ROOM", help="publish to ROOM")
+            target.add_argument("--to", metavar="NAME", help="send directly to NAME")
+            # argparse cannot put an optional positional before a required one when options
+            # stand between them, so both are taken as one list of one or two words.
+            sub.add_argument(
+                "words",
+                nargs="+",
+                metavar="[HOST[:PORT]] MESSAGE",
+                help="the server (default: localhost:7443), then the body: JSON "
+                "if it parses as JSON, else a string",
+            )
+        else:
+            sub.add_argument(
+                "--room",
+                action="append",
+                required=True,
+                metavar="ROOM",
+                help="listen to ROOM (repeatable; wildcards allowed)",
+            )
+            sub.add_argument("--count", type=int, metavar="N", help="exit after N messages")
+            sub.add_argument("--json", action="store_true", help="print one JSON object a line")
+        sub.set_defaults(handler=_cmd_client, client_command=name)
+    _add_bench_parser(commands)
+    return parser
+
+
+# -- certs ------------------------------------------------------------------------------------
+
+
+def _cmd_certs(args: argparse.Namespace) -> int:
+    from securemsg.tls.devcerts import DEFAULT_HOSTS, dev_pki_banner, make_dev_pki
+
+    pki = make_dev_pki(
+        args.dir, hosts=args.host or DEFAULT_HOSTS, clients=args.client, force=args.force
+    )
+    for path in pki.created:
+        print(f"wrote {path}")
+    if not pki.created:
+        print(f"nothing to do: {pki.directory} already has every file asked for")
+    print(dev_pki_banner(pki))
+    return 0
+
+
+# -- server -----------------------------------------------------------------------------------
+
+
+def _cmd_server(args: argparse.Namespace) -> int:
+    overrides = overrides_from_args(args, ServerConfig)
+    if args.dev:
+        from securemsg.tls.devcerts import dev_pki_banner, ensure_dev_pki
+
+        pki = ensure_dev_pki("certs")
+        if pki.created:
+            print(dev_pki_banner(pki), file=sys.stderr)
+        overrides.setdefault("cert", str(pki.server_cert))
+        overrides.setdefault("key", str(pki.server_key))
+    config = load_config(ServerConfig, path=args.config, env=os.environ, overrides=overrides)
+    configure_logging(level=config.log_level, fmt=config.log_format)
+    return run(_serve(config))
+
+
+async def _serve(config: ServerConfig) -> int:
+    from securemsg.server.server import Server
+
+    server = Server(config)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    async with server:
+        await stop.wait()
+    return 0
+
+
+# -- client, send, listen ---------------------------------------------------------------------
+
+
+def _cmd_client(args: argparse.Namespace) -> int:
+    if args.client_command == "send":
+        if len(args.words) > 2:
+            raise SecureMsgError(
+                "send takes [HOST[:PORT]] and one MESSAGE; quote a message that has spaces"
+            )
+        args.address = args.words[0] if len(args.words) == 2 else None
+        args.message = args.words[-1]
+    overrides: dict[str, Any] = overrides_from_args(args, ClientConfig)
+    if args.address:
+        overrides.update(_parse_address(args.address))
+    config = load_config(ClientConfig, path=args.config, env=os.environ, overrides=overrides)
+    configure_logging(level=config.log_level, fmt=config.log_format)
+    from securemsg.cli import commands as chat
+
+    if args.client_command == "send":
+        return run(chat.run_send(config, room=args.room, to=args.to, message=args.message))
+    if args.client_command == "listen":
+        return run(
+            chat.run_listen(config, rooms=args.room, count=args.count, json_output=args.json)
+        )
+    return chat.run_client(config, rooms=args.room, json_output=args.json)
+
+
+# -- bench ------------------------------------------------------------------------------------
+
+
+def _add_bench_parser(commands: Any) -> None:
+    from securemsg.bench import SCENARIOS
+
+    bench = commands.add_parser(
+        "bench",
+        help="measure a server: throughput, latency, connections, handshakes",
+        description="Drive a securemsg server with real clients and verify what arrives.",
+    )
+    bench.add_argument("scenario", choices=SCENARIOS, help="what to measure")
+    where = bench.add_mutually_exclusive_group()
+    where.add_argument(
+        "address",
+        nargs="?",
+        metavar="HOST[:PORT]",
+        help="the server (default: localhost:7443); put it before the options",
+    )
+    where.add_argument(
+        "--local", action="store_true", help="start a local server (dev certificates, free port)"
+    )
+    bench.add_argument("--ca", metavar="FILE", help="CA bundle the server certificate chains to")
+    bench.add_argument("--msgs", type=int, metavar="N", help="messages (or round trips) in all")
+    bench.add_argument("--size", type=int, default=128, metavar="BYTES", help="body size")
+    bench.add_argument(
+        "--duration", type=float, metavar="S", help="bound on a run; hold time of connections"
+    )
+    bench.add_argument("--rate", type=float, default=0.0, metavar="N", help="msgs/s offered")
+    bench.add_argument("--pub", type=int, default=1, metavar="N", help="publishers (pubsub)")
+    bench.add_argument("--sub", type=int, default=1, metavar="N", help="subscribers (pubsub)")
+    bench.add_argument(
+        "--clients", type=int, metavar="N", help="subscribers, connections or handshakes"
+    )
+    bench.add_argument("--concurrency", type=int, default=8, metavar="N", help="handshakes at once")
+    bench.add_argument("--server-pid", type=int, metavar="PID", help="local server to measure")
+    bench.add_argument(
+        "--server-loop", choices=("uvloop", "asyncio"), help="event loop of the --local server"
+    )
+    bench.add_argument("--json", action="store_true", help="print the result as JSON")
+    bench.set_defaults(handler=_cmd_bench)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import msgspec
+
+    from securemsg.bench.run import BenchOptions, BenchResult, bench_main, format_result
+
+    configure_logging(level="error", fmt="auto")
+    address = _parse_address(args.address) if args.address else {}
+    options = BenchOptions(
+        scenario=args.scenario,
+        host=address.get("host", "localhost"),
+        port=address.get("port", DEFAULT_PORT),
+        ca=args.ca,
+        msgs=args.msgs,
+        size=args.size,
+        duration=args.duration,
+        rate=args.rate,
+        pub=args.pub,
+        sub=args.sub,
+        clients=args.clients,
+        concurrency=args.concurrency,
+        server_pid=args.server_pid,
+    )
+
+    def emit(result: BenchResult) -> None:
+        if args.json:
+            print(msgspec.json.encode(result).decode())
+        else:
+            print(format_result(result))
+
+    return run(
+        bench_main(
+            options,
+            local=args.local,
+            server_loop=args.server_loop,
+            show_progress=sys.stderr.isatty(),
+            emit=emit,
+        )
+    )
+
+
+def _parse_address(address: str) -> dict[str, Any]:
+    host, sep, port = address.rpartition(":")
+    if not sep or "]" in port or (host.count(":") and not host.startswith("[")):
+        return {"host": address.strip("[]")}
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise SecureMsgError(f"{address!r}: the port must be a number from 1 to 65535")
+    return {"host": host.strip("[]") or "localhost", "port": int(port)}

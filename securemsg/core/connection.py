@@ -1,0 +1,374 @@
+"""Connection state machines, sans-I/O: bytes in, events out, bytes to send.
+
+Theory of operation
+-------------------
+A driver owns the socket and the clock. It calls :meth:`Connection.receive_data` with the
+bytes it read and the current time, acts on the returned events, and writes whatever
+:meth:`Connection.data_to_send` returns. It also wakes at :meth:`Connection.next_deadline`
+and calls :meth:`Connection.tick`, which sends pings and detects silent peers.
+
+Bad bytes from the peer never raise out of this module: they become a
+:class:`FrameRejected` event (and, on the server, an ``error`` frame queued to the peer).
+When the event is fatal the connection is CLOSING: the driver flushes and closes.
+
+States::
+
+    HANDSHAKE --hello/welcome--> OPEN --fatal error, timeout, bye, close()--> CLOSING/CLOSED
+
+Heartbeat: a ping is due when nothing was sent for ``interval`` or nothing was received for
+``interval`` (and no ping went out since); the peer is dead when nothing valid was received
+for ``timeout``. Sends are noted with a flag and dated at the next tick, so the hot path
+needs no clock: a ping goes out between one and two intervals after the last send.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Final
+
+import msgspec
+
+from securemsg.core.frames import DEFAULT_MAX_FRAME, FrameDecoder
+from securemsg.core.messages import (
+    FATAL_CODES,
+    Bye,
+    ClientBound,
+    ClientMessage,
+    Error,
+    ErrorCode,
+    Hello,
+    Ping,
+    Pong,
+    Welcome,
+    decode_at_client,
+    decode_client,
+    encode_frame_of,
+)
+from securemsg.errors import ProtocolError
+
+__all__ = [
+    "Client",
+    "Connection",
+    "ConnectionState",
+    "Event",
+    "FrameRejected",
+    "MessageReceived",
+    "PeerTimedOut",
+    "PongReceived",
+    "Server",
+]
+
+_MAX_OUTSTANDING_PINGS: Final = 8
+
+
+class ConnectionState(enum.Enum):
+    HANDSHAKE = "handshake"
+    OPEN = "open"
+    CLOSING = "closing"
+    CLOSED = "closed"
+
+
+@dataclass(frozen=True, slots=True)
+class MessageReceived:
+    message: ClientMessage | ClientBound
+
+
+@dataclass(frozen=True, slots=True)
+class FrameRejected:
+    """The peer sent something invalid. ``fatal``: the connection is now closing."""
+
+    error: ProtocolError
+    fatal: bool
+
+
+@dataclass(frozen=True, slots=True)
+class PeerTimedOut:
+    """Nothing arrived in time; ``code`` is handshake_timeout or heartbeat_timeout."""
+
+    code: str
+    silence: float
+
+
+@dataclass(frozen=True, slots=True)
+class PongReceived:
+    id: int
+    rtt: float
+
+
+Event = MessageReceived | FrameRejected | PeerTimedOut | PongReceived
+
+
+class Connection:
+    """What both ends share: framing, liveness and the outgoing buffer."""
+
+    # Slots: one of these lives as long as each connection (an idle server holds thousands).
+    __slots__ = (
+        "_decoder",
+        "_last_ping",
+        "_next_ping_id",
+        "_out",
+        "_pings",
+        "_sent_since_tick",
+        "bytes_in",
+        "bytes_out",
+        "close_code",
+        "frames_in",
+        "frames_out",
+        "heartbeat_interval",
+        "heartbeat_timeout",
+        "last_received",
+        "last_sent",
+        "rtt",
+        "state",
+    )
+
+    _decode = staticmethod(decode_client)
+    _sends_errors = True
+    #: Ping at least once an interval even when traffic flows, to keep ``rtt`` current.
+    _ping_every_interval = False
+
+    def __init__(
+        self,
+        *,
+        now: float,
+        max_frame: int = DEFAULT_MAX_FRAME,
+        heartbeat_interval: float = 10.0,
+        heartbeat_timeout: float = 30.0,
+    ) -> None:
+        self.state = ConnectionState.HANDSHAKE
+        self._decoder = FrameDecoder(max_frame)
+        self._out: list[bytes] = []
+        self.heartbeat_interval = heartbeat_interval
+        self.heartbeat_timeout = heartbeat_timeout
+        self.last_received = now
+        self.last_sent = now
+        self._sent_since_tick = False
+        self._last_ping = now
+        self._next_ping_id = 0
+        self._pings: dict[int, float] = {}
+        self.rtt: float | None = None
+        self.close_code: str | None = None
+        self.frames_in = self.frames_out = 0
+        self.bytes_in = self.bytes_out = 0
+
+    @property
+    def is_active(self) -> bool:
+        """Still handshaking or open: frames are read and may be sent."""
+        return self.state is ConnectionState.OPEN or self.state is ConnectionState.HANDSHAKE
+
+    # -- receiving ----------------------------------------------------------------------------
+
+    def receive_data(self, data: bytes, now: float) -> list[Event]:
+        """Feed bytes read from the peer; return what they mean, in order."""
+        if not self.is_active:
+            return []
+        self.bytes_in += len(data)
+        try:
+            payloads = self._decoder.feed(data)
+        except ProtocolError as exc:
+            return [self._reject(exc, fatal=True)]
+        events: list[Event] = []
+        for payload in payloads:
+            event = self._receive_payload(payload, now)
+            if event is not None:
+                events.append(event)
+                if not self.is_active:
+                    return events
+        if self._decoder.error is not None:
+            events.append(self._reject(self._decoder.error, fatal=True))
+        return events
+
+    def _receive_payload(self, payload: bytes, now: float) -> Event | None:
+        self.frames_in += 1
+        try:
+            message = self._decode(payload)
+        except ProtocolError as exc:
+            fatal = exc.code in FATAL_CODES or self.state is ConnectionState.HANDSHAKE
+            return self._reject(exc, fatal=fatal)
+        self.last_received = now
+        if self.state is ConnectionState.HANDSHAKE:
+            # Not even ping or pong may come before hello (on the client: before welcome).
+            return self._check_message(message)
+        if type(message) is Ping:
+            self.send(Pong(id=message.id))
+            return None
+        if type(message) is Pong:
+            sent = self._pings.pop(message.id, None)
+            if sent is None:
+                return None
+            self.rtt = now - sent
+            return PongReceived(message.id, self.rtt)
+        return self._check_message(message)
+
+    def _check_message(self, message: ClientMessage | ClientBound) -> Event | None:
+        return MessageReceived(message)
+
+    def _reject(self, error: ProtocolError, *, fatal: bool) -> FrameRejected:
+        if self._sends_errors:
+            self.send(Error(code=error.code, message=error.message, ref=error.ref))
+        if fatal:
+            self.state = ConnectionState.CLOSING
+            self.close_code = error.code
+        return FrameRejected(error, fatal)
+
+    # -- sending ------------------------------------------------------------------------------
+
+    def send(self, message: msgspec.Struct) -> None:
+        self.send_frame(encode_frame_of(message))
+
+    def send_frame(self, frame: bytes) -> None:
+        """Queue one whole frame (header included) for the peer."""
+        self._out.append(frame)
+        self._sent_since_tick = True
+        self.frames_out += 1
+        self.bytes_out += len(frame)
+
+    def data_to_send(self) -> list[bytes]:
+        """Take the queued frames; write them joined, in one ``write`` (see the drivers)."""
+        out = self._out
+        if out:
+            self._out = []
+        return out
+
+    @property
+    def has_data_to_send(self) -> bool:
+        return bool(self._out)
+
+    def fail(self, code: str, message: str) -> None:
+        """Close with an error the peer is told about (where this end sends errors)."""
+        if self.state is ConnectionState.CLOSED:
+            return
+        if self._sends_errors:
+            self.send(Error(code=code, message=message))
+        self.state = ConnectionState.CLOSING
+        self.close_code = code
+
+    def send_bye(self, reason: str) -> None:
+        if self.state is ConnectionState.CLOSED:
+            return
+        self.send(Bye(reason=reason))
+        self.state = ConnectionState.CLOSING
+        self.close_code = reason
+
+    def connection_lost(self) -> None:
+        self.state = ConnectionState.CLOSED
+
+    # -- time -----------------------------------------------------------------------------------
+
+    def set_heartbeat(self, *, interval: float, timeout: float) -> None:
+        self.heartbeat_interval = interval
+        self.heartbeat_timeout = timeout
+
+    def next_deadline(self) -> float:
+        """When :meth:`tick` next has work to do (it may find none, and tell a later time)."""
+        interval = self.heartbeat_interval
+        deadline = min(
+            self.last_received + self.heartbeat_timeout,
+            self.last_sent + interval,
+            max(self.last_received, self._last_ping) + interval,
+        )
+        if self._ping_every_interval:
+            deadline = min(deadline, self._last_ping + interval)
+        return deadline
+
+    def tick(self, now: float) -> list[Event]:
+        """Send a ping when one is due; report a peer that has been silent too long."""
+        if self.state is not ConnectionState.OPEN:
+            return []
+        # Compare with the very sums next_deadline() returns: ``now - t >= d`` can be False
+        # at ``now == t + d`` in floating point, and a driver woken then would spin.
+        silence = now - self.last_received
+        if now >= self.last_received + self.heartbeat_timeout:
+            self.fail(ErrorCode.HEARTBEAT_TIMEOUT, f"nothing received for {silence:.1f} s")
+            return [PeerTimedOut(ErrorCode.HEARTBEAT_TIMEOUT, silence)]
+        if self._sent_since_tick:
+            self._sent_since_tick = False
+            self.last_sent = now
+        interval = self.heartbeat_interval
+        if (
+            now >= self.last_sent + interval
+            or now >= max(self.last_received, self._last_ping) + interval
+            or (self._ping_every_interval and now >= self._last_ping + interval)
+        ):
+            self._ping(now)
+        return []
+
+    def ping(self, now: float) -> None:
+        """Send a ping now. The server answers it with its held acks and the pong together,
+        so a client waiting for an answer sends one to get its acks without delay."""
+        if self.state is ConnectionState.OPEN:
+            self._ping(now)
+
+    def _ping(self, now: float) -> None:
+        self._next_ping_id += 1
+        if len(self._pings) >= _MAX_OUTSTANDING_PINGS:
+            self._pings.pop(next(iter(self._pings)))
+        self._pings[self._next_ping_id] = now
+        self._last_ping = now
+        self.send(Ping(id=self._next_ping_id))
+        self._sent_since_tick = False
+        self.last_sent = now
+
+
+class Server(Connection):
+    """The server's end of one connection: expects ``hello`` first, within a deadline."""
+
+    __slots__ = ("_hello_seen", "handshake_deadline")
+
+    def __init__(self, *, now: float, handshake_timeout: float = 10.0, **kwargs: float) -> None:
+        super().__init__(now=now, **kwargs)  # type: ignore[arg-type]
+        self.handshake_deadline = now + handshake_timeout
+        self._hello_seen = False
+
+    def _check_message(self, message: ClientMessage | ClientBound) -> Event | None:
+        # A client may pipeline frames right after its hello; they can arrive in the same read,
+        # before the driver has accepted the hello, so "after hello" is what counts here.
+        if self.state is ConnectionState.HANDSHAKE and not self._hello_seen:
+            if type(message) is not Hello:
+                error = ProtocolError("bad_message", "the first message must be 'hello'")
+                return self._reject(error, fatal=True)
+            self._hello_seen = True
+            return MessageReceived(message)
+        if type(message) is Hello:
+            error = ProtocolError("bad_message", "'hello' was already received")
+            return self._reject(error, fatal=False)
+        return MessageReceived(message)
+
+    def accept(self, welcome: Welcome) -> None:
+        """The driver accepted the hello: send ``welcome`` and open the connection."""
+        self.send(welcome)
+        self.state = ConnectionState.OPEN
+
+    def next_deadline(self) -> float:
+        if self.state is ConnectionState.HANDSHAKE:
+            return self.handshake_deadline
+        return super().next_deadline()
+
+    def tick(self, now: float) -> list[Event]:
+        if self.state is ConnectionState.HANDSHAKE and now >= self.handshake_deadline:
+            self.fail(ErrorCode.HANDSHAKE_TIMEOUT, "no 'hello' within the handshake timeout")
+            return [PeerTimedOut(ErrorCode.HANDSHAKE_TIMEOUT, now - self.last_received)]
+        return super().tick(now)
+
+
+class Client(Connection):
+    """The client's end: sends ``hello``, becomes OPEN on ``welcome``."""
+
+    __slots__ = ()
+
+    _decode = staticmethod(decode_at_client)  # type: ignore[assignment]
+    _sends_errors = False
+    _ping_every_interval = True
+
+    def hello(self, hello: Hello) -> None:
+        self.send(hello)
+
+    def _check_message(self, message: ClientMessage | ClientBound) -> Event | None:
+        if self.state is ConnectionState.HANDSHAKE:
+            if type(message) is Welcome:
+                self.state = ConnectionState.OPEN
+            elif type(message) is not Error and type(message) is not Bye:
+                error = ProtocolError("bad_message", "the first message must be 'welcome'")
+                return self._reject(error, fatal=True)
+        return MessageReceived(message)

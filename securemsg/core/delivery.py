@@ -1,0 +1,195 @@
+"""Per-session delivery state, sans-I/O: sequence numbers, acknowledgements, deduplication.
+
+Server side, :class:`DeliveryLog` numbers every message a session is sent and keeps it until
+the client acknowledges it cumulatively, so a resumed session can be replayed after
+``last_seq``. Stored entries are shared message *prefixes* (see :func:`splice_frame`): a
+broadcast is encoded once and only the sequence number differs per recipient.
+
+Client side, :class:`Inbox` drops messages whose sequence number was already delivered and
+says when an acknowledgement is due; :class:`Outbox` keeps every sent message until the
+server acknowledges its id, so it can be resent after a reconnect.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import OrderedDict, deque
+from collections.abc import Iterator
+
+from securemsg.errors import ProtocolError
+
+__all__ = ["DeliveryLog", "Inbox", "Outbox", "RecentIds", "message_prefix", "splice_frame"]
+
+_pack_header = struct.Struct(">I").pack
+_SEQ_TAIL = b',"seq":0}'
+
+
+def message_prefix(payload: bytes) -> bytes:
+    """Cut the encoded ``message`` (encoded with seq 0, which comes last) before its number."""
+    if not payload.endswith(_SEQ_TAIL):
+        raise ValueError("payload does not end with the sequence number")
+    return payload[:-2]
+
+
+def splice_frame(prefix: bytes, seq: int) -> bytes:
+    """One whole frame: header, the shared prefix, then this recipient's sequence number."""
+    tail = b"%d}" % seq
+    return _pack_header(len(prefix) + len(tail)) + prefix + tail
+
+
+class DeliveryLog:
+    """Outbound sequence numbers and unacknowledged messages of one server-side session."""
+
+    __slots__ = ("_pending", "acked", "last_seq", "max_pending")
+
+    def __init__(self, max_pending: int) -> None:
+        self.max_pending = max_pending
+        self.last_seq = 0
+        self.acked = 0
+        # Made on the first message and dropped once all are acknowledged: an empty deque
+        # costs ~770 bytes, and most sessions are idle most of the time.
+        self._pending: deque[tuple[int, bytes]] | tuple[()] = ()
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    @property
+    def full(self) -> bool:
+        return len(self._pending) >= self.max_pending
+
+    def append(self, prefix: bytes) -> int:
+        """Number a message and keep it; the caller checks :attr:`full` first."""
+        self.last_seq = seq = self.last_seq + 1
+        pending = self._pending
+        if not isinstance(pending, deque):
+            pending = self._pending = deque()
+        pending.append((seq, prefix))
+        return seq
+
+    def ack(self, seq: int) -> None:
+        """Cumulative acknowledgement: every message up to ``seq`` arrived."""
+        if seq > self.last_seq:
+            raise ProtocolError(
+                "bad_message", f"ack of seq {seq} but only {self.last_seq} were sent"
+            )
+        if seq <= self.acked:
+            return
+        self.acked = seq
+        pending = self._pending
+        if isinstance(pending, deque):
+            while pending and pending[0][0] <= seq:
+                pending.popleft()
+            if not pending:
+                self._pending = ()
+
+    def replay(self, last_seq: int) -> Iterator[tuple[int, bytes]]:
+        """The messages after ``last_seq``, in order, for a resumed session."""
+        self.ack(min(last_seq, self.last_seq))
+        return iter(list(self._pending))
+
+
+class RecentIds:
+    """The ids of at least the last ``window`` client messages (at most twice that), to
+    acknowledge a resend without delivering it twice.
+
+    Two generations of sets: ids go into the current one; when it holds ``window`` it
+    becomes the previous one and the one before is dropped. Two set lookups per message,
+    cheaper than keeping exact order. Bounded: a client's outbox must not exceed the window.
+    """
+
+    __slots__ = ("_current", "_previous", "window")
+
+    def __init__(self, window: int) -> None:
+        self.window = window
+        # Made on first use: most sessions never publish with ids, and an empty set is ~200 B.
+        self._current: set[str] | None = None
+        self._previous: set[str] | None = None
+
+    def seen(self, msg_id: str) -> bool:
+        """True when ``msg_id`` was seen before; otherwise remember it and return False."""
+        current = self._current
+        if current is None:
+            current = self._current = set()
+        elif msg_id in current:
+            return True
+        previous = self._previous
+        if previous is not None and msg_id in previous:
+            return True
+        if len(current) >= self.window:
+            self._previous = current
+            current = self._current = set()
+        current.add(msg_id)
+        return False
+
+    def forget(self, msg_id: str) -> None:
+        if self._current is not None:
+            self._current.discard(msg_id)
+        if self._previous is not None:
+            self._previous.discard(msg_id)
+
+    def __len__(self) -> int:
+        return len(self._current or ()) + len(self._previous or ())
+
+
+class Inbox:
+    """Client-side receive state: deduplication by sequence number and ack pacing."""
+
+    __slots__ = ("acked", "gaps", "last_seq")
+
+    def __init__(self) -> None:
+        self.last_seq = 0
+        self.acked = 0
+        self.gaps = 0
+
+    def accept(self, seq: int) -> bool:
+        """True for a new message; False for one already delivered (a replay overlap)."""
+        if seq <= self.last_seq:
+            return False
+        if seq > self.last_seq + 1:
+            self.gaps += seq - self.last_seq - 1
+        self.last_seq = seq
+        return True
+
+    def ack_due(self) -> int | None:
+        """The sequence number to acknowledge now, or None when nothing new arrived."""
+        if self.last_seq > self.acked:
+            self.acked = self.last_seq
+            return self.last_seq
+        return None
+
+    def reset(self) -> None:
+        """A new (not resumed) session numbers from 1 again."""
+        self.last_seq = self.acked = 0
+
+
+class Outbox:
+    """Client messages (whole frames) waiting for the server's ``ack``, in send order."""
+
+    __slots__ = ("_frames", "_next_id", "max_outbox")
+
+    def __init__(self, max_outbox: int) -> None:
+        self.max_outbox = max_outbox
+        self._frames: OrderedDict[str, bytes] = OrderedDict()
+        self._next_id = 0
+
+    def __len__(self) -> int:
+        return len(self._frames)
+
+    @property
+    def full(self) -> bool:
+        return len(self._frames) >= self.max_outbox
+
+    def new_id(self) -> str:
+        self._next_id += 1
+        return str(self._next_id)
+
+    def add(self, msg_id: str, frame: bytes) -> None:
+        self._frames[msg_id] = frame
+
+    def ack(self, msg_id: str) -> bool:
+        """Drop an acknowledged message; False when the id was not pending."""
+        return self._frames.pop(msg_id, None) is not None
+
+    def unacked(self) -> list[bytes]:
+        """Every frame still waiting, in the order it was first sent, for a resend."""
+        return list(self._frames.values())

@@ -1,0 +1,420 @@
+"""The wire messages: one msgspec Struct per type, tagged on ``"type"``, sans-I/O.
+
+Client-to-server and server-to-client messages form two separate unions (the two ``ack``
+shapes differ). Bodies are kept as :class:`msgspec.Raw` so the server relays them without
+decoding; the client decodes them with :func:`decode_body`.
+"""
+
+from __future__ import annotations
+
+import re
+from enum import StrEnum
+from typing import Annotated, Any, Final, Literal
+
+import msgspec
+
+from securemsg.core.frames import encode_frame
+from securemsg.errors import ProtocolError
+
+__all__ = [
+    "ACK_BATCH",
+    "ACK_DELAY",
+    "FATAL_CODES",
+    "PROTOCOL_VERSION",
+    "Ack",
+    "Bye",
+    "ClientBound",
+    "ClientMessage",
+    "Delivery",
+    "Direct",
+    "Error",
+    "ErrorCode",
+    "Heartbeat",
+    "Hello",
+    "Join",
+    "Leave",
+    "Members",
+    "Message",
+    "Ping",
+    "Pong",
+    "Presence",
+    "Publish",
+    "ServerAck",
+    "ServerMessage",
+    "Welcome",
+    "Who",
+    "decode_at_client",
+    "decode_body",
+    "decode_client",
+    "decode_server",
+    "encode",
+    "encode_body",
+    "encode_frame_of",
+    "is_valid_name",
+    "is_valid_room",
+]
+
+PROTOCOL_VERSION: Final = 2
+#: The longest the server holds an ``ack`` back, hoping to send it with another frame.
+ACK_DELAY: Final = 0.005
+#: Held acks go out at once when this many are pending.
+ACK_BATCH: Final = 128
+
+# ``\Z``, not ``$``: msgspec searches with the pattern as given, and ``$`` also matches
+# before a trailing newline, which would let "room\n" through.
+#: Room names: dot-separated tokens of letters, digits, ``_`` and ``-``.
+ROOM_PATTERN: Final = r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*\Z"
+#: Room patterns for join/leave: a token may be ``*`` (one token), the last may be ``>`` (rest).
+ROOM_FILTER_PATTERN: Final = r"^([A-Za-z0-9_-]+|\*)(\.([A-Za-z0-9_-]+|\*))*(\.>)?\Z|^>\Z"
+#: Client names: 1 to 64 of letters, digits, ``_``, ``-``, ``.`` and ``@``.
+NAME_PATTERN: Final = r"^[A-Za-z0-9_.@-]{1,64}\Z"
+
+# Rooms in publish and names in direct are checked by __post_init__ against a cache of values
+# seen valid (is_valid_room, is_valid_name) instead of msgspec's regex on every decode.
+CheckedRoom = Annotated[str, msgspec.Meta(max_length=255)]
+RoomFilter = Annotated[str, msgspec.Meta(pattern=ROOM_FILTER_PATTERN, max_length=255)]
+Name = Annotated[str, msgspec.Meta(pattern=NAME_PATTERN)]
+CheckedName = Annotated[str, msgspec.Meta(max_length=64)]
+MsgId = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+Token = Annotated[str, msgspec.Meta(max_length=1024)]
+Seq = Annotated[int, msgspec.Meta(ge=0, le=2**53)]
+
+
+class ErrorCode(StrEnum):
+    BAD_FRAME = "bad_frame"
+    TOO_LARGE = "too_large"
+    BAD_MESSAGE = "bad_message"
+    UNKNOWN_TYPE = "unknown_type"
+    UNSUPPORTED_VERSION = "unsupported_version"
+    HANDSHAKE_TIMEOUT = "handshake_timeout"
+    HEARTBEAT_TIMEOUT = "heartbeat_timeout"
+    UNAUTHORIZED = "unauthorized"
+    NAME_TAKEN = "name_taken"
+    NO_SUCH_USER = "no_such_user"
+    NOT_MEMBER = "not_member"
+    RATE_LIMITED = "rate_limited"
+    SLOW_CONSUMER = "slow_consumer"
+    SERVER_SHUTDOWN = "server_shutdown"
+    SERVER_BUSY = "server_busy"
+    SESSION_TAKEN_OVER = "session_taken_over"
+
+
+#: Codes after which the sender closes the connection. The others answer one message and
+#: the connection carries on.
+FATAL_CODES: Final = frozenset(
+    {
+        ErrorCode.BAD_FRAME,
+        ErrorCode.TOO_LARGE,
+        ErrorCode.UNSUPPORTED_VERSION,
+        ErrorCode.HANDSHAKE_TIMEOUT,
+        ErrorCode.HEARTBEAT_TIMEOUT,
+        ErrorCode.UNAUTHORIZED,
+        ErrorCode.NAME_TAKEN,
+        ErrorCode.SLOW_CONSUMER,
+        ErrorCode.SERVER_SHUTDOWN,
+        ErrorCode.SERVER_BUSY,
+        ErrorCode.SESSION_TAKEN_OVER,
+    }
+)
+
+
+_MAX_REMEMBERED: Final = 4096
+
+
+class _Validator:
+    """Does a value match ``pattern``? Rooms and names repeat, so the values seen valid are
+    remembered and the hot path (publish, direct) pays a set lookup instead of a regex per
+    message. Bounded: the memory is cleared when full."""
+
+    __slots__ = ("_match", "_valid")
+
+    def __init__(self, pattern: str) -> None:
+        self._match = re.compile(pattern).match
+        self._valid: set[str] = set()
+
+    def __call__(self, value: str) -> bool:
+        valid = self._valid
+        if value in valid:
+            return True
+        if self._match(value) is None:
+            return False
+        if len(valid) >= _MAX_REMEMBERED:
+            valid.clear()
+        valid.add(value)
+        return True
+
+
+#: Is this a concrete room name (no wildcards)?
+is_valid_room: Final = _Validator(ROOM_PATTERN)
+#: Is this a valid client name?
+is_valid_name: Final = _Validator(NAME_PATTERN)
+
+
+def _check_room(room: str) -> None:
+    if not is_valid_room(room):
+        raise ValueError(f"bad 'room': {_RULES['room']}")
+
+
+def _check_name(name: str, field: str) -> None:
+    if not is_valid_name(name):
+        raise ValueError(f"bad {field!r}: {_RULES['name']}")
+
+
+class _Base(msgspec.Struct, tag_field="type", kw_only=True, omit_defaults=True, frozen=True):
+    pass
+
+
+# -- both directions -------------------------------------------------------------------------
+
+
+class Ping(_Base, tag="ping", frozen=True):
+    id: Seq
+
+
+class Pong(_Base, tag="pong", frozen=True):
+    id: Seq
+
+
+class Bye(_Base, tag="bye", frozen=True):
+    reason: str | None = None
+
+
+# -- client to server ------------------------------------------------------------------------
+
+
+class Hello(_Base, tag="hello", frozen=True):
+    version: int
+    #: Optional under mutual TLS, where the certificate names the client.
+    name: Name | None = None
+    token: Token | None = None
+    session: Token | None = None
+    last_seq: Seq | None = None
+
+
+class Join(_Base, tag="join", frozen=True):
+    room: RoomFilter
+    id: MsgId | None = None
+
+
+class Leave(_Base, tag="leave", frozen=True):
+    room: RoomFilter
+    id: MsgId | None = None
+
+
+class Publish(_Base, tag="publish", frozen=True):
+    room: CheckedRoom
+    body: msgspec.Raw
+    id: MsgId | None = None
+    reply_to: Token | None = None
+
+    def __post_init__(self) -> None:
+        _check_room(self.room)
+
+
+class Direct(_Base, tag="direct", frozen=True):
+    to: CheckedName
+    body: msgspec.Raw
+    id: MsgId | None = None
+    re: Token | None = None
+
+    def __post_init__(self) -> None:
+        _check_name(self.to, "to")
+
+
+class Who(_Base, tag="who", frozen=True):
+    room: RoomFilter
+    id: MsgId | None = None
+
+
+class Ack(_Base, tag="ack", frozen=True):
+    """Client to server: every message up to and including ``seq`` was received."""
+
+    seq: Seq
+
+
+ClientMessage = Hello | Join | Leave | Publish | Direct | Who | Ack | Ping | Pong | Bye
+
+
+# -- server to client ------------------------------------------------------------------------
+
+
+class Heartbeat(msgspec.Struct, kw_only=True, frozen=True):
+    interval: float
+    timeout: float
+
+
+class Welcome(_Base, tag="welcome", frozen=True):
+    version: int
+    session: str
+    name: str
+    resumed: bool
+    heartbeat: Heartbeat
+    max_frame: int
+
+
+class Delivery(_Base, tag="message", kw_only=True, frozen=True):
+    """A delivered message as the server encodes it: the body relayed as it came (raw).
+    ``seq`` is last so the server can splice it into a shared prefix."""
+
+    room: str | None = None
+    sender: str = msgspec.field(name="from")
+    to: str | None = None
+    body: msgspec.Raw
+    id: str | None = None
+    reply_to: str | None = None
+    re: str | None = None
+    ts: float
+    seq: int
+
+
+class Message(msgspec.Struct, frozen=True, kw_only=True, tag="message", tag_field="type"):
+    """A message delivered to this client: a room message (``room`` set) or a direct one
+    (``to`` set). ``body`` is the decoded JSON value; ``time`` is the server's timestamp.
+
+    The same wire ``message`` as :class:`Delivery`, decoded by the client with its body in
+    the same pass (``from`` is ``sender``, ``ts`` is ``time``): each delivery is one object,
+    made once. It is the public :class:`securemsg.Message`."""
+
+    room: str | None = None
+    sender: str = msgspec.field(name="from")
+    to: str | None = None
+    body: Any
+    seq: int
+    time: float = msgspec.field(name="ts")
+    reply_to: str | None = None
+    re: str | None = None
+    id: str | None = None
+
+
+class ServerAck(_Base, tag="ack", frozen=True):
+    """Server to client: the messages that carried ``ids`` were carried out (routed, or the
+    join/leave holds), in the order the server received them. One frame answers many: the
+    server holds acks back for up to :data:`ACK_DELAY` to send them with other frames."""
+
+    ids: list[str]
+
+
+class Presence(_Base, tag="presence", frozen=True):
+    """``name`` joined or left ``room`` (a room filter, as it was joined). Also the public
+    :class:`securemsg.Presence` that ``client.presence()`` yields."""
+
+    room: str
+    name: str
+    event: Literal["join", "leave"]
+
+
+class Members(_Base, tag="members", frozen=True):
+    room: str
+    names: list[str]
+    ref: str | None = None
+
+
+class Error(_Base, tag="error", frozen=True):
+    code: str
+    message: str
+    ref: str | None = None
+
+
+ServerMessage = Welcome | Delivery | ServerAck | Presence | Members | Error | Ping | Pong | Bye
+#: What the client decodes: the same messages, but ``message`` becomes the application's
+#: :class:`Message` directly, its body decoded in the same pass (the server relays bodies as
+#: they are; the client needs their value).
+ClientBound = Welcome | Message | ServerAck | Presence | Members | Error | Ping | Pong | Bye
+
+_CLIENT_TYPES: Final = frozenset(
+    {"hello", "join", "leave", "publish", "direct", "who", "ack", "ping", "pong", "bye"}
+)
+_SERVER_TYPES: Final = frozenset(
+    {"welcome", "message", "ack", "presence", "members", "error", "ping", "pong", "bye"}
+)
+
+_encoder = msgspec.json.Encoder()
+_client_decoder = msgspec.json.Decoder(ClientMessage)
+_server_decoder = msgspec.json.Decoder(ServerMessage)
+_client_bound_decoder = msgspec.json.Decoder(ClientBound)
+_any_decoder = msgspec.json.Decoder()
+
+encode = _encoder.encode
+
+
+def encode_frame_of(message: msgspec.Struct) -> bytes:
+    """Encode ``message`` as one whole frame, header included."""
+    return encode_frame(_encoder.encode(message))
+
+
+def encode_body(value: Any) -> msgspec.Raw:
+    """Encode an application value (any JSON value) as a message body."""
+    try:
+        return msgspec.Raw(_encoder.encode(value))
+    except (TypeError, msgspec.EncodeError) as exc:
+        raise TypeError(f"message body is not JSON-serialisable: {exc}") from None
+
+
+def decode_body(body: msgspec.Raw) -> Any:
+    return _any_decoder.decode(body)
+
+
+def decode_client(payload: bytes) -> ClientMessage:
+    """Decode one client-to-server payload or raise :class:`ProtocolError`."""
+    return _decode(payload, _client_decoder, _CLIENT_TYPES)  # type: ignore[no-any-return]
+
+
+def decode_server(payload: bytes) -> ServerMessage:
+    """Decode one server-to-client payload or raise :class:`ProtocolError`."""
+    return _decode(payload, _server_decoder, _SERVER_TYPES)  # type: ignore[no-any-return]
+
+
+def decode_at_client(payload: bytes) -> ClientBound:
+    """Decode one server-to-client payload, bodies included, or raise :class:`ProtocolError`."""
+    return _decode(payload, _client_bound_decoder, _SERVER_TYPES)  # type: ignore[no-any-return]
+
+
+def _decode(payload: bytes, decoder: msgspec.json.Decoder[Any], types: frozenset[str]) -> Any:
+    # msgspec does not check UTF-8 inside Raw bodies; isascii() is a cheap pass for most frames.
+    if not payload.isascii():
+        try:
+            payload.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ProtocolError("bad_frame", f"frame is not valid UTF-8 ({exc.reason})") from None
+    try:
+        return decoder.decode(payload)
+    except msgspec.ValidationError as exc:
+        raise _classify(payload, str(exc), types) from None
+    except msgspec.DecodeError as exc:
+        raise ProtocolError("bad_frame", f"frame is not valid JSON: {exc}") from None
+
+
+def _classify(payload: bytes, detail: str, types: frozenset[str]) -> ProtocolError:
+    # The slow path, taken only for invalid messages: work out which rule was broken.
+    # The typed decoder stops at the first invalid value, so the rest may not even be JSON.
+    try:
+        obj = _any_decoder.decode(payload)
+    except msgspec.DecodeError as exc:
+        return ProtocolError("bad_frame", f"frame is not valid JSON: {exc}")
+    if not isinstance(obj, dict):
+        return ProtocolError("bad_frame", f"frame is not a JSON object: {detail}")
+    ref = obj.get("id")
+    ref = ref if isinstance(ref, str) else None
+    kind = obj.get("type")
+    if not isinstance(kind, str):
+        return ProtocolError("bad_message", "message has no string field 'type'", ref=ref)
+    if kind not in types:
+        return ProtocolError("unknown_type", f"unknown message type {kind!r}", ref=ref)
+    return ProtocolError("bad_message", f"invalid {kind!r} message: {_explain(detail)}", ref=ref)
+
+
+_RULES: Final = {
+    "room": "room names are dot-separated tokens of letters, digits, '_' and '-' "
+    "(wildcards '*' and a final '>' only in join, leave and who)",
+    "name": "names are 1 to 64 letters, digits, '_', '-', '.' or '@'",
+    "to": "names are 1 to 64 letters, digits, '_', '-', '.' or '@'",
+}
+
+
+def _explain(detail: str) -> str:
+    # msgspec reports a failed pattern as the raw regex: say the rule in words instead.
+    if "matching regex" in detail and "`$." in detail:
+        field = detail.rsplit("`$.", 1)[1].rstrip("`")
+        if field in _RULES:
+            return f"bad {field!r}: {_RULES[field]}"
+    return detail

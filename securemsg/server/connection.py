@@ -1,0 +1,434 @@
+"""One client connection on the server: the asyncio read/write path over the protocol core.
+
+Read path: bytes -> :class:`securemsg.core.connection.Server` -> events -> broker -> frames
+queued on this or other connections -> one joined ``write`` per connection per loop iteration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any, Protocol, cast
+
+import structlog
+from structlog.typing import FilteringBoundLogger
+
+from securemsg.config import ServerConfig
+from securemsg.core import connection as protocol
+from securemsg.core.connection import ConnectionState, FrameRejected, MessageReceived, PeerTimedOut
+from securemsg.core.messages import (
+    ACK_BATCH,
+    ACK_DELAY,
+    PROTOCOL_VERSION,
+    Ack,
+    Bye,
+    Direct,
+    Error,
+    ErrorCode,
+    Heartbeat,
+    Hello,
+    Join,
+    Leave,
+    Publish,
+    ServerAck,
+    Welcome,
+    Who,
+)
+from securemsg.core.readbuffer import read_buffer
+from securemsg.errors import ProtocolError
+from securemsg.server.broker import Broker, Refused, Session
+from securemsg.server.timerwheel import TimerWheel
+from securemsg.tls.contexts import peer_identity
+
+
+class ConnectionHost(Protocol):
+    """What a connection needs of the server that accepted it (the server is one)."""
+
+    config: ServerConfig
+    broker: Broker
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop: ...
+
+    @property
+    def wheel(self) -> TimerWheel: ...
+
+    def connection_closed(self, conn: ServerConnection) -> None: ...
+
+    def session_attached(self, session: Session) -> None: ...
+
+    def session_detached(self, session: Session) -> None: ...
+
+    def session_ended(self, session: Session) -> None: ...
+
+
+__all__ = ["ConnectionHost", "ServerConnection"]
+
+_logger = structlog.get_logger("securemsg.server.server")
+_SLOW_CONSUMER_GRACE = 1.0  # seconds a slow consumer's close may take before we abort
+
+
+class ServerConnection(asyncio.BufferedProtocol):
+    # Slots: a server holds thousands of these, mostly idle; a __dict__ would cost ~1 KB each.
+    __slots__ = (
+        "_ack_timer",
+        "_acks",
+        "_burst",
+        "_close_reason",
+        "_flush_scheduled",
+        "_loop",
+        "_rate",
+        "_read_buffer",
+        "_session_id",
+        "_session_name",
+        "_timer_slot",
+        "_tokens",
+        "_tokens_at",
+        "accepted_at",
+        "broker",
+        "closed",
+        "core",
+        "id",
+        "identity",
+        "peer",
+        "server",
+        "session",
+        "transport",
+    )
+
+    def __init__(
+        self, server: ConnectionHost, *, conn_id: int, peer: str, accepted_at: float
+    ) -> None:
+        config = server.config
+        self.server = server
+        self.broker = server.broker
+        self.id = conn_id
+        self.peer = peer
+        self.accepted_at = accepted_at
+        self._loop = server.loop
+        self._read_buffer = read_buffer()
+        self.core = protocol.Server(
+            now=accepted_at,
+            handshake_timeout=config.handshake_timeout,
+            max_frame=config.max_frame,
+            heartbeat_interval=config.heartbeat_interval,
+            heartbeat_timeout=config.heartbeat_timeout,
+        )
+        self.transport: asyncio.Transport | None = None
+        self.session: Session | None = None
+        self.identity: str | None = None
+        self._session_name: str | None = None  # kept after a bye ends the session
+        self._session_id: str | None = None
+        self._flush_scheduled = False
+        # The slot of our deadline in the server's timer wheel (no TimerHandle per connection).
+        self._timer_slot: int | None = None
+        # Acks held back to ride with the next frame to this client (see _flush).
+        self._acks: list[str] | None = None
+        self._ack_timer: asyncio.TimerHandle | None = None
+        self._close_reason = "peer_closed"
+        self._rate = config.max_msgs_per_sec
+        # A bucket must hold at least one token, or a rate below 1/s would refuse everything.
+        self._burst = max(1.0, self._rate)
+        self._tokens = self._burst
+        self._tokens_at = accepted_at
+        self.closed = self._loop.create_future()
+
+    @property
+    def log(self) -> FilteringBoundLogger:
+        """This connection's logger. Bound when something is logged, which is rare next to
+        the connection's life: keeping one bound logger per connection cost ~650 bytes."""
+        if self._session_id is None:
+            return _logger.bind(conn=self.id, peer=self.peer)  # type: ignore[no-any-return]
+        return _logger.bind(  # type: ignore[no-any-return]
+            conn=self.id, peer=self.peer, name=self._session_name, session=self._session_id
+        )
+
+    # -- asyncio.Protocol ---------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's SSL transport is not an asyncio.Transport subclass, but it has its methods.
+        transport = cast(asyncio.Transport, transport)
+        self.transport = transport
+        transport.set_write_buffer_limits(high=self.server.config.max_outgoing_bytes)
+        ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is not None:
+            self.identity = peer_identity(ssl_object)
+        self._arm_timer()
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._read_buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        # Copied out at once: the next read, on any connection of this thread, overwrites it.
+        self.data_received(self._read_buffer[:nbytes].tobytes())
+
+    def data_received(self, data: bytes) -> None:
+        core = self.core
+        events = core.receive_data(data, self._loop.time())
+        if events:
+            ts = time.time()
+            for event in events:
+                if type(event) is MessageReceived:
+                    self._on_message(event.message, ts)
+                elif type(event) is FrameRejected:
+                    self._on_rejected(event)
+                if not core.is_active:
+                    break
+        self._flush()
+        if core.state is ConnectionState.CLOSING:
+            self._close()
+
+    def eof_received(self) -> bool | None:
+        return None  # let the transport close; connection_lost does the rest
+
+    def pause_writing(self) -> None:
+        # The peer reads slower than we write and the buffer reached max_outgoing_bytes.
+        self.log.warning(
+            "slow_consumer",
+            name=self._name,
+            buffered=self.transport.get_write_buffer_size() if self.transport else None,
+        )
+        self.close_with(ErrorCode.SLOW_CONSUMER, "the client reads too slowly")
+        if self.transport is not None:
+            self._loop.call_later(_SLOW_CONSUMER_GRACE, self.transport.abort)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.core.connection_lost()
+        self._cancel_timer()
+        if self._ack_timer is not None:
+            self._ack_timer.cancel()
+            self._ack_timer = None
+        self._acks = None
+        session = self.session
+        if session is not None:
+            self.broker.detach(session, self, self._loop.time())
+            self.server.session_detached(session)
+        core = self.core
+        self.log.info(
+            "connection_closed",
+            name=self._name,
+            reason=self._close_reason if exc is None else f"{self._close_reason}: {exc}",
+            duration=round(self._loop.time() - self.accepted_at, 3),
+            frames_in=core.frames_in,
+            frames_out=core.frames_out,
+            bytes_in=core.bytes_in,
+            bytes_out=core.bytes_out,
+        )
+        self.server.connection_closed(self)
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    # -- broker.Link --------------------------------------------------------------------------
+
+    def queue(self, frame: bytes) -> None:
+        self.core.send_frame(frame)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def ack(self, msg_id: str) -> None:
+        acks = self._acks
+        if acks is None:
+            self._acks = [msg_id]
+            self._ack_timer = self._loop.call_later(ACK_DELAY, self._acks_due)
+        else:
+            acks.append(msg_id)
+
+    def close_with(self, code: str, message: str) -> None:
+        if self.core.state is ConnectionState.CLOSED:
+            return
+        self._close_reason = code
+        self._send_acks()  # what was carried out need not be resent
+        self.core.fail(code, message)
+        self._flush()
+        self._close()
+
+    def send_bye(self, reason: str) -> None:
+        self._close_reason = reason
+        self._send_acks()
+        self.core.send_bye(reason)
+        self._flush()
+        self._close()
+
+    # -- internals ----------------------------------------------------------------------------
+
+    @property
+    def _name(self) -> str | None:
+        return self._session_name
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        # Held acks go with any other frame (a delivery, a pong, an error): a request's ack
+        # then travels with its reply, one read for the client instead of two. Alone they
+        # wait for ACK_DELAY or until ACK_BATCH are pending.
+        acks = self._acks
+        if acks is not None and (self.core.has_data_to_send or len(acks) >= ACK_BATCH):
+            self._send_acks()
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            self.core.data_to_send()
+            return
+        data = self.core.data_to_send()
+        if data:
+            # One write of the joined frames, not writelines: the SSL transports (asyncio's
+            # and uvloop's) encrypt each item of writelines as its own TLS record, one
+            # SSLObject.write call and ~22 bytes of record overhead per frame.
+            transport.write(data[0] if len(data) == 1 else b"".join(data))
+
+    def _send_acks(self) -> None:
+        acks = self._acks
+        if acks is None:
+            return
+        self._acks = None
+        if self._ack_timer is not None:
+            self._ack_timer.cancel()
+            self._ack_timer = None
+        if self.core.state is not ConnectionState.CLOSED:
+            self.core.send(ServerAck(ids=acks))
+
+    def _acks_due(self) -> None:
+        self._ack_timer = None
+        self._send_acks()
+        self._flush()
+
+    def _close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def _arm_timer(self) -> None:
+        if self.core.state is ConnectionState.CLOSED:
+            return
+        self._timer_slot = self.server.wheel.schedule(self.core.next_deadline(), self)
+
+    def _cancel_timer(self) -> None:
+        if self._timer_slot is not None:
+            self.server.wheel.cancel(self._timer_slot, self)
+            self._timer_slot = None
+
+    def on_timer(self) -> None:
+        """Our deadline came (called by the server's timer wheel)."""
+        self._timer_slot = None
+        for event in self.core.tick(self._loop.time()):
+            if type(event) is PeerTimedOut:
+                self._close_reason = event.code
+                self.log.warning(event.code, name=self._name, silence=round(event.silence, 3))
+                if self.transport is not None:
+                    # A silent peer never answers TLS close_notify, and asyncio would wait 30 s
+                    # for it with the session still attached: a dead one is dropped now, one
+                    # that never said hello gets a moment to read the error first.
+                    dead = event.code == ErrorCode.HEARTBEAT_TIMEOUT
+                    grace = 0.0 if dead else _SLOW_CONSUMER_GRACE
+                    self._loop.call_later(grace, self.transport.abort)
+        self._flush()
+        if self.core.state is ConnectionState.CLOSING:
+            self._close()
+        elif self.core.state is not ConnectionState.CLOSED:
+            self._arm_timer()
+
+    def _on_rejected(self, event: FrameRejected) -> None:
+        error = event.error
+        self.log.warning(
+            "frame_rejected",
+            name=self._name,
+            code=error.code,
+            reason=error.message,
+            fatal=event.fatal,
+        )
+        if event.fatal:
+            self._close_reason = error.code
+
+    def _on_message(self, message: Any, ts: float) -> None:
+        kind = type(message)
+        session = self.session
+        if session is None:
+            self._on_hello(message)
+            return
+        if kind is Ack:
+            try:
+                session.log.ack(message.seq)
+            except ProtocolError as exc:
+                self._on_rejected(FrameRejected(exc, fatal=False))
+                self.core.send(Error(code=exc.code, message=exc.message))
+            return
+        if kind is Bye:
+            self._close_reason = "client_bye"
+            self.broker.end(session, reason="bye")
+            self.server.session_ended(session)
+            self.session = None
+            self._send_acks()
+            self.core.send_bye("client_bye")
+            return
+        if self._rate and not self._take_token(message):
+            return
+        if kind is Publish:
+            self.broker.publish(session, message, ts)
+        elif kind is Direct:
+            if not self.broker.direct(session, message, ts):
+                self._error(ErrorCode.NO_SUCH_USER, f"no user named {message.to!r}", message.id)
+        elif kind is Join:
+            self.broker.join(session, message.room, message.id)
+            self.log.info("joined", name=session.name, room=message.room)
+        elif kind is Leave:
+            if self.broker.leave(session, message.room, message.id):
+                self.log.info("left", name=session.name, room=message.room)
+            else:
+                self._error(ErrorCode.NOT_MEMBER, f"not a member of {message.room!r}", message.id)
+        elif kind is Who:
+            self.queue(self.broker.who(message.room, message.id))
+
+    def _take_token(self, message: Any) -> bool:
+        now = self._loop.time()
+        self._tokens = min(self._burst, self._tokens + (now - self._tokens_at) * self._rate)
+        self._tokens_at = now
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return True
+        ref = getattr(message, "id", None)
+        self._error(ErrorCode.RATE_LIMITED, "message rate limit exceeded; dropped", ref)
+        return False
+
+    def _error(self, code: str, text: str, ref: str | None) -> None:
+        self.log.info("request_refused", name=self._name, code=code)
+        self.core.send(Error(code=code, message=text, ref=ref))
+
+    def _on_hello(self, hello: Hello) -> None:
+        config = self.server.config
+        try:
+            opened = self.broker.open(hello, identity=self.identity, link=self)
+        except Refused as refused:
+            self.log.warning(
+                "session_refused", name=hello.name, code=refused.code, reason=refused.message
+            )
+            self._close_reason = refused.code
+            self.core.fail(refused.code, refused.message)
+            return
+        session = self.session = opened.session
+        self._session_name = session.name
+        self.server.session_attached(session)
+        self._session_id = session.id
+        self.core.accept(
+            Welcome(
+                version=PROTOCOL_VERSION,
+                session=session.token,
+                name=session.name,
+                resumed=opened.resumed,
+                heartbeat=Heartbeat(
+                    interval=config.heartbeat_interval, timeout=config.heartbeat_timeout
+                ),
+                max_frame=config.max_frame,
+            )
+        )
+        for frame in opened.replay:
+            self.core.send_frame(frame)
+        if opened.resumed:
+            self.log.info(
+                "session_resumed",
+                last_seq=hello.last_seq,
+                replayed=len(opened.replay),
+                took_over=opened.took_over,
+            )
+        else:
+            self.log.info("session_started", resumed_requested=hello.session is not None)
+        # The handshake deadline no longer applies: re-arm for the heartbeat.
+        self._cancel_timer()
+        self._arm_timer()

@@ -1,0 +1,423 @@
+"""The asyncio TLS server: listening, accepting, TLS, lifecycle and shutdown.
+
+Accepting is done by hand rather than with ``asyncio.start_server(ssl=...)``, which hides
+failed handshakes: each accepted socket is counted against ``max_connections`` before any
+TLS work, its ClientHello is peeked at (plaintext, HTTP and ALPN offers without
+``securemsg/1`` are refused and logged), and the TLS handshake runs under the handshake
+timeout with ``connect_accepted_socket``, so every failure is visible and logged.
+
+Accepting is on the path of every new connection: the listening sockets are read by one
+reader callback each (no future or task wakeup per accept), and the ClientHello is peeked
+at before waiting for it, since it has often arrived by then.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import itertools
+import socket
+import ssl
+from collections.abc import Coroutine
+from types import TracebackType
+from typing import Any, Final
+
+import structlog
+
+from securemsg.config import ServerConfig, read_token
+from securemsg.core.clienthello import ClientHelloInfo, alpn_acceptable, inspect_client_hello
+from securemsg.core.messages import ErrorCode
+from securemsg.errors import ConfigError
+from securemsg.server.broker import Broker, Session
+from securemsg.server.connection import ServerConnection
+from securemsg.server.timerwheel import TimerWheel
+from securemsg.tls.contexts import describe_server_handshake_error, server_context
+
+__all__ = ["Server"]
+
+logger = structlog.get_logger("securemsg.server.server")
+
+_PEEK_SIZE: Final = 16 * 1024 + 5
+_BACKLOG: Final = 1024
+#: Bounds one wakeup's work so that a burst of connections cannot starve the others.
+_ACCEPTS_PER_WAKEUP: Final = 64
+_ACCEPT_RETRY_DELAY: Final = 0.1
+_HTTP_BODY: Final = b"This is a securemsg TLS port, not HTTP(S).\r\n"
+_HTTP_REFUSAL: Final = (
+    b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\nContent-Type: text/plain\r\n"
+    b"Content-Length: %d\r\n\r\n%s" % (len(_HTTP_BODY), _HTTP_BODY)
+)
+
+
+class Server:
+    """A securemsg server. ``async with Server(config) as server:`` listens on ``server.port``."""
+
+    def __init__(self, config: ServerConfig, *, ssl_context: ssl.SSLContext | None = None) -> None:
+        self.config = config
+        if ssl_context is None:
+            if config.cert is None:
+                raise ConfigError("the server needs a certificate: pass --cert (and --key)")
+            ssl_context = server_context(
+                cert=config.cert,
+                key=config.key,
+                ca=config.ca,
+                require_client_cert=config.require_client_cert,
+                tls13_only=config.tls13_only,
+            )
+        self.ssl_context = ssl_context
+        self.broker = Broker(
+            max_pending=config.max_pending,
+            dedup_window=config.dedup_window,
+            session_ttl=config.session_ttl,
+            token=read_token(config),
+            require_identity=config.require_client_cert,
+        )
+        self.connections: set[ServerConnection] = set()
+        self._pending_handshakes = 0
+        self._sockets: list[socket.socket] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._expiry: dict[Session, asyncio.TimerHandle] = {}
+        self._ids = itertools.count(1)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wheel: TimerWheel | None = None
+        self._stopping = False
+        self._stopped: asyncio.Event | None = None
+        self.port = 0
+        self.counts = {"accepted": 0, "refused": 0, "handshake_failed": 0, "sessions": 0}
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        assert self._loop is not None, "the server is not started"
+        return self._loop
+
+    @property
+    def wheel(self) -> TimerWheel:
+        """The connections' heartbeat and handshake deadlines (made with the loop)."""
+        if self._wheel is None:
+            config = self.config
+            shortest = min(config.heartbeat_interval, config.handshake_timeout)
+            # A hundredth of the shortest period: deadlines are met within 1 %.
+            self._wheel = TimerWheel(self.loop, max(0.001, shortest / 100))
+        return self._wheel
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Server:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stopped = asyncio.Event()
+        self._sockets = _listen(self.config.host, self.config.port)
+        self.port = self._sockets[0].getsockname()[1]
+        for sock in self._sockets:
+            self.loop.add_reader(sock.fileno(), self._accept_ready, sock)
+        logger.info(
+            "server_listening",
+            host=self.config.host,
+            port=self.port,
+            tls_versions="1.3" if self.config.tls13_only else "1.2,1.3",
+            client_certs_required=self.config.require_client_cert,
+            max_connections=self.config.max_connections,
+        )
+
+    async def serve_forever(self) -> None:
+        """Serve until :meth:`close` is called (from a signal handler, for instance)."""
+        if self._loop is None:
+            await self.start()
+        assert self._stopped is not None
+        await self._stopped.wait()
+
+    async def close(self) -> None:
+        """Stop accepting, say ``bye`` to every client, flush, close within shutdown_timeout."""
+        if self._stopping:
+            if self._stopped is not None:
+                await self._stopped.wait()
+            return
+        self._stopping = True
+        logger.info("server_stopping", connections=len(self.connections))
+        for sock in self._sockets:
+            with contextlib.suppress(OSError):
+                self.loop.remove_reader(sock.fileno())
+            sock.close()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        connections = list(self.connections)
+        for conn in connections:
+            conn.send_bye(ErrorCode.SERVER_SHUTDOWN)
+        if connections:
+            _, pending = await asyncio.wait(
+                [conn.closed for conn in connections], timeout=self.config.shutdown_timeout
+            )
+            for conn in connections:
+                if not conn.closed.done() and conn.transport is not None:
+                    conn.transport.abort()
+            if pending:
+                await asyncio.wait(pending, timeout=1.0)
+        for handle in self._expiry.values():
+            handle.cancel()
+        self._expiry.clear()
+        logger.info(
+            "server_stopped",
+            connections_closed=len(connections),
+            messages_routed=self.broker.messages_routed,
+            **self.counts,
+        )
+        assert self._stopped is not None
+        self._stopped.set()
+
+    # -- accepting ----------------------------------------------------------------------------
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = self.loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            logger.error("task_failed", task=task.get_name(), error=repr(exc), exc_info=exc)
+
+    def _accept_ready(self, listener: socket.socket) -> None:
+        for _ in range(_ACCEPTS_PER_WAKEUP):
+            try:
+                sock, address = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionAbortedError:
+                continue  # the client gave up while queued
+            except OSError as exc:
+                # Out of descriptors or memory, say: the backlog keeps the queued clients
+                # while we stop listening for a moment instead of spinning on the error.
+                logger.error("accept_failed", reason=str(exc))
+                self.loop.remove_reader(listener.fileno())
+                self.loop.call_later(_ACCEPT_RETRY_DELAY, self._resume_accepting, listener)
+                return
+            self._accepted(sock, address)
+
+    def _resume_accepting(self, listener: socket.socket) -> None:
+        if not self._stopping and listener.fileno() >= 0:
+            self.loop.add_reader(listener.fileno(), self._accept_ready, listener)
+
+    def _accepted(self, sock: socket.socket, address: object) -> None:
+        peer = _format_peer(address)
+        if len(self.connections) + self._pending_handshakes >= self.config.max_connections:
+            self.counts["refused"] += 1
+            logger.warning(
+                "connection_refused",
+                peer=peer,
+                reason="max_connections",
+                max_connections=self.config.max_connections,
+            )
+            sock.close()
+            return
+        self.counts["accepted"] += 1
+        self._pending_handshakes += 1
+        sock.setblocking(False)
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._spawn(self._open(sock, peer))
+
+    async def _open(self, sock: socket.socket, peer: str) -> None:
+        loop = self.loop
+        conn_id = next(self._ids)
+        accepted_at = loop.time()
+        logger.debug("connection_opened", conn=conn_id, peer=peer)
+        conn: ServerConnection | None = None
+        reason: str | None = None
+        try:
+            async with asyncio.timeout(self.config.handshake_timeout):
+                info = await _peek_client_hello(loop, sock)
+                reason = _refusal(info)
+                if reason is not None:
+                    _refuse_politely(sock, http=info.kind == "http")
+                    return
+                # uvloop returns its SSL wrapper as the protocol, so keep our own reference.
+                candidate = ServerConnection(
+                    self, conn_id=conn_id, peer=peer, accepted_at=accepted_at
+                )
+                await loop.connect_accepted_socket(
+                    lambda: candidate,
+                    sock,
+                    ssl=self.ssl_context,
+                    ssl_handshake_timeout=max(0.01, self.config.handshake_timeout),
+                )
+                conn = candidate
+        except TimeoutError:
+            reason = "timeout"
+        except (OSError, ssl.SSLError, EOFError) as exc:
+            reason = describe_server_handshake_error(exc)
+        finally:
+            self._pending_handshakes -= 1
+            if conn is None:
+                sock.close()
+                if reason is not None:
+                    self._handshake_failed(conn_id, peer, reason)
+        if conn is None:
+            return
+        self.connections.add(conn)
+        tls = conn.transport.get_extra_info("ssl_object") if conn.transport else None
+        logger.info(
+            "connection_opened",
+            conn=conn_id,
+            peer=peer,
+            tls_version=tls.version() if tls else None,
+            identity=conn.identity,
+        )
+        if self._stopping:
+            conn.send_bye(ErrorCode.SERVER_SHUTDOWN)
+
+    def _handshake_failed(self, conn_id: int, peer: str, reason: str) -> None:
+        self.counts["handshake_failed"] += 1
+        logger.warning("tls_handshake_failed", conn=conn_id, peer=peer, reason=reason)
+
+    # -- sessions (called by connections) -----------------------------------------------------
+
+    def connection_closed(self, conn: ServerConnection) -> None:
+        self.connections.discard(conn)
+
+    def session_attached(self, session: Session) -> None:
+        handle = self._expiry.pop(session, None)
+        if handle is not None:
+            handle.cancel()
+        self.counts["sessions"] += 1
+
+    def session_detached(self, session: Session) -> None:
+        if session.expires_at is None or self._stopping:
+            return
+        old = self._expiry.pop(session, None)
+        if old is not None:
+            old.cancel()
+        self._expiry[session] = self.loop.call_at(session.expires_at, self._expire, session)
+
+    def session_ended(self, session: Session) -> None:
+        handle = self._expiry.pop(session, None)
+        if handle is not None:
+            handle.cancel()
+
+    def _expire(self, session: Session) -> None:
+        self._expiry.pop(session, None)
+        if session.link is not None or session.expires_at is None:
+            return
+        rooms = self.broker.end(session, reason="expired")
+        logger.info(
+            "session_expired",
+            session=session.id,
+            name=session.name,
+            rooms=len(rooms),
+            undelivered=len(session.log),
+        )
+
+
+def _refuse_politely(sock: socket.socket, *, http: bool) -> None:
+    # Consume what was only peeked at: closing with unread data would send a RST, and the
+    # client would lose our answer.
+    with contextlib.suppress(OSError):
+        sock.recv(_PEEK_SIZE)
+        if http:
+            sock.send(_HTTP_REFUSAL)
+        sock.shutdown(socket.SHUT_WR)
+
+
+def _refusal(info: ClientHelloInfo) -> str | None:
+    if info.kind == "http":
+        return "http_request"
+    if info.kind == "plaintext":
+        return "plaintext"
+    if not alpn_acceptable(info):
+        return "alpn_mismatch"
+    return None
+
+
+async def _peek_client_hello(
+    loop: asyncio.AbstractEventLoop, sock: socket.socket
+) -> ClientHelloInfo:
+    """Look at the first bytes without consuming them, so TLS still sees them."""
+    delay = 0.001
+    while True:
+        try:
+            data = sock.recv(_PEEK_SIZE, socket.MSG_PEEK)
+        except BlockingIOError:
+            # About half the time the ClientHello is already here: try before paying
+            # for a reader registration and a future.
+            await _readable(loop, sock)
+            continue
+        if not data:
+            raise EOFError("the client closed before sending a ClientHello")
+        info = inspect_client_hello(data)
+        if info is not None:
+            return info
+        # A partial ClientHello stays readable: back off instead of spinning.
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 0.1)
+
+
+async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+    future: asyncio.Future[None] = loop.create_future()
+    fd = sock.fileno()
+    loop.add_reader(fd, _set_done, future)
+    try:
+        await future
+    finally:
+        loop.remove_reader(fd)
+
+
+def _set_done(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+def _listen(host: str, port: int) -> list[socket.socket]:
+    try:
+        infos = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except socket.gaierror as exc:
+        raise ConfigError(f"cannot listen on {host!r}: {exc.strerror}") from None
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, sockaddr in infos:
+            address: tuple[Any, ...] = tuple(sockaddr)
+            if sockets and port == 0:
+                # Every address family on the same port, the one the first bind chose.
+                address = (address[0], sockets[0].getsockname()[1], *address[2:])
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind(address)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    raise ConfigError(
+                        f"port {port} on {host} is already in use; choose another with --port"
+                    ) from None
+                raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+            sock.listen(_BACKLOG)
+            sock.setblocking(False)
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+def _format_peer(address: object) -> str:
+    if isinstance(address, tuple) and len(address) >= 2:
+        host, port = address[0], address[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return str(address)

@@ -1,0 +1,346 @@
+"""The TLS edge: SSL contexts, peer identity, and TLS failures told in plain words.
+
+Every file problem becomes a :class:`~securemsg.errors.TLSConfigError` that names the
+file and the option it came from; every handshake failure a client sees becomes a
+:class:`~securemsg.errors.TLSError` whose ``check`` says which verification failed.
+
+Note for drivers: on Python 3.11 an asyncio server that fails a handshake closes the socket
+without sending the TLS alert (CPython gh-98078), so an asyncio client refused by an asyncio
+server sees a bare EOF or reset rather than "certificate required" or "unknown ca".
+"""
+
+from __future__ import annotations
+
+import re
+import ssl
+from pathlib import Path
+from typing import Final, NoReturn, cast
+
+from securemsg.core.clienthello import ALPN_PROTOCOL
+from securemsg.errors import TLSConfigError, TLSError
+
+__all__ = [
+    "ALPN_PROTOCOL",
+    "client_context",
+    "describe_server_handshake_error",
+    "peer_identity",
+    "server_context",
+    "translate_client_error",
+]
+
+PathLike = str | Path
+
+#: TLS 1.2 suites: forward secret and AEAD only. TLS 1.3 suites are all of that already.
+TLS12_CIPHERS: Final = "ECDHE+AESGCM:ECDHE+CHACHA20"
+
+#: The one key exchange group, server and client. OpenSSL 3's default list (X25519, P-256,
+#: X448, P-521, P-384) fails Mozilla's profiles (X448 and P-521 are not in them) and Python
+#: 3.11 cannot set a list of groups (an OpenSSL config file would be process-wide), only one
+#: group with set_ecdh_curve(). P-256 is the group every TLS 1.3 peer must support (RFC 8446,
+#: 9.1), so no client is locked out; one that guessed X25519 gets a HelloRetryRequest (one
+#: round trip, and a second ClientHello for the server to process). Our own client offers
+#: P-256 alone, so it guesses right: that saves the server ~150 µs of CPU per handshake.
+KEY_EXCHANGE_GROUP: Final = "prime256v1"
+
+_UNKNOWN_AUTHORITY_CODES: Final = frozenset({2, 18, 19, 20, 21, 27})
+_HOSTNAME_CODES: Final = frozenset({62, 63, 64})
+_VALIDITY_CODES: Final = frozenset({9, 10})
+_CLIENT_CERT_ALERTS: Final = frozenset(
+    {
+        "TLSV13_ALERT_CERTIFICATE_REQUIRED",
+        "TLSV1_ALERT_UNKNOWN_CA",
+        "SSLV3_ALERT_BAD_CERTIFICATE",
+        "SSLV3_ALERT_CERTIFICATE_UNKNOWN",
+        "SSLV3_ALERT_UNSUPPORTED_CERTIFICATE",
+        "SSLV3_ALERT_CERTIFICATE_EXPIRED",
+        "SSLV3_ALERT_CERTIFICATE_REVOKED",
+        "TLSV1_ALERT_ACCESS_DENIED",
+    }
+)
+_VERSION_REASONS: Final = frozenset(
+    {
+        "UNSUPPORTED_PROTOCOL",
+        "TLSV1_ALERT_PROTOCOL_VERSION",
+        "NO_PROTOCOLS_AVAILABLE",
+        "VERSION_TOO_LOW",
+        "TLSV1_ALERT_INAPPROPRIATE_FALLBACK",
+    }
+)
+_NOT_TLS_REASONS: Final = frozenset(
+    {"WRONG_VERSION_NUMBER", "PACKET_LENGTH_TOO_LONG", "RECORD_LAYER_FAILURE", "HTTP_REQUEST"}
+)
+_ALPN_REASONS: Final = frozenset({"TLSV1_ALERT_NO_APPLICATION_PROTOCOL", "NO_APPLICATION_PROTOCOL"})
+
+_SERVER_REASONS: Final = {
+    "WRONG_VERSION_NUMBER": "plaintext",
+    "PACKET_LENGTH_TOO_LONG": "plaintext",
+    "RECORD_LAYER_FAILURE": "plaintext",
+    "HTTP_REQUEST": "http_request",
+    "PEER_DID_NOT_RETURN_A_CERTIFICATE": "no_client_certificate",
+    "NO_SHARED_CIPHER": "no_shared_cipher",
+    "UNEXPECTED_EOF_WHILE_READING": "eof",
+}
+
+
+# -- contexts ------------------------------------------------------------------------------
+
+
+def server_context(
+    *,
+    cert: PathLike,
+    key: PathLike | None = None,
+    ca: PathLike | None = None,
+    require_client_cert: bool = False,
+    tls13_only: bool = False,
+) -> ssl.SSLContext:
+    """The server's context; ``cert`` may hold the chain and the key together (``key=None``).
+
+    With ``ca``, client certificates signed by it are verified: required when
+    ``require_client_cert``, otherwise optional (a client may still connect without one).
+    """
+    if require_client_cert and ca is None:
+        raise TLSConfigError("requiring client certificates needs a CA file to check them (--ca)")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    _harden(context, tls13_only=tls13_only)
+    context.num_tickets = 0
+    context.set_ecdh_curve(KEY_EXCHANGE_GROUP)
+    _load_identity(context, cert, key)
+    if ca is not None:
+        _load_ca(context, ca)
+        context.verify_mode = ssl.CERT_REQUIRED if require_client_cert else ssl.CERT_OPTIONAL
+    return context
+
+
+def client_context(
+    *,
+    ca: PathLike | None = None,
+    cert: PathLike | None = None,
+    key: PathLike | None = None,
+    tls13_only: bool = False,
+) -> ssl.SSLContext:
+    """The client's context: verifies the server against ``ca`` (the system store when None)
+    and its host name, offers ALPN, and presents ``cert``/``key`` for mutual TLS if given.
+    """
+    if key is not None and cert is None:
+        raise TLSConfigError(f"key file {key} (--key) was given without a certificate (--cert)")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # CERT_REQUIRED and check_hostname
+    _harden(context, tls13_only=tls13_only)
+    context.set_ecdh_curve(KEY_EXCHANGE_GROUP)
+    if ca is None:
+        context.load_default_certs(ssl.Purpose.SERVER_AUTH)
+    else:
+        _load_ca(context, ca)
+    if cert is not None:
+        _load_identity(context, cert, key)
+    return context
+
+
+def _harden(context: ssl.SSLContext, *, tls13_only: bool) -> None:
+    context.minimum_version = ssl.TLSVersion.TLSv1_3 if tls13_only else ssl.TLSVersion.TLSv1_2
+    context.set_ciphers(TLS12_CIPHERS)  # TLS 1.2 only; TLS 1.3 suites are all AEAD
+    context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION | ssl.OP_NO_TICKET
+    context.set_alpn_protocols([ALPN_PROTOCOL])
+
+
+def _load_identity(context: ssl.SSLContext, cert: PathLike, key: PathLike | None) -> None:
+    cert_pem = _read_pem(cert, "certificate", "--cert")
+    if "-----BEGIN CERTIFICATE-----" not in cert_pem:
+        raise TLSConfigError(f"certificate file {cert} (--cert) holds no PEM certificate")
+    if key is None:
+        if "PRIVATE KEY-----" not in cert_pem:
+            raise TLSConfigError(
+                f"certificate file {cert} (--cert) holds no private key; pass it with --key"
+            )
+        key_pem, key_source = cert_pem, f"certificate file {cert} (--cert)"
+    else:
+        key_pem, key_source = _read_pem(key, "key", "--key"), f"key file {key} (--key)"
+        if "PRIVATE KEY-----" not in key_pem:
+            raise TLSConfigError(f"{key_source} holds no PEM private key")
+    if "ENCRYPTED" in key_pem:
+        raise TLSConfigError(f"{key_source} is encrypted; securemsg needs an unencrypted key")
+
+    def refuse_password() -> NoReturn:  # never let OpenSSL prompt on the terminal
+        raise TLSConfigError(f"{key_source} is encrypted; securemsg needs an unencrypted key")
+
+    try:
+        context.load_cert_chain(str(cert), None if key is None else str(key), refuse_password)
+    except ssl.SSLError as exc:
+        if exc.reason == "KEY_VALUES_MISMATCH":
+            raise TLSConfigError(
+                f"the private key in {key_source} does not match certificate file {cert} (--cert)"
+            ) from exc
+        raise TLSConfigError(
+            f"certificate file {cert} (--cert) or {key_source} could not be loaded"
+            f" ({_reason_text(exc)})"
+        ) from exc
+    except OSError as exc:  # the file changed under us since we read it
+        raise TLSConfigError(
+            f"certificate file {cert} (--cert) or {key_source} cannot be read: {_why(exc)}"
+        ) from exc
+
+
+def _load_ca(context: ssl.SSLContext, ca: PathLike) -> None:
+    if "-----BEGIN CERTIFICATE-----" not in _read_pem(ca, "CA", "--ca"):
+        raise TLSConfigError(f"CA file {ca} (--ca) holds no PEM certificate")
+    try:
+        context.load_verify_locations(cafile=str(ca))
+    except ssl.SSLError as exc:
+        raise TLSConfigError(
+            f"CA file {ca} (--ca) could not be loaded ({_reason_text(exc)})"
+        ) from exc
+    except OSError as exc:
+        raise TLSConfigError(f"CA file {ca} (--ca) cannot be read: {_why(exc)}") from exc
+
+
+def _read_pem(path: PathLike, what: str, option: str) -> str:
+    try:
+        return Path(path).read_bytes().decode("ascii", "replace")
+    except FileNotFoundError as exc:
+        raise TLSConfigError(f"{what} file {path} ({option}) does not exist") from exc
+    except IsADirectoryError as exc:
+        raise TLSConfigError(f"{what} file {path} ({option}) is a directory") from exc
+    except OSError as exc:
+        raise TLSConfigError(f"{what} file {path} ({option}) cannot be read: {_why(exc)}") from exc
+
+
+def _why(exc: OSError) -> str:
+    return (exc.strerror or str(exc)).lower()
+
+
+# -- peers -----------------------------------------------------------------------------------
+
+
+def peer_identity(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> str | None:
+    """The verified peer certificate's common name, else its first DNS name; None if none."""
+    certificate = ssl_object.getpeercert()
+    if not certificate:
+        return None
+    subject = cast("tuple[tuple[tuple[str, str], ...], ...]", certificate.get("subject", ()))
+    for rdn in subject:
+        for attribute, value in rdn:
+            if attribute == "commonName" and value:
+                return value
+    alt_names = cast("tuple[tuple[str, str], ...]", certificate.get("subjectAltName", ()))
+    for kind, value in alt_names:
+        if kind == "DNS" and value:
+            return value
+    return None
+
+
+def translate_client_error(
+    exc: BaseException, *, host: str, ca: str | None, mutual: bool
+) -> TLSError:
+    """Turn what a failed client handshake raised into a one-sentence :class:`TLSError`.
+
+    ``ca`` is the CA file the client trusts (None: the system store); ``mutual`` says
+    whether the client presented a certificate.
+    """
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return _verification_error(exc, host=host, ca=ca)
+    reason = getattr(exc, "reason", None) if isinstance(exc, ssl.SSLError) else None
+    if reason in _CLIENT_CERT_ALERTS:
+        alert = _reason_text(exc)
+        if mutual:
+            message = (
+                f"{host} rejected our client certificate ({alert}); check that --cert/--key"
+                " were issued by a CA the server trusts and have not expired"
+            )
+        else:
+            message = f"{host} requires a client certificate ({alert}); pass --cert and --key"
+        return TLSError(message, check="client_certificate")
+    if reason in _NOT_TLS_REASONS:
+        return TLSError(f"{host} did not answer in TLS (is it a plaintext port?)", check="protocol")
+    if reason in _VERSION_REASONS:
+        return TLSError(
+            f"{host} and this client share no TLS version ({_reason_text(exc)}); TLS 1.2 or"
+            " newer is required",
+            check="protocol",
+        )
+    if reason in _ALPN_REASONS:
+        return TLSError(f"{host} does not speak {ALPN_PROTOCOL} (ALPN refused)", check="protocol")
+    if isinstance(exc, TimeoutError):
+        return TLSError(f"the TLS handshake with {host} timed out", check="other")
+    if isinstance(exc, ssl.SSLEOFError | ConnectionResetError | EOFError):
+        # An asyncio server on Python 3.11 drops the alert (gh-98078): a bare close is all
+        # we get. Having sent a certificate, its rejection is by far the likeliest cause.
+        if mutual:
+            return TLSError(
+                f"{host} closed the connection during the TLS handshake, which usually means"
+                " it rejected our client certificate; check --cert/--key",
+                check="client_certificate",
+            )
+        return TLSError(
+            f"{host} closed the connection during the TLS handshake; it may require a client"
+            " certificate (pass --cert/--key)",
+            check="other",
+        )
+    return TLSError(f"TLS handshake with {host} failed: {_reason_text(exc)}", check="other")
+
+
+def _verification_error(
+    exc: ssl.SSLCertVerificationError, *, host: str, ca: str | None
+) -> TLSError:
+    code = exc.verify_code
+    detail = exc.verify_message or _reason_text(exc)
+    if code in _UNKNOWN_AUTHORITY_CODES:
+        where = f"the CA in {ca}" if ca is not None else "the system's trusted CAs"
+        return TLSError(
+            f"the certificate of {host} is not signed by {where} ({detail}); pass --ca with"
+            " the CA certificate that issued it",
+            check="unknown_authority",
+        )
+    if code in _HOSTNAME_CODES:
+        return TLSError(
+            f"the certificate of {host} is not valid for the name {host!r} ({detail}); connect"
+            " with a name the certificate lists",
+            check="hostname_mismatch",
+        )
+    if code in _VALIDITY_CODES:
+        return TLSError(
+            f"the certificate of {host} is outside its validity period ({detail})",
+            check="expired",
+        )
+    return TLSError(f"the certificate of {host} failed verification ({detail})", check="other")
+
+
+def describe_server_handshake_error(exc: BaseException) -> str:
+    """A short snake_case reason for the server's ``tls_handshake_failed`` log line."""
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        if exc.verify_code in _UNKNOWN_AUTHORITY_CODES:
+            return "unknown_ca"
+        if exc.verify_code in _VALIDITY_CODES:
+            return "client_certificate_expired"
+        return "client_certificate_invalid"
+    if isinstance(exc, ssl.SSLEOFError | EOFError):
+        return "eof"
+    reason = getattr(exc, "reason", None) if isinstance(exc, ssl.SSLError) else None
+    if isinstance(reason, str):
+        return _SERVER_REASONS.get(reason) or _server_reason_family(reason) or reason.lower()
+    if isinstance(exc, ConnectionResetError):
+        return "connection_reset"
+    return _snake_case(type(exc).__name__.removesuffix("Error")) or "error"
+
+
+def _server_reason_family(reason: str) -> str | None:
+    if reason in _VERSION_REASONS:
+        return "protocol_version"
+    if reason in _ALPN_REASONS:
+        return "alpn_mismatch"
+    if reason in _CLIENT_CERT_ALERTS:
+        return "client_rejected_certificate"  # the client did not trust our certificate
+    return None
+
+
+def _reason_text(exc: BaseException) -> str:
+    """OpenSSL's words without the ``[SSL: X] ... (_ssl.c:1006)`` decoration."""
+    reason = getattr(exc, "reason", None)
+    if isinstance(reason, str):
+        return reason.lower().replace("_", " ")
+    text = str(exc) or type(exc).__name__
+    return re.sub(r"^\[[^]]*\]\s*|\s*\(_ssl\.c:\d+\)$", "", text)
+
+
+def _snake_case(name: str) -> str:
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
