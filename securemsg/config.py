@@ -29,12 +29,13 @@ import re
 import tomllib
 from collections.abc import Collection, Mapping
 from pathlib import Path
-from typing import Any, ClassVar, Final, Literal, NamedTuple, TypeVar, cast, get_args
+from typing import Any, ClassVar, Final, NamedTuple, TypeVar, cast, get_args
 
 import msgspec
 
 from securemsg.core.messages import NAME_PATTERN
 from securemsg.errors import ConfigError
+from securemsg.log import LOG_FORMATS, LOG_LEVELS, LogFormat, LogLevel
 
 __all__ = [
     "ENV_PREFIX",
@@ -52,10 +53,6 @@ __all__ = [
     "read_token",
 ]
 
-LogFormat = Literal["auto", "json", "console"]
-LogLevel = Literal["debug", "info", "warning", "error", "critical"]
-LOG_FORMATS: Final = ("auto", "json", "console")
-LOG_LEVELS: Final = ("debug", "info", "warning", "error", "critical")
 ENV_PREFIX: Final = "SECUREMSG_"
 _MIB: Final = 1024 * 1024
 

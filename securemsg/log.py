@@ -1,6 +1,6 @@
 """Logging: structlog, configured once by the command line, written to stderr.
 
-Library code only asks for a logger (``structlog.get_logger()`` or :func:`get_logger`) and
+Library code only asks for a logger (``structlog.get_logger()``) and
 logs snake_case events with keyword context; it never configures anything. The CLI calls
 :func:`configure_logging` once, before it starts a server or client; calling it again with the
 same arguments does nothing, so it is cheap to call defensively. Applications that embed
@@ -13,20 +13,20 @@ ISO UTC timestamp, :func:`redact`, then JSON lines (``{"event": ..., "level": ..
 renderer when it is. Loggers filter by level before doing any work, so ``log.debug(...)``
 below the level costs a method call, and they are cached on first use.
 
-Because of that cache, a logger proxy kept in a module global (``_log = get_logger()``) keeps
-the configuration in force when it was first used. Tests that use
-``structlog.testing.capture_logs`` should therefore run with structlog unconfigured or reset
-(``structlog.reset_defaults()``), and long-lived objects should bind their logger when they are
-created (``self._log = get_logger().bind(peer=...)``).
+Because of that cache, a logger proxy kept in a module global
+(``_log = structlog.get_logger()``) keeps the configuration in force when it was first used.
+Tests that use ``structlog.testing.capture_logs`` should therefore run with structlog
+unconfigured or reset (``structlog.reset_defaults()``), and long-lived objects should bind
+their logger when they are created (``self._log = structlog.get_logger().bind(peer=...)``).
 """
 
 from __future__ import annotations
 
 import sys
-from typing import Any, Final, TextIO, cast
+from typing import Final, Literal, TextIO, get_args
 
 import structlog
-from structlog.typing import EventDict, FilteringBoundLogger, Processor, WrappedLogger
+from structlog.typing import EventDict, Processor, WrappedLogger
 
 from securemsg.errors import ConfigError
 
@@ -35,13 +35,16 @@ __all__ = [
     "LOG_LEVELS",
     "REDACTED",
     "REDACTED_KEYS",
+    "LogFormat",
+    "LogLevel",
     "configure_logging",
-    "get_logger",
     "redact",
 ]
 
-LOG_LEVELS: Final = ("debug", "info", "warning", "error", "critical")
-LOG_FORMATS: Final = ("auto", "json", "console")
+LogLevel = Literal["debug", "info", "warning", "error", "critical"]
+LogFormat = Literal["auto", "json", "console"]
+LOG_LEVELS: Final[tuple[LogLevel, ...]] = get_args(LogLevel)
+LOG_FORMATS: Final[tuple[LogFormat, ...]] = get_args(LogFormat)
 REDACTED: Final = "[redacted]"
 #: Event keys whose values are never written, whoever passes them.
 REDACTED_KEYS: Final = frozenset({"body", "token", "key", "password", "secret", "session_token"})
@@ -105,13 +108,3 @@ def configure_logging(
         cache_logger_on_first_use=True,
     )
     _installed = (level, as_json, out, processors)
-
-
-def get_logger(name: str | None = None, **initial_values: Any) -> FilteringBoundLogger:
-    """A lazy structlog logger with ``initial_values`` bound.
-
-    ``name`` goes to the logger factory, as with ``logging.getLogger(name)``: applications
-    that route structlog through the standard library see it as the logger name.
-    """
-    args = () if name is None else (name,)
-    return cast(FilteringBoundLogger, structlog.get_logger(*args, **initial_values))

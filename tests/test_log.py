@@ -11,7 +11,7 @@ import structlog
 from structlog.testing import capture_logs
 
 from securemsg.errors import ConfigError
-from securemsg.log import REDACTED, REDACTED_KEYS, configure_logging, get_logger, redact
+from securemsg.log import REDACTED, REDACTED_KEYS, configure_logging, redact
 
 
 @pytest.fixture(autouse=True)
@@ -35,7 +35,7 @@ def json_lines(stream: io.StringIO) -> list[dict[str, Any]]:
 def test_json_lines_on_a_stream_that_is_not_a_terminal() -> None:
     stream = io.StringIO()
     configure_logging(stream=stream)
-    get_logger().info("server_started", port=7443)
+    structlog.get_logger().info("server_started", port=7443)
     [line] = json_lines(stream)
     assert line["event"] == "server_started"
     assert line["level"] == "info"
@@ -47,7 +47,7 @@ def test_json_lines_on_a_stream_that_is_not_a_terminal() -> None:
 def test_console_output_on_a_terminal() -> None:
     stream = FakeTerminal()
     configure_logging(stream=stream)
-    get_logger().warning("peer_timed_out", peer="alice")
+    structlog.get_logger().warning("peer_timed_out", peer="alice")
     output = stream.getvalue()
     assert "peer_timed_out" in output
     assert "alice" in output
@@ -58,13 +58,13 @@ def test_console_output_on_a_terminal() -> None:
 def test_format_json_wins_even_on_a_terminal() -> None:
     stream = FakeTerminal()
     configure_logging(stream=stream, fmt="json")
-    get_logger().info("started")
+    structlog.get_logger().info("started")
     assert json_lines(stream)[0]["event"] == "started"
 
 
 def test_logs_go_to_stderr_by_default(capsys: pytest.CaptureFixture[str]) -> None:
     configure_logging()
-    get_logger().info("server_started")
+    structlog.get_logger().info("server_started")
     captured = capsys.readouterr()
     assert captured.out == ""
     assert "server_started" in captured.err
@@ -73,7 +73,7 @@ def test_logs_go_to_stderr_by_default(capsys: pytest.CaptureFixture[str]) -> Non
 def test_events_below_the_level_are_dropped() -> None:
     stream = io.StringIO()
     configure_logging(level="warning", stream=stream)
-    log = get_logger()
+    log = structlog.get_logger()
     log.debug("frame_received", size=10)
     log.info("client_connected")
     log.warning("client_too_slow")
@@ -84,7 +84,7 @@ def test_events_below_the_level_are_dropped() -> None:
 def test_debug_events_are_written_at_debug_level() -> None:
     stream = io.StringIO()
     configure_logging(level="debug", stream=stream)
-    get_logger().debug("frame_received", size=10)
+    structlog.get_logger().debug("frame_received", size=10)
     assert json_lines(stream)[0]["level"] == "debug"
 
 
@@ -92,7 +92,7 @@ def test_secrets_are_redacted_wherever_they_come_from() -> None:
     stream = io.StringIO()
     configure_logging(stream=stream)
     with structlog.contextvars.bound_contextvars(session_token="sess-123"):
-        get_logger(conn=1).info(
+        structlog.get_logger(conn=1).info(
             "client_authenticated", token="tok-456", body=b"hello", name="alice"
         )
     [line] = json_lines(stream)
@@ -117,7 +117,7 @@ def test_exceptions_are_rendered_into_the_json_line() -> None:
     try:
         raise ValueError("bad frame")
     except ValueError:
-        get_logger().exception("handler_failed")
+        structlog.get_logger().exception("handler_failed")
     [line] = json_lines(stream)
     assert line["level"] == "error"
     assert "ValueError: bad frame" in line["exception"]
@@ -138,7 +138,7 @@ def test_configuring_after_a_reset_configures_again() -> None:
     configure_logging(stream=first)
     structlog.reset_defaults()
     configure_logging(stream=first)
-    get_logger().info("again")
+    structlog.get_logger().info("again")
     assert json_lines(first)[0]["event"] == "again"
 
 
@@ -150,7 +150,7 @@ def test_bad_level_or_format_is_a_config_error(level: str, fmt: str) -> None:
 
 def test_capture_logs_sees_library_events() -> None:
     with capture_logs() as logs:
-        get_logger().info("room_joined", room="news")
+        structlog.get_logger().info("room_joined", room="news")
     assert logs == [{"event": "room_joined", "room": "news", "log_level": "info"}]
 
 
@@ -158,5 +158,5 @@ def test_capture_logs_works_after_configure_logging_is_reset() -> None:
     configure_logging(stream=io.StringIO())
     structlog.reset_defaults()
     with capture_logs() as logs:
-        get_logger("securemsg.server.server").warning("client_too_slow", queued=3)
+        structlog.get_logger("securemsg.server.server").warning("client_too_slow", queued=3)
     assert logs == [{"event": "client_too_slow", "queued": 3, "log_level": "warning"}]

@@ -8,7 +8,7 @@ it cannot say that a client spoke plaintext or HTTP; the ClientHello can.
 Theory of operation: a TLS connection opens with handshake records (content type 22) that
 carry one ClientHello (handshake type 1), possibly split over several records. We collect
 the handshake bytes until the ClientHello is complete, then walk its fixed fields and its
-extensions for ALPN (16) and SNI (0). Anything that does not parse is ``plaintext``; bytes
+extension for ALPN (16). Anything that does not parse is ``plaintext``; bytes
 that open with an HTTP method are ``http``. Nothing here raises on any input.
 """
 
@@ -34,7 +34,6 @@ MAX_CLIENT_HELLO_PEEK: Final = 16384 + 5
 _RECORD_HANDSHAKE: Final = 0x16
 _HANDSHAKE_CLIENT_HELLO: Final = 1
 _MAX_RECORD: Final = 16384
-_EXT_SERVER_NAME: Final = 0
 _EXT_ALPN: Final = 16
 _HTTP_METHODS: Final = tuple(
     method + b" "
@@ -46,13 +45,11 @@ _HTTP_METHODS: Final = tuple(
 class ClientHelloInfo:
     """What the first bytes of a connection say about the client.
 
-    ``alpn`` is None when the ClientHello has no ALPN extension (or is not TLS);
-    ``server_name`` is the SNI host name, if any.
+    ``alpn`` is None when the ClientHello has no ALPN extension (or is not TLS).
     """
 
     kind: Literal["tls", "plaintext", "http"]
     alpn: tuple[str, ...] | None = None
-    server_name: str | None = None
 
 
 _PLAINTEXT: Final = ClientHelloInfo("plaintext")
@@ -142,7 +139,6 @@ def _parse_client_hello(body: bytes) -> ClientHelloInfo:
     if stop != end:
         raise _MalformedError
     alpn: tuple[str, ...] | None = None
-    server_name: str | None = None
     seen: set[int] = set()
     while at < stop:  # extensions: type (2 bytes), then a vector with a 2-byte length
         start = at + 4
@@ -155,9 +151,7 @@ def _parse_client_hello(body: bytes) -> ClientHelloInfo:
         seen.add(ext_type)
         if ext_type == _EXT_ALPN:
             alpn = _parse_alpn(body, start, at)
-        elif ext_type == _EXT_SERVER_NAME:
-            server_name = _parse_server_name(body, start, at)
-    return ClientHelloInfo("tls", alpn, server_name)
+    return ClientHelloInfo("tls", alpn)
 
 
 def _parse_alpn(body: bytes, at: int, end: int) -> tuple[str, ...]:
@@ -171,20 +165,6 @@ def _parse_alpn(body: bytes, at: int, end: int) -> tuple[str, ...]:
             raise _MalformedError
         protocols.append(body[start:at].decode("utf-8", "backslashreplace"))
     return tuple(protocols)
-
-
-def _parse_server_name(body: bytes, at: int, end: int) -> str | None:
-    if at == end:
-        return None
-    at, stop = _vector(body, at, 2, end)
-    if stop != end:
-        raise _MalformedError
-    while at < stop:
-        name_type = body[at]
-        start, at = _vector(body, at + 1, 2, stop)
-        if name_type == 0 and start < at:  # host_name
-            return body[start:at].decode("ascii", "backslashreplace")
-    return None
 
 
 def _vector(data: bytes, at: int, length_size: int, end: int) -> tuple[int, int]:

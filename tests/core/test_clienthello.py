@@ -36,21 +36,21 @@ HELLO_WITHOUT_ALPN = client_hello()
 HELLO_WITH_OTHER_ALPN = client_hello(alpn=["h2", "http/1.1"])
 
 
-def test_hello_offering_securemsg_is_tls_with_alpn_and_server_name() -> None:
+def test_hello_offering_securemsg_is_tls_with_alpn() -> None:
     info = inspect_client_hello(HELLO_WITH_ALPN)
-    assert info == ClientHelloInfo("tls", (ALPN_PROTOCOL,), "chat.example.com")
+    assert info == ClientHelloInfo("tls", (ALPN_PROTOCOL,))
     assert alpn_acceptable(info)
 
 
 def test_hello_without_alpn_has_alpn_none_and_is_acceptable() -> None:
     info = inspect_client_hello(HELLO_WITHOUT_ALPN)
-    assert info == ClientHelloInfo("tls", None, None)
+    assert info == ClientHelloInfo("tls", None)
     assert alpn_acceptable(info)
 
 
 def test_hello_offering_only_other_protocols_is_not_acceptable() -> None:
     info = inspect_client_hello(HELLO_WITH_OTHER_ALPN)
-    assert info == ClientHelloInfo("tls", ("h2", "http/1.1"), None)
+    assert info == ClientHelloInfo("tls", ("h2", "http/1.1"))
     assert not alpn_acceptable(info)
 
 
@@ -59,11 +59,6 @@ def test_securemsg_among_several_protocols_is_acceptable() -> None:
     assert info is not None
     assert info.alpn == ("h2", ALPN_PROTOCOL)
     assert alpn_acceptable(info)
-
-
-def test_ip_address_is_not_sent_as_server_name() -> None:
-    info = inspect_client_hello(client_hello(server_name="127.0.0.1"))
-    assert info == ClientHelloInfo("tls", None, None)
 
 
 def test_trailing_bytes_after_the_hello_do_not_matter() -> None:
