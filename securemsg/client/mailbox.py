@@ -171,7 +171,8 @@ class Mailbox:
                 self._space.clear()
                 await self._space.wait()
                 self._check_open()
-            msg_id = self.submit(make)
+            self.submit(make)
+            msg_id = self.session.last_id
             if not answer:
                 return None
             future: asyncio.Future[Any] = self._loop.create_future()
@@ -183,15 +184,13 @@ class Mailbox:
             finally:
                 self._waiters.pop(msg_id, None)
 
-    def submit(self, make: Make) -> str:
+    def submit(self, make: Make) -> None:
         """Into the outbox (ValueError past the server's max_frame), and onto the live
-        connection if there is one; returns the request's id."""
-        session = self.session
-        frame = session.submit(make)
+        connection if there is one; the id it got is ``session.last_id``."""
+        frame = self.session.submit(make)
         conn = self.conn
         if conn is not None:
             conn.send_frame(frame)
-        return session.last_id
 
     def request_token(self) -> tuple[str, asyncio.Future[Message]]:
         """A fresh ``reply_to`` token and the future its first reply will resolve."""

@@ -39,11 +39,19 @@ from typing import Final
 
 import msgspec
 
-from securemsg.core import messages
 from securemsg.core.connection import Event, FrameRejected, MessageReceived, PongReceived
 from securemsg.core.delivery import Inbox, Outbox
 from securemsg.core.frames import DEFAULT_MAX_FRAME, HEADER_SIZE
-from securemsg.core.messages import Bye, Error, Members, Message, Presence, ServerAck
+from securemsg.core.messages import (
+    Bye,
+    Error,
+    Join,
+    Members,
+    Message,
+    Presence,
+    ServerAck,
+    encode_frame_of,
+)
 from securemsg.errors import RejectedError
 
 __all__ = [
@@ -176,11 +184,11 @@ class ClientSession:
 
     __slots__ = (
         "_flushes",
+        "_frame_limit",
         "_request_ids",
         "_requests",
         "inbox",
         "last_id",
-        "max_frame",
         "outbox",
         "request_prefix",
     )
@@ -188,8 +196,7 @@ class ClientSession:
     def __init__(self, *, max_outbox: int, request_prefix: str) -> None:
         self.outbox = Outbox(max_outbox)
         self.inbox = Inbox()
-        #: The largest frame body the server accepts (from its welcome).
-        self.max_frame = DEFAULT_MAX_FRAME
+        self._frame_limit = DEFAULT_MAX_FRAME + HEADER_SIZE
         #: The id the last :meth:`submit` gave.
         self.last_id = "0"
         #: Every request token starts with it: a ``re`` that does is a reply to us.
@@ -197,6 +204,15 @@ class ClientSession:
         self._request_ids = 0
         self._requests: set[str] = set()
         self._flushes: list[Flush] = []
+
+    @property
+    def max_frame(self) -> int:
+        """The largest frame body the server accepts (from its welcome)."""
+        return self._frame_limit - HEADER_SIZE
+
+    @max_frame.setter
+    def max_frame(self, value: int) -> None:
+        self._frame_limit = value + HEADER_SIZE  # whole frames are checked: one compare
 
     @property
     def last_seq(self) -> int:
@@ -213,8 +229,8 @@ class ClientSession:
         """
         outbox = self.outbox
         msg_id = outbox.new_id()
-        frame = messages.encode_frame_of(make(msg_id))
-        if len(frame) - HEADER_SIZE > self.max_frame:
+        frame = encode_frame_of(make(msg_id))
+        if len(frame) > self._frame_limit:
             raise ValueError(
                 f"message of {len(frame) - HEADER_SIZE} bytes exceeds the server's "
                 f"max_frame of {self.max_frame} bytes"
@@ -312,4 +328,4 @@ class ClientSession:
 
 
 def _join_of(room: str) -> Make:
-    return lambda msg_id: messages.Join(room=room, id=msg_id)
+    return lambda msg_id: Join(room=room, id=msg_id)
