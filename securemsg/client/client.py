@@ -1,12 +1,14 @@
 """The asyncio client: :func:`connect` and :class:`Client`.
 
 A :class:`Client` keeps one session across many connections. Its
-:class:`~securemsg.client.mailbox.Mailbox` holds what was sent and not yet answered and what
-was received and not yet read; each :class:`~securemsg.client.connection.ClientConnection`
-carries one TLS connection. One background task, :meth:`Client._run`, waits for the
-connection to end and reconnects on the backoff schedule, resuming the session (``hello``
-with session and ``last_seq``); when the server no longer knows the session, the client joins
-its rooms again and reports the gap in a :class:`Reconnected` event.
+:class:`~securemsg.client.mailbox.Mailbox` holds the waiters and the messages received and not
+yet read, over the sans-I/O :class:`~securemsg.core.client_session.ClientSession` (what was
+sent and not yet answered, what to resend, what to acknowledge); each
+:class:`~securemsg.client.connection.ClientConnection` carries one TLS connection. One
+background task, :meth:`Client._run`, waits for the connection to end and reconnects on the
+backoff schedule, resuming the session (``hello`` with session and ``last_seq``); when the
+server no longer knows the session, the client joins its rooms again and reports the gap in
+a :class:`Reconnected` event.
 
 ::
 
