@@ -34,6 +34,7 @@ from securemsg.core.client_session import (
     Make,
     Refused,
     ReplyReceived,
+    SessionEvent,
 )
 from securemsg.core.connection import Event, FrameRejected, PongReceived
 from securemsg.core.messages import FATAL_CODES, Ack, Bye, Error
@@ -284,7 +285,7 @@ class Mailbox:
             self._paused = True
             conn.pause_reading()
 
-    def _rare_event_received(self, conn: ClientConnection, event: object) -> None:
+    def _rare_event_received(self, conn: ClientConnection, event: SessionEvent) -> None:
         if type(event) is ReplyReceived:
             future = self._requests.pop(event.token, None)
             if future is not None and not future.done():
