@@ -233,6 +233,10 @@ async def test_flush_raises_when_the_server_refused_messages_it_waited_for(
     got = [(await bob.receive(1)).body for _ in range(40 - refused)]
     assert got == sorted(got)
     await alice.flush(timeout=1)  # refused before this flush was asked: not its business
+    for n in range(40):
+        await alice.publish("numbers", n)
+    await alice.close(timeout=5)  # close flushes too, but refusals (logged) do not stop it
+    assert alice.state is ClientState.CLOSED and alice.unacknowledged == 0
 
 
 # -- disconnects, reconnects and resume ------------------------------------------------------
