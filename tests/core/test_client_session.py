@@ -8,18 +8,21 @@ from typing import Any
 
 import msgspec
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from securemsg.core.client_session import (
     AckDue,
     Acknowledged,
     Answered,
     ClientSession,
+    Flush,
     FlushCompleted,
     Refused,
     ReplyReceived,
     SessionEvent,
 )
-from securemsg.core.connection import Client, PongReceived
+from securemsg.core.connection import Client, MessageReceived, PongReceived
 from securemsg.core.frames import FrameDecoder
 from securemsg.core.messages import (
     Ack,
@@ -313,3 +316,57 @@ def test_a_forgotten_flush_never_completes() -> None:
     link.session.forget_flush(flush)
     assert link.feed(ack("1")) == [Acknowledged(["1"])]
     link.session.forget_flush(flush)  # twice is harmless (a timeout after completion)
+
+
+# -- a property: the bookkeeping against a model -------------------------------------------------
+
+steps = st.lists(
+    st.one_of(
+        st.just(("submit",)),
+        st.just(("flush",)),
+        st.tuples(st.just("answer"), st.integers(0, 30), st.booleans()),
+        st.tuples(st.just("reconnect"), st.booleans()),
+    ),
+    max_size=60,
+)
+
+
+@given(steps)
+def test_flushes_complete_exactly_when_what_they_waited_for_is_answered(steps: list[Any]) -> None:
+    """Requests answered in any order, acked or refused, across reconnects: the outbox holds
+    exactly the unanswered ones (resent in send order), and each flush completes once, with
+    the last answer among those it waited for, counting the refusals among them."""
+    session = ClientSession(max_outbox=1000, request_prefix=PREFIX)
+    pending: list[str] = []  # the model: unanswered ids in send order
+    waiting: list[tuple[Flush, set[str], list[int]]] = []  # flush, its ids, [refused]
+    for step in steps:
+        if step[0] == "submit":
+            session.submit(publish())
+            pending.append(session.last_id)
+        elif step[0] == "flush":
+            flush = session.flush()
+            assert (flush is None) == (not pending)
+            if flush is not None:
+                waiting.append((flush, set(pending), [0]))
+        elif step[0] == "answer" and pending:
+            ref = pending.pop(step[1] % len(pending))
+            refused = step[2]
+            answer = Error(code="rate_limited", message="m", ref=ref) if refused else None
+            events = session.events_received([MessageReceived(answer or ServerAck(ids=[ref]))])
+            done = []
+            for flush, ids, count in waiting:
+                if ref in ids:
+                    ids.discard(ref)
+                    count[0] += refused
+                    if not ids:
+                        done.append(flush)
+                        assert flush.refused == count[0]
+                        assert (flush.error() is None) == (count[0] == 0)
+            assert [e.flush for e in events if type(e) is FlushCompleted] == done
+            waiting = [entry for entry in waiting if entry[1]]
+        elif step[0] == "reconnect":
+            frames = session.attach(resumed=step[1], rooms=[])
+            decoder = FrameDecoder()
+            resent = [decode_client(f) for f in decoder.feed(b"".join(frames))]
+            assert [m.id for m in resent] == pending  # type: ignore[union-attr]
+        assert len(session.outbox) == len(pending)
