@@ -1,12 +1,14 @@
 """The asyncio client: :func:`connect` and :class:`Client`.
 
 A :class:`Client` keeps one session across many connections. Its
-:class:`~securemsg.client.mailbox.Mailbox` holds what was sent and not yet answered and what
-was received and not yet read; each :class:`~securemsg.client.connection.ClientConnection`
-carries one TLS connection. One background task, :meth:`Client._run`, waits for the
-connection to end and reconnects on the backoff schedule, resuming the session (``hello``
-with session and ``last_seq``); when the server no longer knows the session, the client joins
-its rooms again and reports the gap in a :class:`Reconnected` event.
+:class:`~securemsg.client.mailbox.Mailbox` holds the waiters and the messages received and not
+yet read, over the sans-I/O :class:`~securemsg.core.client_session.ClientSession` (what was
+sent and not yet answered, what to resend, what to acknowledge); each
+:class:`~securemsg.client.connection.ClientConnection` carries one TLS connection. One
+background task, :meth:`Client._run`, waits for the connection to end and reconnects on the
+backoff schedule, resuming the session (``hello`` with session and ``last_seq``); when the
+server no longer knows the session, the client joins its rooms again and reports the gap in
+a :class:`Reconnected` event.
 
 ::
 
@@ -56,7 +58,7 @@ from securemsg.core.messages import (
     encode_body,
     is_valid_room,
 )
-from securemsg.errors import ClosedError, ConfigError, ConnectError, TimeoutError
+from securemsg.errors import ClosedError, ConfigError, ConnectError, RejectedError, TimeoutError
 
 __all__ = [
     "Client",
@@ -323,7 +325,12 @@ class Client:
         )
 
     async def flush(self, timeout: float | None = None) -> None:
-        """Wait until everything sent so far is acknowledged, across reconnects."""
+        """Wait until the server has answered everything sent so far, across reconnects.
+
+        Raises :class:`RejectedError` when it refused any of those messages (``rate_limited``,
+        ``not_member``, ...): the code of the most frequent refusal, and how many were
+        refused. Refused messages are not resent (they would be refused again).
+        """
         if self._mailbox.closed is not None:
             raise ClosedError(str(self._mailbox.closed))
         await self._mailbox.flushed(timeout)
@@ -368,7 +375,8 @@ class Client:
         end = self._loop.time() + timeout
         try:
             if mailbox.conn is not None and len(mailbox.outbox):
-                with contextlib.suppress(TimeoutError, ClosedError):
+                # Refusals were logged (message_rejected); close() still closes.
+                with contextlib.suppress(TimeoutError, ClosedError, RejectedError):
                     await mailbox.flushed(timeout)
             task = self._task
             if task is not None and not task.done():
@@ -440,14 +448,14 @@ class Client:
                 self._log.warning("reconnect_failed", attempt=self._attempt, error=str(exc))
 
     async def _open(self) -> ClientConnection:
-        last_seq = self._mailbox.inbox.last_seq
+        last_seq = self._mailbox.session.last_seq
         return await open_connection(self._config, session=self._session, last_seq=last_seq)
 
     def _connected(self, conn: ClientConnection, *, first: bool) -> None:
         welcome = conn.welcomed.result()
         resumed = welcome.resumed or first
         self._session, self._name = welcome.session, welcome.name
-        self._mailbox.max_frame = welcome.max_frame
+        self._mailbox.session.max_frame = welcome.max_frame
         self._mailbox.attach(conn, resumed=resumed, rooms=list(self._rooms))
         config = self._config
         conn.attach(

@@ -3,7 +3,7 @@
 Read path: bytes -> :class:`securemsg.core.connection.Client` -> events -> the owner (the
 :class:`~securemsg.client.client.Client`) -> frames queued on the core -> one joined ``write`` per
 event-loop iteration. The connection owns its transport and its heartbeat timer; what the
-frames mean (inbox, outbox, waiters) is the owner's business.
+frames mean (the session's rules, the waiters) is the owner's business.
 
 A connection is not *connected* until ``welcome`` arrives: under TLS 1.3 a server that
 rejects our client certificate lets the handshake finish and closes right after, so the

@@ -1,16 +1,12 @@
-"""A client session's bookkeeping across connections: what was sent and not yet answered, and
-what was received and not yet handed to the application.
+"""The asyncio side of a client session: futures, waiters and streams over the sans-I/O
+:class:`~securemsg.core.client_session.ClientSession`, which holds the rules.
 
-Everything the client sends carries an id from the :class:`~securemsg.core.delivery.Outbox` (join,
-leave, who, publish, direct) and stays there until the server answers that id (``ack``,
-``members``, or ``error`` with ``ref``); after a reconnect the unanswered frames go out again
-with the same ids, and the server acks a repeated id without delivering it twice. Sending
-never writes: frames are queued on the connection, which flushes once per loop iteration.
-
-Received messages pass the :class:`~securemsg.core.delivery.Inbox` (duplicates dropped by sequence
-number) into a bounded queue; one cumulative ``ack`` goes out per read. When the queue is
-full the connection stops reading, so a slow application slows the server down instead of
-filling memory. Replies to :meth:`Mailbox.request_token` tokens go to their requester only.
+The session numbers every request (join, leave, who, publish, direct) and keeps it until
+the server answers its id; after a reconnect it says what to send again. The mailbox puts
+its frames on the live connection (queued there, one write per loop iteration), resolves
+the futures of those who wait for an answer, a reply or a flush, and hands received
+messages to the application through a bounded queue: when the queue is full the connection
+stops reading, so a slow application slows the server down instead of filling memory.
 """
 
 from __future__ import annotations
@@ -18,30 +14,30 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
-import itertools
 import secrets
 import weakref
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any, Final, Generic, TypeVar
 
-import msgspec
 from structlog.typing import FilteringBoundLogger
 
 from securemsg.client.connection import ClientConnection
 from securemsg.client.types import Message, Presence
-from securemsg.core import messages
-from securemsg.core.connection import Event, FrameRejected, MessageReceived, PongReceived
-from securemsg.core.delivery import Inbox, Outbox
-from securemsg.core.frames import DEFAULT_MAX_FRAME, HEADER_SIZE
-from securemsg.core.messages import (
-    FATAL_CODES,
-    Ack,
-    Bye,
-    Members,
-    ServerAck,
-    encode_frame_of,
+from securemsg.core.client_session import (
+    AckDue,
+    Acknowledged,
+    Answered,
+    ClientSession,
+    Flush,
+    FlushCompleted,
+    Make,
+    Refused,
+    ReplyReceived,
+    SessionEvent,
 )
+from securemsg.core.connection import Event, FrameRejected, PongReceived
+from securemsg.core.messages import FATAL_CODES, Ack, Bye, Error
 from securemsg.errors import ClosedError, RejectedError, TimeoutError
 
 __all__ = ["MAX_RECEIVED", "EventStream", "Mailbox", "deadline"]
@@ -53,8 +49,6 @@ MAX_RECEIVED: Final = 10_000
 _RESUME_RECEIVED: Final = MAX_RECEIVED // 2
 #: Events held per presence() / state_changes() iterator; the oldest are dropped past it.
 _MAX_EVENTS: Final = 1_000
-
-Make = Callable[[str], msgspec.Struct]
 
 
 @contextlib.asynccontextmanager
@@ -136,28 +130,19 @@ class _Received:
                 self._waiters.remove(waiter)
 
 
-class _FlushWaiter:
-    """``remaining`` outbox entries with ids up to ``mark`` are still unanswered."""
-
-    __slots__ = ("future", "mark", "remaining")
-
-    def __init__(self, mark: int, remaining: int, future: asyncio.Future[None]) -> None:
-        self.mark = mark
-        self.remaining = remaining
-        self.future = future
-
-
 class Mailbox:
-    """The session state a :class:`~securemsg.client.client.Client` keeps across connections; the
-    owner (:class:`~securemsg.client.connection.ConnectionOwner`) of its live connection."""
+    """The asyncio state a :class:`~securemsg.client.client.Client` keeps across connections
+    over its :class:`ClientSession`; the owner
+    (:class:`~securemsg.client.connection.ConnectionOwner`) of its live connection."""
 
     def __init__(self, *, max_outbox: int, log: FilteringBoundLogger) -> None:
         self._loop = asyncio.get_running_loop()
         self._log = log
-        self.outbox = Outbox(max_outbox)
-        #: The largest frame body the server accepts (from its welcome).
-        self.max_frame = DEFAULT_MAX_FRAME
-        self.inbox = Inbox()
+        self.session = ClientSession(
+            max_outbox=max_outbox, request_prefix=f"rq-{secrets.token_hex(4)}-"
+        )
+        #: The session's outbox (the same object), for the client's publish fast path.
+        self.outbox = self.session.outbox
         #: The live, welcomed connection, or None between connections.
         self.conn: ClientConnection | None = None
         #: Set once the client is closing: every new call raises it.
@@ -165,10 +150,7 @@ class Mailbox:
         self.rtt: float | None = None
         self._waiters: dict[str, asyncio.Future[Any]] = {}
         self._requests: dict[str, asyncio.Future[Message]] = {}
-        self._request_prefix = f"rq-{secrets.token_hex(4)}-"
-        self._request_ids = itertools.count(1)
-        self._flushes: list[_FlushWaiter] = []
-        self._last_id = "0"
+        self._flushes: dict[Flush, asyncio.Future[None]] = {}
         self._space = asyncio.Event()
         self._space.set()
         self._received = _Received(self._loop)
@@ -190,7 +172,8 @@ class Mailbox:
                 self._space.clear()
                 await self._space.wait()
                 self._check_open()
-            msg_id = self.submit(make)
+            self.submit(make)
+            msg_id = self.session.last_id
             if not answer:
                 return None
             future: asyncio.Future[Any] = self._loop.create_future()
@@ -202,47 +185,41 @@ class Mailbox:
             finally:
                 self._waiters.pop(msg_id, None)
 
-    def submit(self, make: Make) -> str:
-        msg_id = self.outbox.new_id()
-        frame = encode_frame_of(make(msg_id))
-        if len(frame) - HEADER_SIZE > self.max_frame:
-            # The server would close the connection, and the resend after reconnecting would
-            # do it again forever: refuse it here.
-            raise ValueError(
-                f"message of {len(frame) - HEADER_SIZE} bytes exceeds the server's "
-                f"max_frame of {self.max_frame} bytes"
-            )
-        self.outbox.add(msg_id, frame)
-        self._last_id = msg_id
+    def submit(self, make: Make) -> None:
+        """Into the outbox (ValueError past the server's max_frame), and onto the live
+        connection if there is one; the id it got is ``session.last_id``."""
+        frame = self.session.submit(make)
         conn = self.conn
         if conn is not None:
             conn.send_frame(frame)
-        return msg_id
 
     def request_token(self) -> tuple[str, asyncio.Future[Message]]:
         """A fresh ``reply_to`` token and the future its first reply will resolve."""
-        token = f"{self._request_prefix}{next(self._request_ids)}"
+        token = self.session.request_token()
         future: asyncio.Future[Message] = self._loop.create_future()
         self._requests[token] = future
         return token, future
 
     def forget_request(self, token: str) -> None:
+        self.session.forget_request(token)
         self._requests.pop(token, None)
 
     async def flushed(self, timeout: float | None) -> None:
-        """Wait until every frame submitted so far is answered."""
-        pending = len(self.outbox)
-        if not pending:
+        """Wait until every frame submitted so far is answered. Raises
+        :class:`RejectedError` when the server refused any of them."""
+        flush = self.session.flush()
+        if flush is None:
             return
-        waiter = _FlushWaiter(int(self._last_id), pending, self._loop.create_future())
-        self._flushes.append(waiter)
+        future: asyncio.Future[None] = self._loop.create_future()
+        self._flushes[flush] = future
         if self.conn is not None:
             self.conn.ping()
         try:
-            async with deadline(timeout, f"flush of {pending} messages"):
-                await waiter.future
+            async with deadline(timeout, f"flush of {flush.total} messages"):
+                await future
         finally:
-            self._flushes.remove(waiter)
+            self._flushes.pop(flush, None)
+            self.session.forget_flush(flush)
 
     # -- receiving --------------------------------------------------------------------------------
 
@@ -275,15 +252,10 @@ class Mailbox:
     # -- connections ------------------------------------------------------------------------------
 
     def attach(self, conn: ClientConnection, *, resumed: bool, rooms: list[str]) -> None:
-        """``conn`` was welcomed. Unless the session was resumed, numbering starts again and
-        ``rooms`` are joined again; then every unanswered frame is sent again."""
-        resend = self.outbox.unacked()
+        """``conn`` was welcomed: send what the session says comes first (rooms joined again
+        for a new session, then every unanswered frame)."""
         self.conn = conn
-        if not resumed:
-            self.inbox.reset()
-            for room in rooms:  # before the resends, so that a resent leave still comes after
-                self.submit(lambda msg_id, room=room: messages.Join(room=room, id=msg_id))  # type: ignore[misc]
-        for frame in resend:
+        for frame in self.session.attach(resumed=resumed, rooms=rooms):
             conn.send_frame(frame)
         if self._waiters or self._flushes:
             conn.ping()
@@ -293,35 +265,52 @@ class Mailbox:
     def events_received(self, conn: ClientConnection, events: list[Event]) -> None:
         if conn is not self.conn:
             return
-        for event in events:
-            if type(event) is MessageReceived:
-                message = event.message
-                if type(message) is messages.Message:
-                    self._message_received(message)
-                elif type(message) is ServerAck:
-                    answered = self._answered
-                    for ref in message.ids:
-                        answered(ref, None)
-                elif type(message) is Members:
-                    if message.ref is not None:
-                        self._answered(message.ref, message.names)
-                elif type(message) is messages.Presence:
-                    self._presence_received(message)
-                elif type(message) is messages.Error:
-                    self._error_received(conn, message)
-                elif type(message) is Bye:
-                    conn.reason = conn.reason or message.reason or "bye"
-            elif type(event) is PongReceived:
-                self.rtt = event.rtt
-            elif type(event) is FrameRejected:
-                error = event.error
-                self._log.warning("frame_rejected", code=error.code, reason=error.message)
-        seq = self.inbox.ack_due()
-        if seq is not None:
-            conn.core.send(Ack(seq=seq))
+        put = self._received.put
+        for event in self.session.events_received(events):
+            if type(event) is Message:
+                put(event)
+            elif type(event) is AckDue:
+                conn.core.send(Ack(seq=event.seq))
+            elif type(event) is Acknowledged:
+                if self._waiters:
+                    for ref in event.ids:
+                        self._answered(ref, None)
+            elif type(event) is FlushCompleted:
+                self._flush_completed(event.flush)
+            else:
+                self._rare_event_received(conn, event)
+        if not self._space.is_set() and not self.outbox.full:
+            self._space.set()
         if not self._paused and len(self._received) >= MAX_RECEIVED:
             self._paused = True
             conn.pause_reading()
+
+    def _rare_event_received(self, conn: ClientConnection, event: SessionEvent) -> None:
+        if type(event) is ReplyReceived:
+            future = self._requests.pop(event.token, None)
+            if future is not None and not future.done():
+                future.set_result(event.message)
+        elif type(event) is Answered:
+            self._answered(event.ref, event.names)
+        elif type(event) is Refused:
+            error = RejectedError(event.code, event.message)
+            if not self._answered(event.ref, None, error):
+                self._log.warning(
+                    "message_rejected", id=event.ref, code=error.code, reason=error.message
+                )
+        elif type(event) is Presence:
+            for stream in self.presence_streams:
+                stream.put(event)
+        elif type(event) is Error:
+            if event.code in FATAL_CODES:
+                conn.reason = conn.reason or event.code
+            self._log.warning("server_error", code=event.code, reason=event.message)
+        elif type(event) is Bye:
+            conn.reason = conn.reason or event.reason or "bye"
+        elif type(event) is PongReceived:
+            self.rtt = event.rtt
+        elif type(event) is FrameRejected:
+            self._log.warning("frame_rejected", code=event.error.code, reason=event.error.message)
 
     def connection_closed(self, conn: ClientConnection, reason: str) -> None:
         if conn is self.conn:
@@ -333,8 +322,7 @@ class Mailbox:
         conn, self.conn = self.conn, None
         if conn is not None:
             conn.abort("client_closed")
-        waiting = [*self._waiters.values(), *self._requests.values()]
-        waiting += [waiter.future for waiter in self._flushes]
+        waiting = [*self._waiters.values(), *self._requests.values(), *self._flushes.values()]
         for future in waiting:
             if not future.done():
                 future.set_exception(ClosedError(str(error)))
@@ -349,46 +337,23 @@ class Mailbox:
         if self.closed is not None:
             raise ClosedError(str(self.closed))
 
-    def _answered(self, ref: str, result: Any, error: RejectedError | None = None) -> None:
-        """The server answered the frame with id ``ref``: it leaves the outbox."""
-        if self.outbox.ack(ref):
-            if self._flushes:
-                number = int(ref)
-                for waiter in self._flushes:
-                    if number <= waiter.mark:
-                        waiter.remaining -= 1
-                        if waiter.remaining <= 0 and not waiter.future.done():
-                            waiter.future.set_result(None)
-            if not self._space.is_set():
-                self._space.set()
+    def _answered(self, ref: str, result: Any, error: RejectedError | None = None) -> bool:
+        """Resolve the waiter for request ``ref``, if any; False when nobody waited."""
         future = self._waiters.pop(ref, None)
-        if future is not None and not future.done():
+        if future is None:
+            return False
+        if not future.done():
             if error is None:
                 future.set_result(result)
             else:
                 future.set_exception(error)
-        elif error is not None:
-            self._log.warning("message_rejected", id=ref, code=error.code, reason=error.message)
+        return True
 
-    def _message_received(self, message: Message) -> None:
-        if not self.inbox.accept(message.seq):
-            return
-        token = message.re
-        if token is not None and token.startswith(self._request_prefix):
-            future = self._requests.pop(token, None)
-            if future is not None and not future.done():
-                future.set_result(message)
-            return  # a reply to a request, or a late one: never for receive()
-        self._received.put(message)
-
-    def _presence_received(self, event: Presence) -> None:
-        for stream in self.presence_streams:
-            stream.put(event)
-
-    def _error_received(self, conn: ClientConnection, error: messages.Error) -> None:
-        if error.ref is not None:
-            self._answered(error.ref, None, RejectedError(error.code, error.message))
-            return
-        if error.code in FATAL_CODES:
-            conn.reason = conn.reason or error.code
-        self._log.warning("server_error", code=error.code, reason=error.message)
+    def _flush_completed(self, flush: Flush) -> None:
+        future = self._flushes.get(flush)
+        if future is not None and not future.done():
+            error = flush.error()
+            if error is None:
+                future.set_result(None)
+            else:
+                future.set_exception(error)

@@ -299,7 +299,8 @@ class SyncClient:
         return self._thread.run(self._handover.then(coro), timeout)
 
     def flush(self, timeout: float | None = None) -> None:
-        """Wait until every message sent so far is acknowledged by the server."""
+        """Wait until every message sent so far is acknowledged by the server; as the asyncio
+        client's ``flush``, raises :class:`RejectedError` when it refused any of them."""
         self._handover.raise_failure()
         self._thread.run(self._flush(timeout), timeout)
         self._handover.raise_failure()

@@ -5,9 +5,10 @@ the client acknowledges it cumulatively, so a resumed session can be replayed af
 ``last_seq``. Stored entries are shared message *prefixes* (see :func:`splice_frame`): a
 broadcast is encoded once and only the sequence number differs per recipient.
 
-Client side, :class:`Inbox` drops messages whose sequence number was already delivered and
-says when an acknowledgement is due; :class:`Outbox` keeps every sent message until the
-server acknowledges its id, so it can be resent after a reconnect.
+Client side (used by :class:`~securemsg.core.client_session.ClientSession`), :class:`Inbox`
+drops messages whose sequence number was already delivered and says when an acknowledgement
+is due; :class:`Outbox` keeps every sent message until the server answers its id, so it can
+be resent after a reconnect.
 """
 
 from __future__ import annotations
@@ -134,19 +135,19 @@ class RecentIds:
 class Inbox:
     """Client-side receive state: deduplication by sequence number and ack pacing."""
 
-    __slots__ = ("acked", "gaps", "last_seq")
+    __slots__ = ("acked", "last_seq")
 
     def __init__(self) -> None:
         self.last_seq = 0
         self.acked = 0
-        self.gaps = 0
 
     def accept(self, seq: int) -> bool:
-        """True for a new message; False for one already delivered (a replay overlap)."""
+        """True for a new message; False for one already delivered (a replay overlap).
+
+        A session numbers without holes and replays from ``last_seq`` on resume, so a seq
+        above ``last_seq + 1`` does not happen; a gap shows only as ``resumed: false``."""
         if seq <= self.last_seq:
             return False
-        if seq > self.last_seq + 1:
-            self.gaps += seq - self.last_seq - 1
         self.last_seq = seq
         return True
 

@@ -267,7 +267,7 @@ async def test_eof_before_welcome_fails_the_handshake_as_closed() -> None:
 
 async def test_messages_that_arrive_with_welcome_wait_for_the_mailbox() -> None:
     pair = Pair()
-    pair.mailbox.inbox.last_seq = 7  # from an earlier session the server forgot
+    pair.mailbox.session.inbox.last_seq = 7  # from an earlier session the server forgot
     pair.open(message(1) + message(2), resumed=False)
     first = await pair.mailbox.receive(1)
     assert (first.seq, first.body) == (1, "hi")

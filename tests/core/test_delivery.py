@@ -160,16 +160,7 @@ def test_an_inbox_accepts_new_messages_and_drops_replayed_ones() -> None:
     inbox = Inbox()
     assert [inbox.accept(seq) for seq in (1, 2, 3)] == [True, True, True]
     assert [inbox.accept(seq) for seq in (2, 3, 4)] == [False, False, True]
-    assert (inbox.last_seq, inbox.gaps) == (4, 0)
-
-
-def test_an_inbox_counts_the_messages_a_gap_lost() -> None:
-    inbox = Inbox()
-    inbox.accept(1)
-    assert inbox.accept(5)
-    assert inbox.gaps == 3
-    assert not inbox.accept(3)
-    assert inbox.gaps == 3
+    assert inbox.last_seq == 4
 
 
 def test_acks_are_batched_one_for_many_messages() -> None:
@@ -199,7 +190,6 @@ def test_an_inbox_delivers_each_seq_at_most_once_in_increasing_order(seqs: list[
     delivered = [seq for seq in seqs if inbox.accept(seq)]
     assert delivered == sorted(set(delivered))
     assert inbox.last_seq == (delivered[-1] if delivered else 0)
-    assert inbox.gaps == inbox.last_seq - len(delivered)
 
 
 # -- Outbox -----------------------------------------------------------------------------------

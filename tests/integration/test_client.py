@@ -215,6 +215,30 @@ async def test_flush_waits_until_a_pipelined_stream_is_acknowledged(
     assert await bodies(bob, 2000) == list(range(2000))
 
 
+async def test_flush_raises_when_the_server_refused_messages_it_waited_for(
+    start_server, open_client
+) -> None:
+    server = await start_server(max_msgs_per_sec=5)
+    alice = await open_client(server.port, "alice")
+    bob = await open_client(server.port, "bob")
+    await bob.join("numbers")
+    for n in range(40):
+        await alice.publish("numbers", n)
+    with pytest.raises(RejectedError, match=r"of 40 messages were refused") as caught:
+        await alice.flush(timeout=5)
+    assert caught.value.code == "rate_limited"
+    refused = int(str(caught.value).split()[0])
+    assert 30 <= refused < 40
+    assert alice.unacknowledged == 0  # refused messages leave the outbox: a resend would fail
+    got = [(await bob.receive(1)).body for _ in range(40 - refused)]
+    assert got == sorted(got)
+    await alice.flush(timeout=1)  # refused before this flush was asked: not its business
+    for n in range(40):
+        await alice.publish("numbers", n)
+    await alice.close(timeout=5)  # close flushes too, but refusals (logged) do not stop it
+    assert alice.state is ClientState.CLOSED and alice.unacknowledged == 0
+
+
 # -- disconnects, reconnects and resume ------------------------------------------------------
 
 

@@ -17,7 +17,7 @@ import pytest
 
 from securemsg import ClosedError, sync
 from securemsg.client.types import ClientState, Message
-from securemsg.errors import ConnectError, TimeoutError
+from securemsg.errors import ConnectError, RejectedError, TimeoutError
 from tests.faults import FaultProxy
 
 pytestmark = pytest.mark.timeout(30)
@@ -54,6 +54,27 @@ async def test_blocking_client_in_a_plain_thread(start_server, options) -> None:
     assert (direct.to, direct.body) == ("bob", "psst")
     assert members == ["bob"]
     assert not client_threads()  # every loop thread stopped on close
+
+
+async def test_blocking_flush_raises_when_the_server_refused_messages(
+    start_server, options
+) -> None:
+    server = await start_server(max_msgs_per_sec=5)
+
+    def program() -> tuple[str, str, int]:
+        with sync.connect("localhost", server.port, name="alice", **options) as alice:
+            for n in range(40):
+                alice.publish("numbers", n)
+            try:
+                alice.flush(timeout=5)
+            except RejectedError as exc:
+                return exc.code, str(exc), alice.client.unacknowledged
+            return "", "flush returned normally", alice.client.unacknowledged
+
+    code, text, left = await asyncio.to_thread(program)
+    assert code == "rate_limited", text
+    assert "of 40 messages were refused" in text
+    assert left == 0
 
 
 async def test_one_blocking_client_shared_by_two_threads(start_server, options) -> None:
