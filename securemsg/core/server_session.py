@@ -12,9 +12,9 @@ detaches it when the connection is gone, at which point the session may be resum
 Every request (``join``, ``leave``, ``publish``, ``direct``, ``who``) passes, in order:
 
 1. the rate limit: a token bucket of ``rate`` tokens a second, refilled on attach;
-2. deduplication by id: a client resends what it has no answer for after a cut, with the
-   same ids, so an id seen before is answered again (see :data:`DEDUPLICATED`) and not carried out
-   twice;
+2. deduplication by id, for every request kind: a client resends what it has no answer for
+   after a cut, with the same ids, so an id seen before is acknowledged again (``who``, which
+   changes nothing, is answered again) and not carried out twice;
 3. the router (the broker: rooms, names, presence), which carries it out;
 4. the answer: an ``ack`` held back (see below), a ``members`` frame, or an ``error`` frame
    with ``ref``. A refused request's id is forgotten, so that a retry is not taken for a
@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import hmac
 from dataclasses import dataclass, field
-from typing import Final, Generic, Protocol, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 from securemsg.core.connection import FrameRejected
 from securemsg.core.delivery import DeliveryLog, RecentIds, splice_frame
@@ -54,7 +54,6 @@ from securemsg.core.messages import (
 from securemsg.errors import ProtocolError
 
 __all__ = [
-    "DEDUPLICATED",
     "Answered",
     "HelloPolicy",
     "Joined",
@@ -68,12 +67,8 @@ __all__ = [
 
 L = TypeVar("L")
 
-#: What the session is sent after its ``hello``: requests, and the cumulative ``ack``.
+#: Every request kind; each carries an optional id, and every one is deduplicated by it.
 Request = Join | Leave | Publish | Direct | Who
-
-#: The request kinds whose ids are deduplicated: a repeat is acknowledged again (``who``,
-#: which changes nothing, is answered again) and not carried out twice.
-DEDUPLICATED: Final[frozenset[type[Request]]] = frozenset({Publish, Direct, Leave, Who})
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,7 +243,8 @@ class ServerSession(Generic[L]):
         if self.rate and not self._take_token(now):
             text = "message rate limit exceeded; dropped"
             return RequestRefused(Error(code=ErrorCode.RATE_LIMITED, message=text, ref=msg_id))
-        if msg_id is not None and type(message) in DEDUPLICATED and self.recent.seen(msg_id):
+        if msg_id is not None and self.recent.seen(msg_id):
+            # A resend (its answer was lost in a cut): answered again, not carried out again.
             if isinstance(message, Who):
                 return Answered(router.who(message.room, msg_id))
             self.hold_ack(msg_id, now)
