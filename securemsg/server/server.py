@@ -86,7 +86,9 @@ class Server:
         self._stopping = False
         self._stopped: asyncio.Event | None = None
         self.port = 0
-        self.counts = {"accepted": 0, "refused": 0, "handshake_failed": 0, "sessions": 0}
+        # Connections accepted and refused at accept, failed TLS handshakes, and hellos
+        # accepted (each started or resumed a session: not a count of sessions).
+        self.counts = {"accepted": 0, "refused": 0, "handshake_failed": 0, "hellos_accepted": 0}
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -295,7 +297,7 @@ class Server:
         handle = self._expiry.pop(session, None)
         if handle is not None:
             handle.cancel()
-        self.counts["sessions"] += 1
+        self.counts["hellos_accepted"] += 1
 
     def session_detached(self, session: ServerSession[Link]) -> None:
         if session.expires_at is None or self._stopping:
