@@ -1,7 +1,11 @@
-"""One client connection on the server: the asyncio read/write path over the protocol core.
+"""One client connection on the server: the asyncio driver of the sans-I/O core.
 
-Read path: bytes -> :class:`securemsg.core.connection.Server` -> events -> broker -> frames
-queued on this or other connections -> one joined ``write`` per connection per loop iteration.
+Read path: bytes -> :class:`securemsg.core.connection.Server` (framing, handshake,
+heartbeat) -> events -> :class:`securemsg.core.server_session.ServerSession` (the session's
+rules) -> the broker (routing) -> frames queued on this or other connections -> one joined
+``write`` per connection per loop iteration. The driver owns the transport, its slot in the
+server's timer wheel and the ack timer (armed at the session's ``ack_due_at``), and decides
+nothing about the protocol.
 """
 
 from __future__ import annotations
@@ -339,7 +343,7 @@ class ServerConnection(asyncio.BufferedProtocol):
             self.session = None
             self.core.send_bye("client_bye")
             return
-        event = session.receive(message, now=now, ts=ts, router=self.broker)
+        event = session.receive(message, now, ts, self.broker)
         if event is not None:
             self._on_session_event(session, event)
 
