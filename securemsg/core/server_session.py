@@ -23,6 +23,11 @@ Every request (``join``, ``leave``, ``publish``, ``direct``, ``who``) passes, in
 Acks are held back: they go out with the next frame to the client, when :data:`ACK_BATCH`
 are held, or at :attr:`ServerSession.ack_due_at`, the deadline the driver arms its timer at.
 
+Messages to the session are numbered and kept in :attr:`ServerSession.delivery` until the
+client acknowledges them cumulatively; a resume replays those after its ``last_seq``. Past
+``max_pending`` unacknowledged the log takes no more (the overflow rule) and the session
+must end: a later resume then starts afresh and the client learns of the gap.
+
 Nothing here reads a clock, opens a socket or logs: the caller passes ``now`` and acts on
 the returned events (:class:`RequestRefused`, :class:`Joined`, :class:`Left`,
 :class:`Answered`, and :class:`~securemsg.core.connection.FrameRejected` for a bad ``ack``).

@@ -193,11 +193,10 @@ class Broker:
         return True
 
     def deliver(self, session: Session, prefix: bytes) -> None:
-        delivery = session.delivery
-        if delivery.full:
+        seq = session.delivery.append(prefix)
+        if not seq:  # max_pending unacknowledged already
             self.overflow(session)
             return
-        seq = delivery.append(prefix)
         self.messages_routed += 1
         link = session.link
         if link is not None:
