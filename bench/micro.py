@@ -112,7 +112,7 @@ async def server_route(count: int) -> float:
         sub.data_received(ack)
     await _drain()
     took = time.perf_counter() - start
-    assert sub.session is not None and sub.session.log.last_seq == len(reads) * BATCH
+    assert sub.session is not None and sub.session.delivery.last_seq == len(reads) * BATCH
     for conn in (pub, sub):
         conn._cancel_timer()
     return took / (len(reads) * BATCH) * 1e6

@@ -59,9 +59,13 @@ class DeliveryLog:
         return len(self._pending) >= self.max_pending
 
     def append(self, prefix: bytes) -> int:
-        """Number a message and keep it; the caller checks :attr:`full` first."""
-        self.last_seq = seq = self.last_seq + 1
+        """Number a message and keep it until acknowledged: its sequence number, or 0 when
+        the log is :attr:`full` (the overflow rule: the session must end, so that a later
+        resume learns of the gap; nothing is dropped silently)."""
         pending = self._pending
+        if len(pending) >= self.max_pending:
+            return 0
+        self.last_seq = seq = self.last_seq + 1
         if not isinstance(pending, deque):
             pending = self._pending = deque()
         pending.append((seq, prefix))

@@ -1,7 +1,11 @@
-"""One client connection on the server: the asyncio read/write path over the protocol core.
+"""One client connection on the server: the asyncio driver of the sans-I/O core.
 
-Read path: bytes -> :class:`securemsg.core.connection.Server` -> events -> broker -> frames
-queued on this or other connections -> one joined ``write`` per connection per loop iteration.
+Read path: bytes -> :class:`securemsg.core.connection.Server` (framing, handshake,
+heartbeat) -> events -> :class:`securemsg.core.server_session.ServerSession` (the session's
+rules) -> the broker (routing) -> frames queued on this or other connections -> one joined
+``write`` per connection per loop iteration. The driver owns the transport, its slot in the
+server's timer wheel and the ack timer (armed at the session's ``ack_due_at``), and decides
+nothing about the protocol.
 """
 
 from __future__ import annotations
@@ -17,26 +21,26 @@ from securemsg.config import ServerConfig
 from securemsg.core import connection as protocol
 from securemsg.core.connection import ConnectionState, FrameRejected, MessageReceived, PeerTimedOut
 from securemsg.core.messages import (
-    ACK_BATCH,
-    ACK_DELAY,
     PROTOCOL_VERSION,
-    Ack,
     Bye,
-    Direct,
     Error,
     ErrorCode,
     Heartbeat,
     Hello,
-    Join,
-    Leave,
-    Publish,
     ServerAck,
     Welcome,
-    Who,
 )
 from securemsg.core.readbuffer import read_buffer
+from securemsg.core.server_session import (
+    Answered,
+    Joined,
+    Left,
+    RequestRefused,
+    ServerSession,
+    SessionEvent,
+)
 from securemsg.errors import ProtocolError
-from securemsg.server.broker import Broker, Refused, Session
+from securemsg.server.broker import Broker, Link
 from securemsg.server.timerwheel import TimerWheel
 from securemsg.tls.contexts import peer_identity
 
@@ -55,11 +59,11 @@ class ConnectionHost(Protocol):
 
     def connection_closed(self, conn: ServerConnection) -> None: ...
 
-    def session_attached(self, session: Session) -> None: ...
+    def session_attached(self, session: ServerSession[Link]) -> None: ...
 
-    def session_detached(self, session: Session) -> None: ...
+    def session_detached(self, session: ServerSession[Link]) -> None: ...
 
-    def session_ended(self, session: Session) -> None: ...
+    def session_ended(self, session: ServerSession[Link]) -> None: ...
 
 
 __all__ = ["ConnectionHost", "ServerConnection"]
@@ -72,18 +76,13 @@ class ServerConnection(asyncio.BufferedProtocol):
     # Slots: a server holds thousands of these, mostly idle; a __dict__ would cost ~1 KB each.
     __slots__ = (
         "_ack_timer",
-        "_acks",
-        "_burst",
         "_close_reason",
         "_flush_scheduled",
         "_loop",
-        "_rate",
         "_read_buffer",
         "_session_id",
         "_session_name",
         "_timer_slot",
-        "_tokens",
-        "_tokens_at",
         "accepted_at",
         "broker",
         "closed",
@@ -115,22 +114,16 @@ class ServerConnection(asyncio.BufferedProtocol):
             heartbeat_timeout=config.heartbeat_timeout,
         )
         self.transport: asyncio.Transport | None = None
-        self.session: Session | None = None
+        self.session: ServerSession[Link] | None = None
         self.identity: str | None = None
         self._session_name: str | None = None  # kept after a bye ends the session
         self._session_id: str | None = None
         self._flush_scheduled = False
         # The slot of our deadline in the server's timer wheel (no TimerHandle per connection).
         self._timer_slot: int | None = None
-        # Acks held back to ride with the next frame to this client (see _flush).
-        self._acks: list[str] | None = None
+        # Armed at the session's ack_due_at while it holds acks (see _flush).
         self._ack_timer: asyncio.TimerHandle | None = None
         self._close_reason = "peer_closed"
-        self._rate = config.max_msgs_per_sec
-        # A bucket must hold at least one token, or a rate below 1/s would refuse everything.
-        self._burst = max(1.0, self._rate)
-        self._tokens = self._burst
-        self._tokens_at = accepted_at
         self.closed = self._loop.create_future()
 
     @property
@@ -164,12 +157,13 @@ class ServerConnection(asyncio.BufferedProtocol):
 
     def data_received(self, data: bytes) -> None:
         core = self.core
-        events = core.receive_data(data, self._loop.time())
+        now = self._loop.time()
+        events = core.receive_data(data, now)
         if events:
             ts = time.time()
             for event in events:
                 if type(event) is MessageReceived:
-                    self._on_message(event.message, ts)
+                    self._on_message(event.message, now, ts)
                 elif type(event) is FrameRejected:
                     self._on_rejected(event)
                 if not core.is_active:
@@ -195,10 +189,7 @@ class ServerConnection(asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.core.connection_lost()
         self._cancel_timer()
-        if self._ack_timer is not None:
-            self._ack_timer.cancel()
-            self._ack_timer = None
-        self._acks = None
+        self._cancel_ack_timer()
         session = self.session
         if session is not None:
             self.broker.detach(session, self, self._loop.time())
@@ -226,14 +217,6 @@ class ServerConnection(asyncio.BufferedProtocol):
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
 
-    def ack(self, msg_id: str) -> None:
-        acks = self._acks
-        if acks is None:
-            self._acks = [msg_id]
-            self._ack_timer = self._loop.call_later(ACK_DELAY, self._acks_due)
-        else:
-            acks.append(msg_id)
-
     def close_with(self, code: str, message: str) -> None:
         if self.core.state is ConnectionState.CLOSED:
             return
@@ -258,12 +241,15 @@ class ServerConnection(asyncio.BufferedProtocol):
 
     def _flush(self) -> None:
         self._flush_scheduled = False
-        # Held acks go with any other frame (a delivery, a pong, an error): a request's ack
-        # then travels with its reply, one read for the client instead of two. Alone they
-        # wait for ACK_DELAY or until ACK_BATCH are pending.
-        acks = self._acks
-        if acks is not None and (self.core.has_data_to_send or len(acks) >= ACK_BATCH):
-            self._send_acks()
+        session = self.session
+        if session is not None and session.ack_due_at is not None:
+            # Held acks go with any other frame (a delivery, a pong, an error): a request's
+            # ack then travels with its reply, one read for the client instead of two.
+            acks = session.acks_to_send(self, sending=self.core.has_data_to_send)
+            if acks is not None:
+                self._send_acks_frame(acks)
+            elif self._ack_timer is None and session.link is self:
+                self._ack_timer = self._loop.call_at(session.ack_due_at, self._acks_due)
         transport = self.transport
         if transport is None or transport.is_closing():
             self.core.data_to_send()
@@ -276,15 +262,22 @@ class ServerConnection(asyncio.BufferedProtocol):
             transport.write(data[0] if len(data) == 1 else b"".join(data))
 
     def _send_acks(self) -> None:
-        acks = self._acks
-        if acks is None:
-            return
-        self._acks = None
+        """Send the session's held acks now (they are due, or we are closing)."""
+        session = self.session
+        if session is not None:
+            acks = session.take_acks(self)
+            if acks is not None:
+                self._send_acks_frame(acks)
+
+    def _send_acks_frame(self, acks: ServerAck) -> None:
+        self._cancel_ack_timer()
+        if self.core.state is not ConnectionState.CLOSED:
+            self.core.send(acks)
+
+    def _cancel_ack_timer(self) -> None:
         if self._ack_timer is not None:
             self._ack_timer.cancel()
             self._ack_timer = None
-        if self.core.state is not ConnectionState.CLOSED:
-            self.core.send(ServerAck(ids=acks))
 
     def _acks_due(self) -> None:
         self._ack_timer = None
@@ -337,65 +330,42 @@ class ServerConnection(asyncio.BufferedProtocol):
         if event.fatal:
             self._close_reason = error.code
 
-    def _on_message(self, message: Any, ts: float) -> None:
-        kind = type(message)
+    def _on_message(self, message: Any, now: float, ts: float) -> None:
         session = self.session
         if session is None:
-            self._on_hello(message)
+            self._on_hello(message, now)
             return
-        if kind is Ack:
-            try:
-                session.log.ack(message.seq)
-            except ProtocolError as exc:
-                self._on_rejected(FrameRejected(exc, fatal=False))
-                self.core.send(Error(code=exc.code, message=exc.message))
-            return
-        if kind is Bye:
+        if type(message) is Bye:
             self._close_reason = "client_bye"
+            self._send_acks()
             self.broker.end(session, reason="bye")
             self.server.session_ended(session)
             self.session = None
-            self._send_acks()
             self.core.send_bye("client_bye")
             return
-        if self._rate and not self._take_token(message):
-            return
-        if kind is Publish:
-            self.broker.publish(session, message, ts)
-        elif kind is Direct:
-            if not self.broker.direct(session, message, ts):
-                self._error(ErrorCode.NO_SUCH_USER, f"no user named {message.to!r}", message.id)
-        elif kind is Join:
-            self.broker.join(session, message.room, message.id)
-            self.log.info("joined", name=session.name, room=message.room)
-        elif kind is Leave:
-            if self.broker.leave(session, message.room, message.id):
-                self.log.info("left", name=session.name, room=message.room)
-            else:
-                self._error(ErrorCode.NOT_MEMBER, f"not a member of {message.room!r}", message.id)
-        elif kind is Who:
-            self.queue(self.broker.who(message.room, message.id))
+        event = session.receive(message, now, ts, self.broker)
+        if event is not None:
+            self._on_session_event(session, event)
 
-    def _take_token(self, message: Any) -> bool:
-        now = self._loop.time()
-        self._tokens = min(self._burst, self._tokens + (now - self._tokens_at) * self._rate)
-        self._tokens_at = now
-        if self._tokens >= 1.0:
-            self._tokens -= 1.0
-            return True
-        ref = getattr(message, "id", None)
-        self._error(ErrorCode.RATE_LIMITED, "message rate limit exceeded; dropped", ref)
-        return False
+    def _on_session_event(self, session: ServerSession[Link], event: SessionEvent) -> None:
+        if isinstance(event, Answered):
+            self.queue(event.frame)
+        elif isinstance(event, Joined):
+            self.log.info("joined", name=session.name, room=event.room)
+        elif isinstance(event, Left):
+            self.log.info("left", name=session.name, room=event.room)
+        elif isinstance(event, RequestRefused):
+            self.log.info("request_refused", name=self._name, code=event.error.code)
+            self.core.send(event.error)
+        else:  # a bad ack: answered, and the connection carries on
+            self._on_rejected(event)
+            self.core.send(Error(code=event.error.code, message=event.error.message))
 
-    def _error(self, code: str, text: str, ref: str | None) -> None:
-        self.log.info("request_refused", name=self._name, code=code)
-        self.core.send(Error(code=code, message=text, ref=ref))
-
-    def _on_hello(self, hello: Hello) -> None:
+    def _on_hello(self, hello: Hello, now: float) -> None:
         config = self.server.config
         try:
-            opened = self.broker.open(hello, identity=self.identity, link=self)
-        except Refused as refused:
+            opened = self.broker.open(hello, identity=self.identity, link=self, now=now)
+        except ProtocolError as refused:
             self.log.warning(
                 "session_refused", name=hello.name, code=refused.code, reason=refused.message
             )

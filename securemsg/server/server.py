@@ -28,8 +28,9 @@ import structlog
 from securemsg.config import ServerConfig, read_token
 from securemsg.core.clienthello import ClientHelloInfo, alpn_acceptable, inspect_client_hello
 from securemsg.core.messages import ErrorCode
+from securemsg.core.server_session import ServerSession
 from securemsg.errors import ConfigError
-from securemsg.server.broker import Broker, Session
+from securemsg.server.broker import Broker, Link
 from securemsg.server.connection import ServerConnection
 from securemsg.server.timerwheel import TimerWheel
 from securemsg.tls.contexts import describe_server_handshake_error, server_context
@@ -70,6 +71,7 @@ class Server:
             max_pending=config.max_pending,
             dedup_window=config.dedup_window,
             session_ttl=config.session_ttl,
+            max_msgs_per_sec=config.max_msgs_per_sec,
             token=read_token(config),
             require_identity=config.require_client_cert,
         )
@@ -77,14 +79,16 @@ class Server:
         self._pending_handshakes = 0
         self._sockets: list[socket.socket] = []
         self._tasks: set[asyncio.Task[None]] = set()
-        self._expiry: dict[Session, asyncio.TimerHandle] = {}
+        self._expiry: dict[ServerSession[Link], asyncio.TimerHandle] = {}
         self._ids = itertools.count(1)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wheel: TimerWheel | None = None
         self._stopping = False
         self._stopped: asyncio.Event | None = None
         self.port = 0
-        self.counts = {"accepted": 0, "refused": 0, "handshake_failed": 0, "sessions": 0}
+        # Connections accepted and refused at accept, failed TLS handshakes, and hellos
+        # accepted (each started or resumed a session: not a count of sessions).
+        self.counts = {"accepted": 0, "refused": 0, "handshake_failed": 0, "hellos_accepted": 0}
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -289,13 +293,13 @@ class Server:
     def connection_closed(self, conn: ServerConnection) -> None:
         self.connections.discard(conn)
 
-    def session_attached(self, session: Session) -> None:
+    def session_attached(self, session: ServerSession[Link]) -> None:
         handle = self._expiry.pop(session, None)
         if handle is not None:
             handle.cancel()
-        self.counts["sessions"] += 1
+        self.counts["hellos_accepted"] += 1
 
-    def session_detached(self, session: Session) -> None:
+    def session_detached(self, session: ServerSession[Link]) -> None:
         if session.expires_at is None or self._stopping:
             return
         old = self._expiry.pop(session, None)
@@ -303,12 +307,12 @@ class Server:
             old.cancel()
         self._expiry[session] = self.loop.call_at(session.expires_at, self._expire, session)
 
-    def session_ended(self, session: Session) -> None:
+    def session_ended(self, session: ServerSession[Link]) -> None:
         handle = self._expiry.pop(session, None)
         if handle is not None:
             handle.cancel()
 
-    def _expire(self, session: Session) -> None:
+    def _expire(self, session: ServerSession[Link]) -> None:
         self._expiry.pop(session, None)
         if session.link is not None or session.expires_at is None:
             return
@@ -318,7 +322,7 @@ class Server:
             session=session.id,
             name=session.name,
             rooms=len(rooms),
-            undelivered=len(session.log),
+            undelivered=len(session.delivery),
         )
 
 

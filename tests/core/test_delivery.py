@@ -217,3 +217,11 @@ def test_an_outbox_is_full_at_max_outbox() -> None:
     assert outbox.full
     outbox.ack(second)
     assert not outbox.full
+
+
+def test_a_full_delivery_log_takes_no_more_and_says_so_with_seq_zero() -> None:
+    log = filled_log(2, max_pending=2)
+    assert log.append(b"p3") == 0
+    assert (log.last_seq, len(log)) == (2, 2)
+    log.ack(1)
+    assert log.append(b"p3") == 3

@@ -157,6 +157,19 @@ async def test_resent_id_is_acknowledged_again_but_not_delivered_twice(start_ser
     assert await bob.recv() == Pong(id=3)  # no second copy
 
 
+async def test_a_join_resent_after_its_leave_does_not_rejoin(start_server, raw) -> None:
+    server = await start_server()
+    alice, bob = await raw(server.port, "alice"), await raw(server.port, "bob")
+    bob.send(Join(room="r", id="1"), Leave(room="r", id="2"))
+    assert await acked_ids(bob, 2) == ["1", "2"]
+    bob.send(Join(room="r", id="1"), Leave(room="r", id="2"))  # as after a cut
+    assert await acked_ids(bob, 2) == ["1", "2"]
+    alice.send(Publish(room="r", body=body(1), id="p"), Who(room="r", id="w"))
+    assert await alice.recv_type(Members) == Members(room="r", names=[], ref="w")
+    bob.send(Ping(id=3))
+    assert await bob.recv() == Pong(id=3)  # no message, no presence
+
+
 async def test_resume_within_ttl_replays_after_last_seq(start_server, raw) -> None:
     server = await start_server()
     alice, bob = await raw(server.port, "alice"), await raw(server.port, "bob")
@@ -188,6 +201,10 @@ async def test_resume_before_the_old_connection_is_noticed_takes_it_over(start_s
     error = await bob.recv_type(Error)
     assert error.code == "session_taken_over"
     assert await bob.closed()
+    with capture_logs() as logs:
+        await server.close()
+    [stopped] = [e for e in logs if e["event"] == "server_stopped"]
+    assert stopped["hellos_accepted"] == 2  # one session, started then resumed
 
 
 async def test_session_expires_after_ttl_and_resume_starts_fresh(start_server, raw, unit) -> None:
