@@ -94,6 +94,8 @@ class ServerConfig(_Config, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     heartbeat_timeout: float = 30.0
     session_ttl: float = 60.0
     max_pending: int = 10_000
+    max_pending_bytes: int = 16 * _MIB
+    slow_consumer_timeout: float = 10.0
     max_outgoing_bytes: int = 8 * _MIB
     max_frame: int = 1 * _MIB
     max_connections: int = 10_000
@@ -144,7 +146,11 @@ FIELD_HELP: Final[dict[str, dict[str, str]]] = {
         "heartbeat_timeout": "seconds of silence after which a peer counts as dead",
         "session_ttl": "seconds a disconnected client's session is kept for resuming",
         "max_pending": "unacknowledged messages kept per session",
-        "max_outgoing_bytes": "bytes queued for a slow client before it is dropped",
+        "max_pending_bytes": "bytes of unacknowledged messages kept per session",
+        "slow_consumer_timeout": "seconds a congested session may acknowledge nothing while "
+        "publishers wait for it before it is cut",
+        "max_outgoing_bytes": "bytes buffered for writing to one client; the rest waits in "
+        "its session",
         "max_frame": "largest frame accepted, in bytes",
         "max_connections": "connections served at once",
         "max_msgs_per_sec": "messages per second one client may send; 0 means no limit",
@@ -179,10 +185,12 @@ T = TypeVar("T", bound=_Config)
 
 _DURATIONS: Final = frozenset(
     "handshake_timeout heartbeat_interval heartbeat_timeout session_ttl shutdown_timeout"
+    " slow_consumer_timeout"
     " reconnect_base reconnect_cap connect_timeout".split()
 )
 _SIZES: Final = frozenset(
-    "max_pending max_outgoing_bytes max_frame max_connections dedup_window max_outbox".split()
+    "max_pending max_pending_bytes max_outgoing_bytes max_frame max_connections dedup_window"
+    " max_outbox".split()
 )
 _ZERO_MEANS_OFF: Final = frozenset({"max_msgs_per_sec", "max_attempts"})
 _NAME_RE: Final = re.compile(NAME_PATTERN)
@@ -458,7 +466,7 @@ def _metavar(field: _Field) -> str | None:
         return None  # argparse shows the choices
     if field.name in _DURATIONS or field.name == "max_msgs_per_sec":
         return "SECONDS" if field.name != "max_msgs_per_sec" else "RATE"
-    if field.name in {"max_outgoing_bytes", "max_frame"}:
+    if field.name in {"max_outgoing_bytes", "max_frame", "max_pending_bytes"}:
         return "BYTES"
     if isinstance(field.info, msgspec.inspect.IntType):
         return "PORT" if field.name == "port" else "N"

@@ -39,14 +39,42 @@ def splice_frame(prefix: bytes, seq: int) -> bytes:
 
 
 class DeliveryLog:
-    """Outbound sequence numbers and unacknowledged messages of one server-side session."""
+    """Outbound sequence numbers and unacknowledged messages of one server-side session.
 
-    __slots__ = ("_pending", "acked", "last_seq", "max_pending")
+    Bounded twice, in messages (``max_pending``) and in bytes (``max_pending_bytes``, the
+    encoded prefixes kept). Half way to either bound the log is :attr:`congested`: the
+    server stops reading from whoever publishes to it (flow control) until acknowledgements
+    bring it down to a quarter of both bounds. :attr:`sent_seq` is how far the messages went
+    to the connection; what lies beyond waits here while the connection's buffer is full.
+    """
 
-    def __init__(self, max_pending: int) -> None:
+    __slots__ = (
+        "_high",
+        "_high_bytes",
+        "_low",
+        "_low_bytes",
+        "_pending",
+        "acked",
+        "congested",
+        "last_seq",
+        "max_pending",
+        "max_pending_bytes",
+        "pending_bytes",
+        "sent_seq",
+    )
+
+    def __init__(self, max_pending: int, max_pending_bytes: int = 1 << 62) -> None:
         self.max_pending = max_pending
+        self.max_pending_bytes = max_pending_bytes
+        self._high = max(1, max_pending // 2)
+        self._low = max_pending // 4
+        self._high_bytes = max(1, max_pending_bytes // 2)
+        self._low_bytes = max_pending_bytes // 4
         self.last_seq = 0
         self.acked = 0
+        self.sent_seq = 0
+        self.pending_bytes = 0
+        self.congested = False
         # Made on the first message and dropped once all are acknowledged: an empty deque
         # costs ~770 bytes, and most sessions are idle most of the time.
         self._pending: deque[tuple[int, bytes]] | tuple[()] = ()
@@ -56,40 +84,64 @@ class DeliveryLog:
 
     @property
     def full(self) -> bool:
-        return len(self._pending) >= self.max_pending
+        return (
+            len(self._pending) >= self.max_pending or self.pending_bytes >= self.max_pending_bytes
+        )
 
     def append(self, prefix: bytes) -> int:
         """Number a message and keep it until acknowledged: its sequence number, or 0 when
-        the log is :attr:`full` (the overflow rule: the session must end, so that a later
-        resume learns of the gap; nothing is dropped silently)."""
+        it does not fit (the overflow rule: the session must end, so that a later resume
+        learns of the gap; nothing is dropped silently). A message always fits an empty log."""
         pending = self._pending
-        if len(pending) >= self.max_pending:
+        size = self.pending_bytes + len(prefix)
+        if pending and (len(pending) >= self.max_pending or size > self.max_pending_bytes):
             return 0
         self.last_seq = seq = self.last_seq + 1
         if not isinstance(pending, deque):
             pending = self._pending = deque()
         pending.append((seq, prefix))
+        self.pending_bytes = size
+        if len(pending) >= self._high or size >= self._high_bytes:
+            self.congested = True
         return seq
 
-    def ack(self, seq: int) -> None:
-        """Cumulative acknowledgement: every message up to ``seq`` arrived."""
+    def ack(self, seq: int) -> bool:
+        """Cumulative acknowledgement: every message up to ``seq`` arrived. True when this
+        ended a congestion (see the class doc)."""
         if seq > self.last_seq:
             raise ProtocolError(
                 "bad_message", f"ack of seq {seq} but only {self.last_seq} were sent"
             )
         if seq <= self.acked:
-            return
+            return False
         self.acked = seq
+        if self.sent_seq < seq:
+            self.sent_seq = seq
         pending = self._pending
         if isinstance(pending, deque):
+            size = self.pending_bytes
             while pending and pending[0][0] <= seq:
-                pending.popleft()
+                size -= len(pending.popleft()[1])
+            self.pending_bytes = size
             if not pending:
                 self._pending = ()
+        if self.congested and len(pending) <= self._low and self.pending_bytes <= self._low_bytes:
+            self.congested = False
+            return True
+        return False
+
+    def unsent(self) -> list[bytes]:
+        """The frames numbered but not yet handed to the connection, in order; they count as
+        sent from now on."""
+        start = self.sent_seq
+        self.sent_seq = self.last_seq
+        return [splice_frame(prefix, seq) for seq, prefix in self._pending if seq > start]
 
     def replay(self, last_seq: int) -> Iterator[tuple[int, bytes]]:
-        """The messages after ``last_seq``, in order, for a resumed session."""
+        """The messages after ``last_seq``, in order, for a resumed session (all of them count
+        as sent from now on)."""
         self.ack(min(last_seq, self.last_seq))
+        self.sent_seq = self.last_seq
         return iter(list(self._pending))
 
 

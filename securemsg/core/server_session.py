@@ -63,6 +63,7 @@ __all__ = [
     "HelloPolicy",
     "Joined",
     "Left",
+    "Relieved",
     "Request",
     "RequestRefused",
     "Router",
@@ -100,7 +101,15 @@ class Answered:
     frame: bytes
 
 
-SessionEvent = RequestRefused | Joined | Left | Answered | FrameRejected
+@dataclass(frozen=True, slots=True)
+class Relieved:
+    """An ack brought a congested delivery log down to its low watermark: the publishers
+    waiting on this session may go on (see :class:`~securemsg.core.delivery.DeliveryLog`)."""
+
+
+RELIEVED = Relieved()
+
+SessionEvent = RequestRefused | Joined | Left | Answered | Relieved | FrameRejected
 
 
 class Router(Protocol[L]):
@@ -164,6 +173,7 @@ class ServerSession(Generic[L]):
         "_tokens",
         "_tokens_at",
         "ack_due_at",
+        "acked_at",
         "delivery",
         "expires_at",
         "id",
@@ -171,7 +181,10 @@ class ServerSession(Generic[L]):
         "name",
         "rate",
         "recent",
+        "stalled_since",
         "token",
+        "waiters",
+        "waiting_on",
     )
 
     def __init__(
@@ -182,12 +195,13 @@ class ServerSession(Generic[L]):
         token: str,
         max_pending: int,
         dedup_window: int,
+        max_pending_bytes: int = 1 << 62,
         rate: float = 0.0,
     ) -> None:
         self.id = sid
         self.name = name
         self.token = token
-        self.delivery = DeliveryLog(max_pending)
+        self.delivery = DeliveryLog(max_pending, max_pending_bytes)
         self.recent = RecentIds(dedup_window)
         self.link: L | None = None
         self.expires_at: float | None = None
@@ -200,6 +214,14 @@ class ServerSession(Generic[L]):
         self._acks: list[str] | None = None
         #: When the held acks must go out (None: none held); the driver's ack timer.
         self.ack_due_at: float | None = None
+        #: When an ack last made progress (the slow-consumer rule reads it).
+        self.acked_at = 0.0
+        #: Flow control, kept by the router: the sessions whose publishes wait for this
+        #: congested one, since when (set by the first check that sees them), and the
+        #: congested sessions this one's publishes wait for.
+        self.waiters: set[ServerSession[L]] | None = None
+        self.stalled_since: float | None = None
+        self.waiting_on: set[ServerSession[L]] | None = None
 
     def __repr__(self) -> str:  # never show the token
         return f"ServerSession({self.id}, {self.name!r}, connected={self.link is not None})"
@@ -244,11 +266,15 @@ class ServerSession(Generic[L]):
         # type() is, not isinstance(): on msgspec Structs isinstance costs ~60 ns (their
         # metaclass), and this is the path of every message.
         if type(message) is Ack:
+            delivery = self.delivery
+            before = delivery.acked
             try:
-                self.delivery.ack(message.seq)
+                relieved = delivery.ack(message.seq)
             except ProtocolError as exc:
                 return FrameRejected(exc, fatal=False)
-            return None
+            if delivery.acked != before:
+                self.acked_at = now
+            return RELIEVED if relieved else None
         msg_id = message.id  # type: ignore[union-attr]  # not an Ack: a Request
         if self.rate and not self._take_token(now):
             text = "message rate limit exceeded; dropped"

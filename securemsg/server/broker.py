@@ -42,8 +42,18 @@ logger = structlog.get_logger("securemsg.server.broker")
 class Link(Protocol):
     """What the broker needs of a live connection."""
 
+    #: False while the connection's write buffer is full: deliveries then wait in the
+    #: session's delivery log, and the connection sends them when it drains.
+    writable: bool
+
     def queue(self, frame: bytes) -> None:
         """Queue one whole frame; the driver batches the writes."""
+
+    def pause_reading(self) -> None:
+        """Carry out nothing more this connection sends until :meth:`resume_reading`
+        (acknowledgements excepted): a session it publishes to is congested."""
+
+    def resume_reading(self) -> None: ...
 
     def close_with(self, code: str, message: str) -> None:
         """Send an ``error`` frame with a fatal code and close."""
@@ -69,6 +79,7 @@ class Broker:
         self,
         *,
         max_pending: int = 10_000,
+        max_pending_bytes: int = 1 << 62,
         dedup_window: int = 10_000,
         session_ttl: float = 60.0,
         max_msgs_per_sec: float = 0.0,
@@ -76,6 +87,7 @@ class Broker:
         require_identity: bool = False,
     ) -> None:
         self.max_pending = max_pending
+        self.max_pending_bytes = max_pending_bytes
         self.dedup_window = dedup_window
         self.session_ttl = session_ttl
         self.max_msgs_per_sec = max_msgs_per_sec
@@ -87,6 +99,8 @@ class Broker:
         self.by_token: dict[str, Session] = {}
         self._ids = itertools.count(1)
         self.messages_routed = 0
+        #: Congested sessions that publishers wait for (flow control).
+        self.stalled: set[Session] = set()
 
     # -- sessions -----------------------------------------------------------------------------
 
@@ -108,6 +122,7 @@ class Broker:
             name=name,
             token=secrets.token_urlsafe(18),
             max_pending=self.max_pending,
+            max_pending_bytes=self.max_pending_bytes,
             dedup_window=self.dedup_window,
             rate=self.max_msgs_per_sec,
         )
@@ -117,6 +132,7 @@ class Broker:
         return Opened(session, resumed=False, replay=[], took_over=False)
 
     def _resume(self, session: Session, last_seq: int, link: Link, now: float) -> Opened:
+        self._stop_waiting(session)  # what the old connection held died with it
         old = session.link
         if old is not None:
             # The client came back before we noticed its old connection die. Unlinked first:
@@ -131,8 +147,11 @@ class Broker:
         )
 
     def detach(self, session: Session, link: Link, now: float) -> None:
-        """The session's connection is gone: keep the session until ``now + session_ttl``."""
-        session.detach(link, expires_at=now + self.session_ttl)
+        """The session's connection is gone: keep the session until ``now + session_ttl``.
+        What it had published and not yet carried out died with the connection (the client
+        resends it), so it waits for nobody any more."""
+        if session.detach(link, expires_at=now + self.session_ttl):
+            self._stop_waiting(session)
 
     def end(self, session: Session, *, reason: str) -> list[str]:
         """Forget a session: its memberships end (with presence) and it cannot resume."""
@@ -143,6 +162,8 @@ class Broker:
         for room_filter in filters:
             self._presence(session, room_filter, "leave")
         session.expires_at = None
+        self._stop_waiting(session)
+        self.relieved(session)
         return filters
 
     # -- requests (the sessions' router) ------------------------------------------------------
@@ -180,6 +201,8 @@ class Broker:
             for member in members:
                 if member is not session:
                     deliver(member, prefix)
+                    if member.delivery.congested:
+                        self._wait(session, member)
 
     def direct(self, session: Session, msg: Direct, ts: float) -> bool:
         """False when nobody has that name."""
@@ -190,26 +213,119 @@ class Broker:
             sender=session.name, to=msg.to, body=msg.body, id=msg.id, re=msg.re, ts=ts, seq=0
         )
         self.deliver(target, message_prefix(encode(message)))
+        if target.delivery.congested:
+            self._wait(session, target)
         return True
 
     def deliver(self, session: Session, prefix: bytes) -> None:
-        seq = session.delivery.append(prefix)
-        if not seq:  # max_pending unacknowledged already
+        log = session.delivery
+        seq = log.append(prefix)
+        if not seq:  # max_pending (or max_pending_bytes) unacknowledged already
             self.overflow(session)
             return
         self.messages_routed += 1
         link = session.link
-        if link is not None:
+        # Only in order: while earlier ones wait for the connection to drain, so does this.
+        if link is not None and link.writable and log.sent_seq == seq - 1:
+            log.sent_seq = seq
             link.queue(splice_frame(prefix, seq))
 
+    # -- flow control -------------------------------------------------------------------------
+
+    def _wait(self, publisher: Session, congested: Session) -> None:
+        """``publisher`` just made ``congested`` congested (or more so): it publishes no more
+        until ``congested`` is relieved, cut or gone. Its connection stops carrying out
+        requests, TCP pushes back, and the client's publish waits on its bounded outbox."""
+        if publisher is congested or publisher.link is None:
+            return
+        if congested.link is None and congested.expires_at is None:
+            return  # it ended (overflowed): nothing to wait for
+        waiting_on = publisher.waiting_on
+        if waiting_on is None:
+            waiting_on = publisher.waiting_on = set()
+        elif congested in waiting_on:
+            return
+        waiting_on.add(congested)
+        waiters = congested.waiters
+        if waiters is None:
+            waiters = congested.waiters = set()
+        waiters.add(publisher)
+        self.stalled.add(congested)
+        if len(waiting_on) == 1:
+            publisher.link.pause_reading()
+
+    def relieved(self, session: Session) -> None:
+        """``session`` is no longer congested (acks brought it down, or it ended): the
+        publishers that waited for it alone go on."""
+        waiters = session.waiters
+        session.waiters = session.stalled_since = None
+        self.stalled.discard(session)
+        if not waiters:
+            return
+        for publisher in waiters:
+            waiting_on = publisher.waiting_on
+            if waiting_on is None:
+                continue
+            waiting_on.discard(session)
+            if not waiting_on:
+                publisher.waiting_on = None
+                if publisher.link is not None:
+                    publisher.link.resume_reading()
+
+    def _stop_waiting(self, publisher: Session) -> None:
+        waiting_on, publisher.waiting_on = publisher.waiting_on, None
+        for congested in waiting_on or ():
+            if congested.waiters is not None:
+                congested.waiters.discard(publisher)
+                if not congested.waiters:
+                    self.relieved(congested)
+
+    def check_stalled(self, now: float, timeout: float) -> list[Session]:
+        """Cut every congested session that publishers wait for and that acknowledged
+        nothing for ``timeout`` seconds (the slow-consumer rule); return those cut. Called
+        periodically: a session is timed from the first call that sees it stalled."""
+        cut = []
+        for session in list(self.stalled):
+            since = session.stalled_since
+            if since is None:
+                session.stalled_since = now
+            elif now - max(since, session.acked_at) >= timeout:
+                self.cut(session, stalled=now - max(since, session.acked_at))
+                cut.append(session)
+        return cut
+
+    def cut(self, session: Session, *, stalled: float) -> None:
+        """End a slow consumer: a stuck reader does not hold its publishers hostage (its
+        session ends, so a resume learns of the gap)."""
+        logger.warning(
+            "slow_consumer",
+            session=session.id,
+            name=session.name,
+            pending=len(session.delivery),
+            pending_bytes=session.delivery.pending_bytes,
+            stalled=round(stalled, 3),
+            waiting_publishers=len(session.waiters or ()),
+        )
+        link = session.link
+        session.link = None
+        self.end(session, reason="slow_consumer")
+        if link is not None:
+            link.close_with(
+                ErrorCode.SLOW_CONSUMER,
+                f"nothing acknowledged for {stalled:.1f} s while publishers waited",
+            )
+
     def overflow(self, session: Session) -> None:
-        """Past max_pending the session ends: a later resume learns of the gap."""
-        max_pending = session.delivery.max_pending
+        """Past max_pending (or max_pending_bytes) the session ends: a later resume learns of
+        the gap. Flow control keeps a session that reads from getting here."""
+        log = session.delivery
+        max_pending = log.max_pending
         logger.warning(
             "session_overflowed",
             session=session.id,
             name=session.name,
-            pending=len(session.delivery),
+            pending=len(log),
+            pending_bytes=log.pending_bytes,
             max_pending=max_pending,
         )
         link = session.link

@@ -22,6 +22,7 @@ from securemsg.core import connection as protocol
 from securemsg.core.connection import ConnectionState, FrameRejected, MessageReceived, PeerTimedOut
 from securemsg.core.messages import (
     PROTOCOL_VERSION,
+    Ack,
     Bye,
     Error,
     ErrorCode,
@@ -32,6 +33,7 @@ from securemsg.core.messages import (
 )
 from securemsg.core.readbuffer import read_buffer
 from securemsg.core.server_session import (
+    RELIEVED,
     Answered,
     Joined,
     Left,
@@ -80,8 +82,10 @@ class ServerConnection(asyncio.BufferedProtocol):
         "_flush_scheduled",
         "_loop",
         "_read_buffer",
+        "_reading_paused",
         "_session_id",
         "_session_name",
+        "_stash",
         "_timer_slot",
         "accepted_at",
         "broker",
@@ -93,6 +97,7 @@ class ServerConnection(asyncio.BufferedProtocol):
         "server",
         "session",
         "transport",
+        "writable",
     )
 
     def __init__(
@@ -125,6 +130,11 @@ class ServerConnection(asyncio.BufferedProtocol):
         self._ack_timer: asyncio.TimerHandle | None = None
         self._close_reason = "peer_closed"
         self.closed = self._loop.create_future()
+        self.writable = True
+        # Flow control: requests read while a session they publish to is congested wait
+        # here, in order, and reading stops until the broker says go on.
+        self._reading_paused = False
+        self._stash: list[MessageReceived] | None = None
 
     @property
     def log(self) -> FilteringBoundLogger:
@@ -163,7 +173,10 @@ class ServerConnection(asyncio.BufferedProtocol):
             ts = time.time()
             for event in events:
                 if type(event) is MessageReceived:
-                    self._on_message(event.message, now, ts)
+                    if self._stash is not None:
+                        self._hold(event, now, ts)
+                    else:
+                        self._on_message(event.message, now, ts)
                 elif type(event) is FrameRejected:
                     self._on_rejected(event)
                 if not core.is_active:
@@ -172,19 +185,72 @@ class ServerConnection(asyncio.BufferedProtocol):
         if core.state is ConnectionState.CLOSING:
             self._close()
 
+    def _hold(self, event: MessageReceived, now: float, ts: float) -> None:
+        """Reading is paused: keep a request for later, in order. An ack is carried out at
+        once, whatever it follows: it may be what relieves the congestion we wait for."""
+        if type(event.message) is Ack:
+            self._on_message(event.message, now, ts)
+        else:
+            self._stash.append(event)  # type: ignore[union-attr]
+
     def eof_received(self) -> bool | None:
         return None  # let the transport close; connection_lost does the rest
 
     def pause_writing(self) -> None:
-        # The peer reads slower than we write and the buffer reached max_outgoing_bytes.
-        self.log.warning(
-            "slow_consumer",
-            name=self._name,
-            buffered=self.transport.get_write_buffer_size() if self.transport else None,
-        )
-        self.close_with(ErrorCode.SLOW_CONSUMER, "the client reads too slowly")
-        if self.transport is not None:
-            self._loop.call_later(_SLOW_CONSUMER_GRACE, self.transport.abort)
+        # The peer reads slower than we write and the buffer reached max_outgoing_bytes:
+        # deliveries wait in the session's delivery log (see Broker.deliver) until it drains.
+        self.writable = False
+
+    def resume_writing(self) -> None:
+        self.writable = True
+        session = self.session
+        if session is not None and session.link is self:
+            for frame in session.delivery.unsent():
+                self.core.send_frame(frame)
+            self._flush()
+
+    # -- flow control (broker.Link) -----------------------------------------------------------
+
+    def pause_reading(self) -> None:
+        if self._reading_paused:
+            return
+        self._reading_paused = True
+        if self._stash is None:
+            self._stash = []
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if not self._reading_paused:
+            return
+        self._reading_paused = False
+        # Not now: we are inside another connection's ack, and what we held may publish to it.
+        self._loop.call_soon(self._carry_on)
+
+    def _carry_on(self) -> None:
+        """Carry out the held requests, in order, until done or paused again."""
+        stash = self._stash
+        if stash is None or self._reading_paused or not self.core.is_active:
+            return
+        now, ts = self._loop.time(), time.time()
+        done = 0
+        for event in stash:
+            done += 1
+            self._on_message(event.message, now, ts)
+            if self._reading_paused or not self.core.is_active:
+                break
+        del stash[:done]
+        if not self._reading_paused:
+            self._stash = None if not stash else stash
+            if stash:
+                self._loop.call_soon(self._carry_on)
+            elif self.transport is not None and not self.transport.is_closing():
+                # The silence while we did not read was ours, not the client's.
+                self.core.last_received = now
+                self.transport.resume_reading()
+        self._flush()
+        if self.core.state is ConnectionState.CLOSING:
+            self._close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.core.connection_lost()
@@ -301,7 +367,10 @@ class ServerConnection(asyncio.BufferedProtocol):
     def on_timer(self) -> None:
         """Our deadline came (called by the server's timer wheel)."""
         self._timer_slot = None
-        for event in self.core.tick(self._loop.time()):
+        now = self._loop.time()
+        if self._reading_paused:
+            self.core.last_received = now  # we do not read: the client is not silent
+        for event in self.core.tick(now):
             if type(event) is PeerTimedOut:
                 self._close_reason = event.code
                 self.log.warning(event.code, name=self._name, silence=round(event.silence, 3))
@@ -348,7 +417,9 @@ class ServerConnection(asyncio.BufferedProtocol):
             self._on_session_event(session, event)
 
     def _on_session_event(self, session: ServerSession[Link], event: SessionEvent) -> None:
-        if isinstance(event, Answered):
+        if event is RELIEVED:  # first: it follows acks, the most frequent of these
+            self.broker.relieved(session)
+        elif isinstance(event, Answered):
             self.queue(event.frame)
         elif isinstance(event, Joined):
             self.log.info("joined", name=session.name, room=event.room)
@@ -357,7 +428,7 @@ class ServerConnection(asyncio.BufferedProtocol):
         elif isinstance(event, RequestRefused):
             self.log.info("request_refused", name=self._name, code=event.error.code)
             self.core.send(event.error)
-        else:  # a bad ack: answered, and the connection carries on
+        elif isinstance(event, FrameRejected):  # a bad ack: answered, and the connection goes on
             self._on_rejected(event)
             self.core.send(Error(code=event.error.code, message=event.error.message))
 

@@ -69,6 +69,7 @@ class Server:
         self.ssl_context = ssl_context
         self.broker = Broker(
             max_pending=config.max_pending,
+            max_pending_bytes=config.max_pending_bytes,
             dedup_window=config.dedup_window,
             session_ttl=config.session_ttl,
             max_msgs_per_sec=config.max_msgs_per_sec,
@@ -85,6 +86,10 @@ class Server:
         self._wheel: TimerWheel | None = None
         self._stopping = False
         self._stopped: asyncio.Event | None = None
+        self._stall_check: asyncio.TimerHandle | None = None
+        # The slow-consumer rule is checked this often: a stuck session is cut between
+        # slow_consumer_timeout and a quarter more.
+        self._stall_period = max(0.01, config.slow_consumer_timeout / 4)
         self.port = 0
         # Connections accepted and refused at accept, failed TLS handshakes, and hellos
         # accepted (each started or resumed a session: not a count of sessions).
@@ -126,6 +131,7 @@ class Server:
         self.port = self._sockets[0].getsockname()[1]
         for sock in self._sockets:
             self.loop.add_reader(sock.fileno(), self._accept_ready, sock)
+        self._stall_check = self.loop.call_later(self._stall_period, self._check_stalled)
         logger.info(
             "server_listening",
             host=self.config.host,
@@ -150,6 +156,8 @@ class Server:
             return
         self._stopping = True
         logger.info("server_stopping", connections=len(self.connections))
+        if self._stall_check is not None:
+            self._stall_check.cancel()
         for sock in self._sockets:
             with contextlib.suppress(OSError):
                 self.loop.remove_reader(sock.fileno())
@@ -283,6 +291,14 @@ class Server:
         )
         if self._stopping:
             conn.send_bye(ErrorCode.SERVER_SHUTDOWN)
+
+    def _check_stalled(self) -> None:
+        if self.broker.stalled:
+            for session in self.broker.check_stalled(
+                self.loop.time(), self.config.slow_consumer_timeout
+            ):
+                self.session_ended(session)
+        self._stall_check = self.loop.call_later(self._stall_period, self._check_stalled)
 
     def _handshake_failed(self, conn_id: int, peer: str, reason: str) -> None:
         self.counts["handshake_failed"] += 1

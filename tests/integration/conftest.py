@@ -11,6 +11,7 @@ from typing import Any
 import msgspec
 import pytest
 
+from securemsg.client.client import Client, connect
 from securemsg.config import ServerConfig
 from securemsg.core.frames import FrameDecoder, encode_frame
 from securemsg.core.messages import Hello, Ping, Pong, ServerMessage, decode_server, encode
@@ -18,6 +19,7 @@ from securemsg.server.server import Server
 from securemsg.tls.contexts import client_context
 
 StartServer = Callable[..., Awaitable[Server]]
+OpenClient = Callable[..., Awaitable[Client]]
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -148,3 +150,22 @@ async def raw(tls_files: Any) -> AsyncIterator[Callable[..., Awaitable[RawClient
     yield open_client
     for client in clients:
         await client.close()
+
+
+@pytest.fixture
+async def open_client(tls_files: Any, unit: float) -> AsyncIterator[OpenClient]:
+    """Connect clients that trust the test CA and reconnect quickly; closed at the end."""
+    clients: list[Client] = []
+
+    async def open_(port: int, name: str | None, **options: Any) -> Client:
+        options.setdefault("ca", str(tls_files.ca_pem))
+        options.setdefault("reconnect_base", unit / 2)
+        options.setdefault("reconnect_cap", 2 * unit)
+        options.setdefault("connect_timeout", 20 * unit)
+        client = await connect("localhost", port, name=name, **options)
+        clients.append(client)
+        return client
+
+    yield open_
+    for client in clients:
+        await client.close(timeout=1)

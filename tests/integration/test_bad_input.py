@@ -452,6 +452,8 @@ async def _firehose(
         [
             "--cert", str(tls_files.server_cert), "--key", str(tls_files.server_key),
             "--max-outgoing-bytes", str(MAX_OUTGOING), "--max-pending", str(MAX_PENDING),
+            # The stuck client holds the publisher back (flow control) until it is cut.
+            "--slow-consumer-timeout", str(20 * unit),
         ]
     )  # fmt: skip
     port = await asyncio.to_thread(server.start)

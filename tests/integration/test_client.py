@@ -44,25 +44,6 @@ OpenClient = Callable[..., Awaitable[Client]]
 E = TypeVar("E", bound=StateChange)
 
 
-@pytest.fixture
-async def open_client(tls_files: Any, unit: float) -> AsyncIterator[OpenClient]:
-    """Connect clients that trust the test CA and reconnect quickly; closed at the end."""
-    clients: list[Client] = []
-
-    async def open_(port: int, name: str | None, **options: Any) -> Client:
-        options.setdefault("ca", str(tls_files.ca_pem))
-        options.setdefault("reconnect_base", unit / 2)
-        options.setdefault("reconnect_cap", 2 * unit)
-        options.setdefault("connect_timeout", 20 * unit)
-        client = await connect("localhost", port, name=name, **options)
-        clients.append(client)
-        return client
-
-    yield open_
-    for client in clients:
-        await client.close(timeout=1)
-
-
 async def next_event(changes: AsyncIterator[StateChange], kind: type[E], within: float) -> E:
     """Skip state changes until one of ``kind``."""
     async with asyncio.timeout(within):

@@ -34,9 +34,19 @@ class FakeLink:
     def __init__(self) -> None:
         self.frames: list[bytes] = []
         self.closed_with: tuple[str, str] | None = None
+        self.writable = True
+        self.reading = True
 
     def queue(self, frame: bytes) -> None:
         self.frames.append(frame)
+
+    def pause_reading(self) -> None:
+        assert self.reading, "paused twice"
+        self.reading = False
+
+    def resume_reading(self) -> None:
+        assert not self.reading, "resumed while reading"
+        self.reading = True
 
     def close_with(self, code: str, message: str) -> None:
         self.closed_with = (code, message)
@@ -264,6 +274,7 @@ def test_past_max_pending_the_session_ends_and_its_link_is_closed_slow_consumer(
             "session": bob.id,
             "name": "bob",
             "pending": 3,
+            "pending_bytes": bob.delivery.pending_bytes,
             "max_pending": 3,
         }
     ]
@@ -279,3 +290,117 @@ def test_a_resent_join_after_a_leave_does_not_rejoin() -> None:
     assert broker.rooms.filters_of(alice) == frozenset()
     alice_link.queue(broker.who("chat", None))
     assert alice_link.received() == [Members(room="chat", names=[])]
+
+
+# -- flow control ---------------------------------------------------------------------------------
+
+
+def congested_pair(
+    *, max_pending: int = 8
+) -> tuple[Broker, ServerSession[Link], FakeLink, ServerSession[Link], FakeLink]:
+    """A publisher and a subscriber of "chat", with a small delivery log."""
+    broker = Broker(max_pending=max_pending)
+    pub, pub_link, _ = open_session(broker, "pub")
+    sub, sub_link, _ = open_session(broker, "sub")
+    broker.join(sub, "chat")
+    return broker, pub, pub_link, sub, sub_link
+
+
+def test_a_publisher_stops_being_read_half_way_to_max_pending_and_goes_on_at_a_quarter() -> None:
+    broker, pub, pub_link, sub, sub_link = congested_pair(max_pending=8)
+    for n in range(3):
+        publish(broker, pub, "chat", str(n))
+    assert pub_link.reading
+    publish(broker, pub, "chat", "3")  # the 4th of 8: half way
+    assert not pub_link.reading
+    assert sub.delivery.congested and broker.stalled == {sub}
+    # Acks that leave more than a quarter pending change nothing.
+    assert not sub.delivery.ack(1)
+    assert not pub_link.reading
+    assert sub.delivery.ack(2)  # 2 of 8 left: relieved
+    broker.relieved(sub)
+    assert pub_link.reading and not broker.stalled and pub.waiting_on is None
+    assert [seq for _, seq in ids_of(sub_link.received())] == [1, 2, 3, 4]
+
+
+def test_a_burst_never_overflows_a_session_whose_publisher_is_paused_in_time() -> None:
+    broker, pub, pub_link, sub, sub_link = congested_pair(max_pending=8)
+    sent = 0
+    while pub_link.reading:  # the driver stops carrying out publishes once paused
+        publish(broker, pub, "chat", str(sent))
+        sent += 1
+    assert sent == 4 and sub_link.closed_with is None
+    assert len(sub.delivery) == 4 < sub.delivery.max_pending
+
+
+def test_a_congested_session_is_measured_in_bytes_too() -> None:
+    broker = Broker(max_pending=1_000, max_pending_bytes=4_000)
+    pub, pub_link, _ = open_session(broker, "pub")
+    sub, _, _ = open_session(broker, "sub")
+    broker.join(sub, "chat")
+    big = msgspec.Raw(b'"' + b"x" * 900 + b'"')
+    for n in range(3):
+        broker.publish(pub, Publish(room="chat", body=big, id=str(n)), 1.0)
+    assert not pub_link.reading  # ~3 KB of 4 KB: past half, though 3 of 1,000 messages
+    assert sub.delivery.pending_bytes >= 2_000
+
+
+def test_a_stuck_subscriber_is_cut_after_the_timeout_and_its_publisher_goes_on() -> None:
+    broker, pub, pub_link, sub, sub_link = congested_pair(max_pending=8)
+    for n in range(4):
+        publish(broker, pub, "chat", str(n))
+    assert not pub_link.reading
+    assert broker.check_stalled(10.0, timeout=1.0) == []  # first seen stalled now
+    assert broker.check_stalled(10.9, timeout=1.0) == []
+    with capture_logs() as logs:
+        assert broker.check_stalled(11.0, timeout=1.0) == [sub]
+    assert sub_link.closed_with is not None and sub_link.closed_with[0] == "slow_consumer"
+    assert [log["event"] for log in logs] == ["slow_consumer"]
+    assert logs[0]["waiting_publishers"] == 1
+    assert pub_link.reading and not broker.stalled
+    assert broker.by_name.get("sub") is None  # ended: a resume learns of the gap
+
+
+def test_a_subscriber_that_acknowledges_is_not_cut_however_long_it_stays_congested() -> None:
+    broker, pub, pub_link, sub, _ = congested_pair(max_pending=8)
+    for n in range(4):
+        publish(broker, pub, "chat", str(n))
+    broker.check_stalled(0.0, timeout=1.0)
+    for step in range(1, 10):
+        sub.acked_at = step * 0.9  # what ServerSession.receive records for an ack that advances
+        assert broker.check_stalled(step * 0.9 + 0.5, timeout=1.0) == []
+    assert not pub_link.reading
+
+
+def test_a_disconnected_publisher_waits_for_nobody() -> None:
+    broker, pub, pub_link, sub, _ = congested_pair(max_pending=8)
+    for n in range(4):
+        publish(broker, pub, "chat", str(n))
+    broker.detach(pub, pub_link, 0.0)
+    assert not sub.waiters and not broker.stalled and pub.waiting_on is None
+
+
+def test_a_subscriber_that_leaves_for_good_releases_its_publishers() -> None:
+    broker, pub, pub_link, sub, _ = congested_pair(max_pending=8)
+    for n in range(4):
+        publish(broker, pub, "chat", str(n))
+    broker.end(sub, reason="bye")
+    assert pub_link.reading and not broker.stalled
+
+
+def test_deliveries_wait_in_the_log_while_the_connection_cannot_write_and_keep_their_order() -> (
+    None
+):
+    broker, pub, _, sub, sub_link = congested_pair(max_pending=100)
+    publish(broker, pub, "chat", "a")
+    sub_link.writable = False
+    publish(broker, pub, "chat", "b")
+    publish(broker, pub, "chat", "c")
+    sub_link.writable = True
+    publish(broker, pub, "chat", "d")  # not before b and c: they have not gone out yet
+    assert ids_of(sub_link.received()) == [("a", 1)]
+    for frame in sub.delivery.unsent():  # what the driver does when its buffer drains
+        sub_link.queue(frame)
+    assert ids_of(sub_link.received()) == [("b", 2), ("c", 3), ("d", 4)]
+    publish(broker, pub, "chat", "e")
+    assert ids_of(sub_link.received()) == [("e", 5)]
