@@ -60,7 +60,10 @@ class FrameDecoder:
         """Bytes held for a frame not yet complete."""
         return len(self._buffer)
 
-    def feed(self, data: bytes) -> list[bytes]:
+    def feed(self, data: bytes, *, limit: int = 0) -> list[bytes]:
+        """The payloads completed by ``data``; with ``limit``, at most that many, the rest
+        kept (``feed(b"")`` goes on), so that a frame can change :attr:`max_frame` for the
+        frames after it."""
         if self._error is not None:
             raise self._error
         buffer = self._buffer
@@ -77,7 +80,10 @@ class FrameDecoder:
         end = len(data)
         max_frame = self.max_frame
         need = HEADER_SIZE
+        stop = limit or -1
         while end - offset >= HEADER_SIZE:
+            if len(frames) == stop:
+                break
             (length,) = _unpack_header_from(data, offset)
             if length == 0 or length > max_frame:
                 self._fail(length)

@@ -1,0 +1,222 @@
+"""The gatekeeper: the server accepts from a publisher only what every client can receive.
+
+Sans-I/O and without recursion. A body that the server relays but a client cannot decode
+is poison: the client fails on it, reconnects, is sent it again, and never gets past it.
+So the server refuses, with a non-fatal ``bad_message`` that carries the request's ``ref``:
+
+- a body nested deeper than ``max_depth`` arrays and objects. Clients decode bodies with
+  msgspec, which recurses once per level and stops at Python's recursion limit (1,000
+  frames, less what the client's own stack already holds); the server counts the depth in
+  one linear pass over the bytes, outside strings, and never recurses;
+- a number that msgspec cannot decode into a Python value: a float whose value rounds to
+  infinity (``1e400``) and an integer written with more than 4,300 characters (msgspec's
+  limit, the sign included). The server asks msgspec itself, with the very decoder
+  clients use (:data:`body_decoder`), so it refuses exactly what a client would fail on;
+- a ``publish`` or ``direct`` frame without room for what the server adds to the
+  delivered ``message`` (``from``, ``ts``, ``seq``): at most :data:`DELIVERY_HEADROOM`
+  bytes, so a frame up to ``max_frame - DELIVERY_HEADROOM`` becomes a delivered frame no
+  larger than ``max_frame`` (:func:`delivered_size_bound`).
+
+Cost on the hot path: a body no longer than ``2 * max_depth + 1`` bytes cannot nest past
+``max_depth`` and is only decoded by msgspec (~60 ns for a 128-byte string body, ~200 ns
+for a small object); a longer one has its strings cut out and its brackets counted with
+bytes methods that run in C, and is decoded only when it holds an exponent or a long run
+of digits.
+"""
+
+from __future__ import annotations
+
+import re
+from itertools import accumulate
+from typing import Final
+
+import msgspec
+
+__all__ = [
+    "DEFAULT_MAX_DEPTH",
+    "DELIVERY_HEADROOM",
+    "MAX_MAX_DEPTH",
+    "body_decoder",
+    "body_problem",
+    "delivered_size_bound",
+    "nesting_exceeds",
+    "outside_strings",
+    "top_level_value",
+]
+
+#: Arrays and objects a body may nest, by default (``max_depth`` of the server).
+DEFAULT_MAX_DEPTH: Final = 64
+#: The largest ``max_depth`` a server accepts: a client decodes a body recursively, and the
+#: recursion limit (1,000) must leave room for the application's own stack.
+MAX_MAX_DEPTH: Final = 256
+
+#: How bodies are decoded at the client (``Any``): the server checks with the same decoder.
+body_decoder: Final = msgspec.json.Decoder()
+
+# -- headroom ---------------------------------------------------------------------------------
+
+_MAX_NAME: Final = 64  # NAME_PATTERN: the sender's name, 1 to 64 characters needing no escape
+_MAX_TS: Final = len("-2.2250738585072014e-308")  # the longest finite float msgspec writes
+_MAX_SEQ: Final = len(str(2**53))  # sequence numbers stay below 2**53
+#: What a delivered ``message`` can hold beyond the ``publish`` or ``direct`` it relays:
+#: ``,"from":"<name>"``, ``,"ts":<float>``, ``,"seq":<int>`` and a type name one byte longer
+#: than ``direct``. The rest (room or to, body, id, reply_to or re) is relayed as it came:
+#: the body byte for byte, the strings re-encoded by msgspec, which escapes only what JSON
+#: requires and so never writes a string longer than the publisher had to.
+DELIVERY_HEADROOM: Final = (
+    len(',"from":""')
+    + _MAX_NAME
+    + len(',"ts":')
+    + _MAX_TS
+    + len(',"seq":')
+    + _MAX_SEQ
+    + len('"message"')
+    - len('"direct"')
+)
+
+
+def delivered_size_bound(payload_size: int) -> int:
+    """The most bytes the delivered ``message`` payload of a ``publish`` or ``direct``
+    payload of ``payload_size`` bytes can have."""
+    return payload_size + DELIVERY_HEADROOM
+
+
+# -- bodies -----------------------------------------------------------------------------------
+
+
+def body_problem(body: msgspec.Raw | bytes, *, max_depth: int) -> str | None:
+    """Why some client could not decode ``body`` (JSON the server has already parsed), or
+    None when every client can."""
+    if len(body) > 2 * max_depth + 1:
+        # Long enough to nest past max_depth: look before msgspec recurses into it.
+        outside = outside_strings(bytes(body))
+        if nesting_exceeds(outside, max_depth):
+            return f"the body nests deeper than max_depth ({max_depth})"
+        if not _may_hold_bad_numbers(outside):
+            return None
+    try:
+        body_decoder.decode(body)
+    except RecursionError:  # only if max_depth is near the recursion limit
+        return f"the body nests deeper than max_depth ({max_depth})"
+    except msgspec.DecodeError as exc:
+        return f"a client cannot decode the body: {exc}"
+    return None
+
+
+def outside_strings(data: bytes) -> bytes:
+    """``data`` (JSON text) without its strings, with bytes methods only (no Python loop).
+
+    Escapes go first (``\\\\`` then ``\\"``: backslashes pair from the left, as a JSON
+    reader pairs them), so every ``"`` left opens or closes a string.
+    """
+    if b"\\" in data:
+        data = data.replace(b"\\\\", b"").replace(b'\\"', b"")
+    if b'"' not in data:
+        return data
+    return b"".join(data.split(b'"')[::2])
+
+
+_OPEN: Final = ord("(")
+_BRACKETS: Final = bytes.maketrans(b"[{]}", b"(())")
+_NOT_BRACKETS: Final = bytes(c for c in range(256) if c not in b"[{]}")
+_STEP: Final = [0] * 256
+_STEP[ord("(")] = 1
+_STEP[ord(")")] = -1
+_PEELS: Final = 4
+
+
+def nesting_exceeds(outside: bytes, limit: int) -> bool:
+    """Do arrays and objects in ``outside`` (JSON text without its strings) nest deeper than
+    ``limit``? Linear, no recursion; unbalanced brackets count as they open."""
+    brackets = outside.translate(_BRACKETS, _NOT_BRACKETS)
+    if brackets.count(b"(") <= limit:
+        return False
+    if b"(" * (limit + 1) in brackets:
+        return True
+    # Typical data (lists of records) is shallow: each pass drops every innermost pair, so a
+    # few passes leave nothing. What is left is measured exactly, one bracket at a time.
+    # (Balanced brackets, as in JSON already parsed: each pass lowers the deepest point by
+    # exactly one, so a text that a pass empties was exactly that many passes deep.)
+    peels = 0
+    while peels < _PEELS:
+        peeled = brackets.replace(b"()", b"")
+        peels += 1
+        if not peeled:
+            return peels > limit
+        if len(peeled) > len(brackets) // 2:
+            peels -= 1
+            break
+        brackets = peeled
+    return max(accumulate(map(_STEP.__getitem__, brackets))) + peels > limit
+
+
+_E: Final = (b"e", b"E")
+_DIGITS_AS_ZERO: Final = bytes.maketrans(b"123456789", b"000000000")
+#: A float past 1.8e308 written without an exponent has 309 digits before its point.
+_LONG_DIGITS: Final = b"0" * 300
+
+
+def _may_hold_bad_numbers(outside: bytes) -> bool:
+    """Could a number in ``outside`` be one msgspec refuses (see the module docstring)?
+    Either needs an exponent or a long run of digits; ``true`` and ``false`` hold an e."""
+    if b"e" in outside or b"E" in outside:
+        literals_gone = outside.replace(b"true", b"").replace(b"false", b"")
+        if any(e in literals_gone for e in _E):
+            return True
+    return len(outside) >= len(_LONG_DIGITS) and (
+        _LONG_DIGITS in outside.translate(_DIGITS_AS_ZERO)
+    )
+
+
+# -- frames msgspec cannot walk -----------------------------------------------------------------
+
+_STRING_TOKEN: Final = re.compile(rb'("[^"\\]*(?:\\.[^"\\]*)*")', re.DOTALL)
+_INTEGER: Final = re.compile(rb"\s*:\s*(-?[0-9]{1,20})\s*[,}]")
+
+
+def top_level_value(payload: bytes, key: str) -> str | int | None:
+    """The string or integer value of ``key`` in the top-level object of ``payload``, found
+    without recursion, for frames too deep for msgspec (the ``ref`` of an error, the
+    ``seq`` of a delivered message). None when it is not there or not simple."""
+    wanted = msgspec.json.encode(key)
+    parts = _STRING_TOKEN.split(payload)  # text, string, text, string, ..., text
+    if not parts[0].lstrip().startswith(b"{"):
+        return None
+    depth = 0
+    counted = 0  # the text parts before this index are in ``depth``
+    index = _find(parts, wanted, 1)
+    while index is not None:
+        between = b"".join(parts[counted:index:2])
+        depth += between.count(b"{") + between.count(b"[")
+        depth -= between.count(b"}") + between.count(b"]")
+        counted = index + 1
+        if depth == 1 and parts[index - 1].rstrip().endswith((b"{", b",")):
+            value = _value_after(parts, index)
+            if value is not None:
+                return value
+        index = _find(parts, wanted, index + 2)
+    return None
+
+
+def _find(parts: list[bytes], wanted: bytes, start: int) -> int | None:
+    # Strings sit at odd indexes; list.index scans in C.
+    while start < len(parts):
+        try:
+            index = parts.index(wanted, start)
+        except ValueError:
+            return None
+        if index % 2 == 1:
+            return index
+        start = index + 1
+    return None
+
+
+def _value_after(parts: list[bytes], index: int) -> str | int | None:
+    after = parts[index + 1] if index + 1 < len(parts) else b""
+    if after.strip() == b":" and index + 2 < len(parts):
+        try:
+            return msgspec.json.decode(parts[index + 2], type=str)
+        except msgspec.DecodeError:
+            return None
+    match = _INTEGER.match(after)
+    return int(match.group(1)) if match is not None else None
