@@ -19,9 +19,9 @@ from securemsg.core.gatekeeper import (
     DEFAULT_MAX_DEPTH,
     DELIVERY_HEADROOM,
     body_problem,
+    bracket_skeleton,
     delivered_size_bound,
     nesting_exceeds,
-    outside_strings,
     top_level_value,
 )
 from securemsg.core.messages import (
@@ -146,7 +146,7 @@ json_values = st.recursive(
 @settings(max_examples=400)
 def test_the_linear_depth_scan_agrees_with_the_depth_of_the_value(value: Any, limit: int) -> None:
     text = msgspec.json.encode(value)
-    assert nesting_exceeds(outside_strings(text), limit) == (_depth(value) > limit)
+    assert nesting_exceeds(bracket_skeleton(text), limit) == (_depth(value) > limit)
 
 
 # -- numbers ----------------------------------------------------------------------------------
