@@ -380,6 +380,9 @@ def client_decoder(*, max_depth: int, max_frame: int) -> Callable[[bytes], Clien
     """:func:`decode_client` for one server's limits, as a plain function (the hot path):
     made once per pair of limits and shared by every connection."""
     max_relayed = max_frame - DELIVERY_HEADROOM
+    # A body this short cannot nest past max_depth: msgspec alone judges it, inline.
+    max_shallow = 2 * max_depth + 1
+    check_body = body_decoder.decode
 
     def decode(payload: bytes) -> ClientMessage:
         message = _decode(payload, _client_decoder, _CLIENT_TYPES)
@@ -387,16 +390,24 @@ def client_decoder(*, max_depth: int, max_frame: int) -> Callable[[bytes], Clien
         if kind is Publish or kind is Direct:
             if len(payload) > max_relayed:
                 raise _no_room(message, len(payload), max_frame)
-            problem = body_problem(message.body, max_depth=max_depth)
-            if problem is not None:
-                raise ProtocolError(
-                    "bad_message",
-                    f"invalid {message.__struct_config__.tag!r} message: {problem}",
-                    ref=message.id,
-                )
+            body = message.body
+            if len(body) <= max_shallow:
+                try:
+                    check_body(body)
+                except msgspec.DecodeError as exc:
+                    raise _refused(message, f"a client cannot decode the body: {exc}") from None
+            else:
+                problem = body_problem(body, max_depth=max_depth)
+                if problem is not None:
+                    raise _refused(message, problem)
         return message  # type: ignore[no-any-return]
 
     return decode
+
+
+def _refused(message: Publish | Direct, problem: str) -> ProtocolError:
+    kind = message.__struct_config__.tag
+    return ProtocolError("bad_message", f"invalid {kind!r} message: {problem}", ref=message.id)
 
 
 def _no_room(message: Publish | Direct, size: int, max_frame: int) -> ProtocolError:

@@ -190,3 +190,14 @@ def test_feeding_a_frame_in_small_reads_costs_about_what_feeding_it_in_large_one
     assert small_frames == large_frames == [payload]
     assert small <= 3 * large + 64 * 1024, (small, large)
     assert small <= 4 * len(frame), small
+
+
+def test_a_limited_feed_keeps_the_rest_for_a_later_feed_under_the_new_max_frame() -> None:
+    # The client reads welcome alone, then the frames after it under welcome's max_frame.
+    decoder = FrameDecoder(max_frame=16)
+    big = encode_frame(b"z" * 40)
+    assert decoder.feed(encode_frame(b"first") + big + encode_frame(b"x"), limit=1) == [b"first"]
+    assert decoder.error is None
+    decoder.max_frame = 64
+    assert decoder.feed(b"") == [b"z" * 40, b"x"]
+    assert decoder.buffered == 0
