@@ -172,39 +172,50 @@ def nesting_exceeds(skeleton: bytes, limit: int) -> bool:
 
 # -- frames msgspec cannot walk -----------------------------------------------------------------
 
-_STRING_TOKEN: Final = re.compile(rb'("[^"\\]*(?:\\.[^"\\]*)*")', re.DOTALL)
+_MAX_CANDIDATES: Final = 1_000
 _INTEGER: Final = re.compile(rb"\s*:\s*(-?[0-9]{1,20})\s*[,}]")
 
 
 def top_level_value(payload: bytes, key: str) -> str | int | None:
     """The string or integer value of ``key`` in the top-level object of ``payload``, found
     without recursion, for frames too deep for msgspec (the ``ref`` of an error, the
-    ``seq`` of a delivered message). None when it is not there or not simple."""
-    wanted = msgspec.json.encode(key)
-    parts = _STRING_TOKEN.split(payload)  # text, string, text, string, ..., text
-    if not parts[0].lstrip().startswith(b"{"):
+    ``seq`` of a delivered message). None when it is not there or not simple.
+
+    Linear, with bytes methods: escapes are masked (same length, so offsets hold) and the
+    text split on quotes, so odd pieces are the insides of strings (no regex, which could
+    rescan an unterminated string from every quote).
+    """
+    masked = payload
+    if b"\\" in masked:
+        masked = masked.replace(b"\\\\", b"\0\0").replace(b'\\"', b"\0\0")
+    pieces = masked.split(b'"')
+    if not pieces[0].lstrip().startswith(b"{"):
         return None
-    depth = 0
-    counted = 0  # the text parts before this index are in ``depth``
-    index = _find(parts, wanted, 1)
-    while index is not None:
-        between = b"".join(parts[counted:index:2])
+    wanted = key.encode()
+    depth = offset = counted = 0  # pieces before ``counted`` are in ``depth`` and ``offset``
+    index = _find(pieces, wanted, 1)
+    # Bounded: a frame stuffed with nested keys named ``key`` must not cost more than that.
+    for _ in range(_MAX_CANDIDATES):
+        if index is None:
+            return None
+        between = b"".join(pieces[counted + counted % 2 : index : 2])  # outside strings
         depth += between.count(b"{") + between.count(b"[")
         depth -= between.count(b"}") + between.count(b"]")
-        counted = index + 1
-        if depth == 1 and parts[index - 1].rstrip().endswith((b"{", b",")):
-            value = _value_after(parts, index)
+        offset += sum(map(len, pieces[counted:index])) + (index - counted)
+        counted = index
+        if depth == 1 and pieces[index - 1].rstrip().endswith((b"{", b",")):
+            value = _value_after(payload, pieces, index, offset)
             if value is not None:
                 return value
-        index = _find(parts, wanted, index + 2)
+        index = _find(pieces, wanted, index + 2)
     return None
 
 
-def _find(parts: list[bytes], wanted: bytes, start: int) -> int | None:
-    # Strings sit at odd indexes; list.index scans in C.
-    while start < len(parts):
+def _find(pieces: list[bytes], wanted: bytes, start: int) -> int | None:
+    # The insides of strings sit at odd indexes; list.index scans in C.
+    while start < len(pieces):
         try:
-            index = parts.index(wanted, start)
+            index = pieces.index(wanted, start)
         except ValueError:
             return None
         if index % 2 == 1:
@@ -213,11 +224,15 @@ def _find(parts: list[bytes], wanted: bytes, start: int) -> int | None:
     return None
 
 
-def _value_after(parts: list[bytes], index: int) -> str | int | None:
-    after = parts[index + 1] if index + 1 < len(parts) else b""
-    if after.strip() == b":" and index + 2 < len(parts):
+def _value_after(payload: bytes, pieces: list[bytes], index: int, offset: int) -> str | int | None:
+    """The value after the key whose inside is ``pieces[index]``, at ``offset`` in both
+    ``payload`` and the masked text."""
+    after = pieces[index + 1] if index + 1 < len(pieces) else b""
+    if after.strip() == b":" and index + 3 < len(pieces):
+        start = offset + len(pieces[index]) + 1 + len(after) + 1  # the value's inside
+        text = payload[start - 1 : start + len(pieces[index + 2]) + 1]
         try:
-            return msgspec.json.decode(parts[index + 2], type=str)
+            return msgspec.json.decode(text, type=str)
         except msgspec.DecodeError:
             return None
     match = _INTEGER.match(after)
