@@ -33,6 +33,7 @@ from typing import Any, ClassVar, Final, NamedTuple, TypeVar, cast, get_args
 
 import msgspec
 
+from securemsg.core.gatekeeper import DEFAULT_MAX_DEPTH, MAX_MAX_DEPTH
 from securemsg.core.messages import NAME_PATTERN
 from securemsg.errors import ConfigError
 from securemsg.log import LOG_FORMATS, LOG_LEVELS, LogFormat, LogLevel
@@ -98,6 +99,7 @@ class ServerConfig(_Config, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     slow_consumer_timeout: float = 10.0
     max_outgoing_bytes: int = 8 * _MIB
     max_frame: int = 1 * _MIB
+    max_depth: int = DEFAULT_MAX_DEPTH
     max_connections: int = 10_000
     max_msgs_per_sec: float = 0.0
     dedup_window: int = 10_000
@@ -152,6 +154,7 @@ FIELD_HELP: Final[dict[str, dict[str, str]]] = {
         "max_outgoing_bytes": "bytes buffered for writing to one client; the rest waits in "
         "its session",
         "max_frame": "largest frame accepted, in bytes",
+        "max_depth": f"arrays and objects a message body may nest, 1 to {MAX_MAX_DEPTH}",
         "max_connections": "connections served at once",
         "max_msgs_per_sec": "messages per second one client may send; 0 means no limit",
         "dedup_window": "recent message ids remembered per client to drop duplicates",
@@ -219,6 +222,11 @@ def _find_problem(config: ServerConfig | ClientConfig) -> _Problem | None:
             return (name,), f"{name} must be at least 1, got {value!r}"
         if name in _ZERO_MEANS_OFF and not (value >= 0 and math.isfinite(value)):
             return (name,), f"{name} must be 0 (no limit) or more, got {value!r}"
+    if isinstance(config, ServerConfig) and not 1 <= config.max_depth <= MAX_MAX_DEPTH:
+        # Clients decode bodies recursively: past a few hundred levels they would fail.
+        return ("max_depth",), (
+            f"max_depth must be between 1 and {MAX_MAX_DEPTH}, got {config.max_depth!r}"
+        )
     low_port = 1 if isinstance(config, ClientConfig) else 0
     if not low_port <= config.port <= 65535:
         return ("port",), f"port must be between {low_port} and 65535, got {config.port!r}"

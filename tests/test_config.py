@@ -68,6 +68,20 @@ def test_values_are_converted_to_the_field_types(tmp_path: Path) -> None:
     assert config.max_frame == 2048
 
 
+def test_max_depth_is_read_from_file_environment_and_flag(tmp_path: Path) -> None:
+    assert ServerConfig().max_depth == 64
+    path = write_toml(tmp_path, "[server]\nmax_depth = 32\n")
+    assert load_config(ServerConfig, path=path, env={}).max_depth == 32
+    env = {"SECUREMSG_MAX_DEPTH": "16"}
+    assert load_config(ServerConfig, path=path, env=env).max_depth == 16
+    config = load_config(ServerConfig, path=path, env=env, overrides={"max_depth": 8})
+    assert config.max_depth == 8
+    parser = argparse.ArgumentParser()
+    add_config_flags(parser, ServerConfig)
+    args = parser.parse_args(["--max-depth", "100"])
+    assert overrides_from_args(args, ServerConfig) == {"max_depth": 100}
+
+
 def test_empty_and_unrelated_environment_variables_are_ignored() -> None:
     env = {"SECUREMSG_PORT": "", "SECUREMSG_NAME": "alice", "SECUREMSG_TIME_FACTOR": "3"}
     assert load_config(ServerConfig, env=env) == ServerConfig()
@@ -206,6 +220,8 @@ def test_a_cross_field_error_blames_the_strongest_source(tmp_path: Path) -> None
             "--session-ttl: session_ttl must be a number of seconds greater than 0, got nan",
         ),
         ({"max_frame": 0}, "--max-frame: max_frame must be at least 1, got 0"),
+        ({"max_depth": 0}, "--max-depth: max_depth must be between 1 and 256, got 0"),
+        ({"max_depth": 257}, "--max-depth: max_depth must be between 1 and 256, got 257"),
         (
             {"max_msgs_per_sec": -1.0},
             "--max-msgs-per-sec: max_msgs_per_sec must be 0 (no limit) or more, got -1.0",

@@ -24,12 +24,14 @@ needs no clock: a ping goes out between one and two intervals after the last sen
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
 import msgspec
 
 from securemsg.core.frames import DEFAULT_MAX_FRAME, FrameDecoder
+from securemsg.core.gatekeeper import DEFAULT_MAX_DEPTH
 from securemsg.core.messages import (
     FATAL_CODES,
     Bye,
@@ -41,8 +43,9 @@ from securemsg.core.messages import (
     Ping,
     Pong,
     Welcome,
+    client_decoder,
     decode_at_client,
-    decode_client,
+    delivery_seq,
     encode_frame_of,
 )
 from securemsg.errors import ProtocolError
@@ -57,6 +60,7 @@ __all__ = [
     "PeerTimedOut",
     "PongReceived",
     "Server",
+    "UndecodableMessage",
 ]
 
 _MAX_OUTSTANDING_PINGS: Final = 8
@@ -96,7 +100,18 @@ class PongReceived:
     rtt: float
 
 
-Event = MessageReceived | FrameRejected | PeerTimedOut | PongReceived
+@dataclass(frozen=True, slots=True)
+class UndecodableMessage:
+    """Client side: the server delivered message ``seq``, but its body cannot be decoded
+    here (nested past the recursion limit, a number out of range, ...). Not a protocol
+    error: the session acknowledges ``seq``, reports it and carries on, so one bad message
+    never costs the connection (it would be delivered again on every resume)."""
+
+    seq: int
+    reason: str
+
+
+Event = MessageReceived | FrameRejected | PeerTimedOut | PongReceived | UndecodableMessage
 
 
 class Connection:
@@ -104,6 +119,7 @@ class Connection:
 
     # Slots: one of these lives as long as each connection (an idle server holds thousands).
     __slots__ = (
+        "_decode",
         "_decoder",
         "_last_ping",
         "_next_ping_id",
@@ -123,7 +139,6 @@ class Connection:
         "state",
     )
 
-    _decode = staticmethod(decode_client)
     _sends_errors = True
     #: Ping at least once an interval even when traffic flows, to keep ``rtt`` current.
     _ping_every_interval = False
@@ -138,6 +153,9 @@ class Connection:
     ) -> None:
         self.state = ConnectionState.HANDSHAKE
         self._decoder = FrameDecoder(max_frame)
+        self._decode: Callable[[bytes], ClientMessage | ClientBound] = client_decoder(
+            max_depth=DEFAULT_MAX_DEPTH, max_frame=max_frame
+        )
         self._out: list[bytes] = []
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_timeout = heartbeat_timeout
@@ -164,8 +182,11 @@ class Connection:
         if not self.is_active:
             return []
         self.bytes_in += len(data)
+        return self._receive_frames(data, now)
+
+    def _receive_frames(self, data: bytes, now: float, *, limit: int = 0) -> list[Event]:
         try:
-            payloads = self._decoder.feed(data)
+            payloads = self._decoder.feed(data, limit=limit)
         except ProtocolError as exc:
             return [self._reject(exc, fatal=True)]
         events: list[Event] = []
@@ -184,8 +205,7 @@ class Connection:
         try:
             message = self._decode(payload)
         except ProtocolError as exc:
-            fatal = exc.code in FATAL_CODES or self.state is ConnectionState.HANDSHAKE
-            return self._reject(exc, fatal=fatal)
+            return self._undecodable(payload, exc, now)
         self.last_received = now
         if self.state is ConnectionState.HANDSHAKE:
             # Not even ping or pong may come before hello (on the client: before welcome).
@@ -200,6 +220,10 @@ class Connection:
             self.rtt = now - sent
             return PongReceived(message.id, self.rtt)
         return self._check_message(message)
+
+    def _undecodable(self, payload: bytes, error: ProtocolError, now: float) -> Event | None:
+        fatal = error.code in FATAL_CODES or self.state is ConnectionState.HANDSHAKE
+        return self._reject(error, fatal=fatal)
 
     def _check_message(self, message: ClientMessage | ClientBound) -> Event | None:
         return MessageReceived(message)
@@ -316,8 +340,17 @@ class Server(Connection):
 
     __slots__ = ("_hello_seen", "handshake_deadline")
 
-    def __init__(self, *, now: float, handshake_timeout: float = 10.0, **kwargs: float) -> None:
+    def __init__(
+        self,
+        *,
+        now: float,
+        handshake_timeout: float = 10.0,
+        max_depth: int = DEFAULT_MAX_DEPTH,
+        **kwargs: float,
+    ) -> None:
         super().__init__(now=now, **kwargs)  # type: ignore[arg-type]
+        # What every client can receive (see core.gatekeeper): checked as frames are decoded.
+        self._decode = client_decoder(max_depth=max_depth, max_frame=self._decoder.max_frame)
         self.handshake_deadline = now + handshake_timeout
         self._hello_seen = False
 
@@ -357,17 +390,54 @@ class Client(Connection):
 
     __slots__ = ()
 
-    _decode = staticmethod(decode_at_client)  # type: ignore[assignment]
     _sends_errors = False
     _ping_every_interval = True
 
+    def __init__(self, *, now: float, **kwargs: float) -> None:
+        super().__init__(now=now, **kwargs)  # type: ignore[arg-type]
+        self._decode = decode_at_client
+
     def hello(self, hello: Hello) -> None:
         self.send(hello)
+
+    @property
+    def max_frame(self) -> int:
+        """The largest frame read from the server: what ``welcome`` advertised, or more."""
+        return self._decoder.max_frame
+
+    def receive_data(self, data: bytes, now: float) -> list[Event]:
+        if self.state is not ConnectionState.HANDSHAKE or not self.is_active:
+            return super().receive_data(data, now)
+        # Until welcome, one frame at a time: welcome sets the read limit for the frames that
+        # follow it, and a resumed session's replay can come in the same read.
+        self.bytes_in += len(data)
+        events = self._receive_frames(data, now, limit=1)
+        while self.state is ConnectionState.HANDSHAKE and self._decoder.buffered and events:
+            more = self._receive_frames(b"", now, limit=1)
+            events += more
+            if not more:
+                break
+        if self.is_active and self._decoder.buffered:
+            events += self._receive_frames(b"", now)
+        return events
+
+    def _undecodable(self, payload: bytes, error: ProtocolError, now: float) -> Event | None:
+        # A message the server relayed whole but whose body is beyond this client (too
+        # deep for its stack, a number out of range): skip it, never drop the connection.
+        if self.state is ConnectionState.OPEN:
+            seq = delivery_seq(payload)
+            if seq is not None:
+                self.last_received = now
+                return UndecodableMessage(seq, error.message)
+        return super()._undecodable(payload, error, now)
 
     def _check_message(self, message: ClientMessage | ClientBound) -> Event | None:
         if self.state is ConnectionState.HANDSHAKE:
             if type(message) is Welcome:
                 self.state = ConnectionState.OPEN
+                # The server's deliveries fit its max_frame; its own frames (acks of up to
+                # ACK_BATCH ids, errors) may not fit a tiny one, so never below the default.
+                self._decoder.max_frame = max(message.max_frame, DEFAULT_MAX_FRAME)
             elif type(message) is not Error and type(message) is not Bye:
                 error = ProtocolError("bad_message", "the first message must be 'welcome'")
                 return self._reject(error, fatal=True)

@@ -32,15 +32,23 @@ class FrameDecoder:
     A bad length prefix raises :class:`ProtocolError`. Frames that were complete before it in
     the same call are returned first, with the error kept in :attr:`error` and raised by the
     next call: the stream cannot be resynchronised, so the decoder stays failed.
+
+    The work is linear in the bytes fed, however they are split: a partial frame is appended
+    to, and only looked at again once the read that completes it has arrived (``_need``).
+    Re-reading it on every read cost one copy of the partial frame per read: a 1 MiB frame
+    in 4,096 reads of 256 bytes allocated 2.4 GB.
     """
 
-    __slots__ = ("_buffer", "_error", "max_frame")
+    __slots__ = ("_buffer", "_error", "_need", "max_frame")
 
     def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
         if max_frame < 1:
             raise ValueError("max_frame must be at least 1")
         self.max_frame = max_frame
         self._buffer = bytearray()
+        # Bytes the buffered partial frame needs before it can be decoded: its whole length
+        # once its header is in, else the header's.
+        self._need = 0
         self._error: ProtocolError | None = None
 
     @property
@@ -52,12 +60,17 @@ class FrameDecoder:
         """Bytes held for a frame not yet complete."""
         return len(self._buffer)
 
-    def feed(self, data: bytes) -> list[bytes]:
+    def feed(self, data: bytes, *, limit: int = 0) -> list[bytes]:
+        """The payloads completed by ``data``; with ``limit``, at most that many, the rest
+        kept (``feed(b"")`` goes on), so that a frame can change :attr:`max_frame` for the
+        frames after it."""
         if self._error is not None:
             raise self._error
         buffer = self._buffer
         if buffer:
             buffer += data
+            if len(buffer) < self._need:
+                return []
             data = bytes(buffer)
             buffer.clear()
         # Payloads are sliced straight out of ``data`` (one copy each) and only a trailing
@@ -66,7 +79,11 @@ class FrameDecoder:
         offset = 0
         end = len(data)
         max_frame = self.max_frame
+        need = HEADER_SIZE
+        stop = limit or -1
         while end - offset >= HEADER_SIZE:
+            if len(frames) == stop:
+                break
             (length,) = _unpack_header_from(data, offset)
             if length == 0 or length > max_frame:
                 self._fail(length)
@@ -75,11 +92,13 @@ class FrameDecoder:
                 raise self._error  # type: ignore[misc]
             start = offset + HEADER_SIZE
             if end - start < length:
+                need = HEADER_SIZE + length
                 break
             offset = start + length
             frames.append(data[start:offset])
         if offset < end:
             buffer += memoryview(data)[offset:]
+            self._need = need
         return frames
 
     def _fail(self, length: int) -> None:

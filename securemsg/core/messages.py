@@ -7,13 +7,22 @@ decoding; the client decodes them with :func:`decode_body`.
 
 from __future__ import annotations
 
+import functools
 import re
+from collections.abc import Callable
 from enum import StrEnum
 from typing import Annotated, Any, Final, Literal
 
 import msgspec
 
-from securemsg.core.frames import encode_frame
+from securemsg.core.frames import DEFAULT_MAX_FRAME, encode_frame
+from securemsg.core.gatekeeper import (
+    DEFAULT_MAX_DEPTH,
+    DELIVERY_HEADROOM,
+    body_decoder,
+    body_problem,
+    top_level_value,
+)
 from securemsg.errors import ProtocolError
 
 __all__ = [
@@ -43,10 +52,12 @@ __all__ = [
     "ServerMessage",
     "Welcome",
     "Who",
+    "client_decoder",
     "decode_at_client",
     "decode_body",
     "decode_client",
     "decode_server",
+    "delivery_seq",
     "encode",
     "encode_body",
     "encode_frame_of",
@@ -332,7 +343,7 @@ _encoder = msgspec.json.Encoder()
 _client_decoder = msgspec.json.Decoder(ClientMessage)
 _server_decoder = msgspec.json.Decoder(ServerMessage)
 _client_bound_decoder = msgspec.json.Decoder(ClientBound)
-_any_decoder = msgspec.json.Decoder()
+_any_decoder = body_decoder
 
 encode = _encoder.encode
 
@@ -354,9 +365,60 @@ def decode_body(body: msgspec.Raw) -> Any:
     return _any_decoder.decode(body)
 
 
-def decode_client(payload: bytes) -> ClientMessage:
-    """Decode one client-to-server payload or raise :class:`ProtocolError`."""
-    return _decode(payload, _client_decoder, _CLIENT_TYPES)  # type: ignore[no-any-return]
+def decode_client(
+    payload: bytes, *, max_depth: int = DEFAULT_MAX_DEPTH, max_frame: int = DEFAULT_MAX_FRAME
+) -> ClientMessage:
+    """Decode one client-to-server payload or raise :class:`ProtocolError`.
+
+    A ``publish`` or ``direct`` is refused (``bad_message``, with its id as ``ref``) unless
+    every client can receive it: see :mod:`securemsg.core.gatekeeper`."""
+    return client_decoder(max_depth=max_depth, max_frame=max_frame)(payload)
+
+
+@functools.cache
+def client_decoder(*, max_depth: int, max_frame: int) -> Callable[[bytes], ClientMessage]:
+    """:func:`decode_client` for one server's limits, as a plain function (the hot path):
+    made once per pair of limits and shared by every connection."""
+    max_relayed = max_frame - DELIVERY_HEADROOM
+    # A body this short cannot nest past max_depth: msgspec alone judges it, inline.
+    max_shallow = 2 * max_depth + 1
+    check_body = body_decoder.decode
+
+    def decode(payload: bytes) -> ClientMessage:
+        message = _decode(payload, _client_decoder, _CLIENT_TYPES)
+        kind = type(message)
+        if kind is Publish or kind is Direct:
+            if len(payload) > max_relayed:
+                raise _no_room(message, len(payload), max_frame)
+            body = message.body
+            if len(body) <= max_shallow:
+                try:
+                    check_body(body)
+                except msgspec.DecodeError as exc:
+                    raise _refused(message, f"a client cannot decode the body: {exc}") from None
+            else:
+                problem = body_problem(body, max_depth=max_depth)
+                if problem is not None:
+                    raise _refused(message, problem)
+        return message  # type: ignore[no-any-return]
+
+    return decode
+
+
+def _refused(message: Publish | Direct, problem: str) -> ProtocolError:
+    kind = message.__struct_config__.tag
+    return ProtocolError("bad_message", f"invalid {kind!r} message: {problem}", ref=message.id)
+
+
+def _no_room(message: Publish | Direct, size: int, max_frame: int) -> ProtocolError:
+    kind = message.__struct_config__.tag
+    return ProtocolError(
+        "bad_message",
+        f"a {kind!r} of {size} bytes leaves no room for the {DELIVERY_HEADROOM} bytes the server"
+        f" adds when it delivers it: at most {max_frame - DELIVERY_HEADROOM} bytes"
+        f" (max_frame {max_frame} less {DELIVERY_HEADROOM})",
+        ref=message.id,
+    )
 
 
 def decode_server(payload: bytes) -> ServerMessage:
@@ -382,6 +444,35 @@ def _decode(payload: bytes, decoder: msgspec.json.Decoder[Any], types: frozenset
         raise _classify(payload, str(exc), types) from None
     except msgspec.DecodeError as exc:
         raise ProtocolError("bad_frame", f"frame is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise _too_deep(payload) from None
+
+
+def _too_deep(payload: bytes) -> ProtocolError:
+    # msgspec recurses once per level of nesting; past the recursion limit it gives up. The
+    # frame may still be a fine message apart from its depth: say so, with its id.
+    ref = top_level_value(payload, "id")
+    return ProtocolError(
+        "bad_message",
+        "message nests too deep to decode",
+        ref=ref if isinstance(ref, str) else None,
+    )
+
+
+def delivery_seq(payload: bytes) -> int | None:
+    """The ``seq`` of a server-to-client ``message`` whose body the client cannot decode
+    (the rest of it valid), so that the client can acknowledge it and move on; None when
+    the frame is not such a message."""
+    try:
+        message = _server_decoder.decode(payload)
+    except RecursionError:
+        if top_level_value(payload, "type") != "message":
+            return None
+        seq = top_level_value(payload, "seq")
+        return seq if isinstance(seq, int) and 0 <= seq <= 2**53 else None
+    except msgspec.DecodeError:
+        return None
+    return message.seq if type(message) is Delivery else None
 
 
 def _classify(payload: bytes, detail: str, types: frozenset[str]) -> ProtocolError:
@@ -391,6 +482,8 @@ def _classify(payload: bytes, detail: str, types: frozenset[str]) -> ProtocolErr
         obj = _any_decoder.decode(payload)
     except msgspec.DecodeError as exc:
         return ProtocolError("bad_frame", f"frame is not valid JSON: {exc}")
+    except RecursionError:
+        return _too_deep(payload)
     if not isinstance(obj, dict):
         return ProtocolError("bad_frame", f"frame is not a JSON object: {detail}")
     ref = obj.get("id")

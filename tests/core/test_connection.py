@@ -242,10 +242,12 @@ def test_invalid_json_is_bad_frame_and_fatal() -> None:
 
 
 def test_a_too_large_frame_is_fatal_and_the_frames_before_it_count() -> None:
+    # A join: a publish could not fit 64 bytes with the headroom its delivery needs.
     pair = ConnectionPair(server_max_frame=64).handshake()
-    data = encode_frame_of(PUBLISH) + struct.pack(">I", 65)
+    join = Join(room="chat", id="j1")
+    data = encode_frame_of(join) + struct.pack(">I", 65)
     events = pair.server.receive_data(data, 1.0)
-    assert events[0] == MessageReceived(PUBLISH)
+    assert events[0] == MessageReceived(join)
     rejected(events[1:], "too_large", fatal=True)
     assert pair.server.state is CLOSING
     assert pair.server.close_code == "too_large"

@@ -153,3 +153,51 @@ def test_arbitrary_bytes_raise_nothing_but_protocol_error_and_buffer_at_most_one
             return
         assert all(1 <= len(f) <= max_frame for f in frames)
         assert decoder.buffered <= max_frame + HEADER_SIZE
+
+
+# -- cost -------------------------------------------------------------------------------------
+
+
+def _bytes_allocated_feeding(frame: bytes, chunk: int) -> tuple[int, list[bytes]]:
+    """Bytes allocated in all while ``frame`` is fed ``chunk`` bytes at a time (tracemalloc
+    counts every allocation, so a copy of the partial frame per read shows up in full)."""
+    import tracemalloc
+
+    pieces = [frame[i : i + chunk] for i in range(0, len(frame), chunk)]
+    decoder = FrameDecoder(max_frame=len(frame))
+    frames: list[bytes] = []
+    tracemalloc.start()
+    try:
+        allocated = 0
+        for piece in pieces:
+            before = tracemalloc.get_traced_memory()[0]
+            tracemalloc.reset_peak()
+            frames += decoder.feed(piece)
+            allocated += tracemalloc.get_traced_memory()[1] - before
+    finally:
+        tracemalloc.stop()
+    return allocated, frames
+
+
+def test_feeding_a_frame_in_small_reads_costs_about_what_feeding_it_in_large_ones_does() -> None:
+    # One 1 MiB frame in 4,096 reads of 256 bytes against 16 reads of 64 KiB: the work must
+    # grow with the bytes fed, not with the bytes fed times the reads (a partial frame
+    # re-copied on every read is 4,096 copies of up to 1 MiB: ~2 GiB allocated).
+    payload = bytes(range(256)) * 4096
+    frame = encode_frame(payload)
+    small, small_frames = _bytes_allocated_feeding(frame, 256)
+    large, large_frames = _bytes_allocated_feeding(frame, 64 * 1024)
+    assert small_frames == large_frames == [payload]
+    assert small <= 3 * large + 64 * 1024, (small, large)
+    assert small <= 4 * len(frame), small
+
+
+def test_a_limited_feed_keeps_the_rest_for_a_later_feed_under_the_new_max_frame() -> None:
+    # The client reads welcome alone, then the frames after it under welcome's max_frame.
+    decoder = FrameDecoder(max_frame=16)
+    big = encode_frame(b"z" * 40)
+    assert decoder.feed(encode_frame(b"first") + big + encode_frame(b"x"), limit=1) == [b"first"]
+    assert decoder.error is None
+    decoder.max_frame = 64
+    assert decoder.feed(b"") == [b"z" * 40, b"x"]
+    assert decoder.buffered == 0
