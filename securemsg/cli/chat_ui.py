@@ -36,6 +36,7 @@ from securemsg.client.client import (
     Reconnecting,
     StateChange,
 )
+from securemsg.client.types import MessageSkipped
 from securemsg.config import ClientConfig
 from securemsg.core.messages import NAME_PATTERN, ROOM_PATTERN, ErrorCode
 from securemsg.errors import ClosedError, RejectedError, SecureMsgError
@@ -93,6 +94,8 @@ def describe_state_change(change: StateChange, *, lost: str | None) -> str:
         if change.gap is None:
             return "reconnected: session expired, messages may be missing"
         return f"reconnected: session expired, {change.gap} messages may be missing"
+    if isinstance(change, MessageSkipped):
+        return f"message {change.seq} skipped: its body cannot be read here ({change.reason})"
     return "connection closed" + (f": {change.error}" if change.error else "")
 
 

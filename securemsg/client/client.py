@@ -147,7 +147,11 @@ class Client:
         self._loop = asyncio.get_running_loop()
         self._where = f"{config.host}:{config.port}"
         self._log = structlog.get_logger("securemsg.client.client").bind(server=self._where)
-        self._mailbox = Mailbox(max_outbox=config.max_outbox, log=self._log)
+        self._mailbox = Mailbox(
+            max_outbox=config.max_outbox,
+            log=self._log,
+            on_skipped=lambda skipped: self._set_state(self._state, skipped),
+        )
         self._state = ClientState.CONNECTING
         self._session: str | None = None
         self._name: str | None = config.name

@@ -17,13 +17,13 @@ import contextlib
 import secrets
 import weakref
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Final, Generic, TypeVar
 
 from structlog.typing import FilteringBoundLogger
 
 from securemsg.client.connection import ClientConnection
-from securemsg.client.types import Message, Presence
+from securemsg.client.types import Message, MessageSkipped, Presence
 from securemsg.core.client_session import (
     AckDue,
     Acknowledged,
@@ -36,7 +36,7 @@ from securemsg.core.client_session import (
     ReplyReceived,
     SessionEvent,
 )
-from securemsg.core.connection import Event, FrameRejected, PongReceived
+from securemsg.core.connection import Event, FrameRejected, PongReceived, UndecodableMessage
 from securemsg.core.messages import FATAL_CODES, Ack, Bye, Error
 from securemsg.errors import ClosedError, RejectedError, TimeoutError
 
@@ -135,9 +135,17 @@ class Mailbox:
     over its :class:`ClientSession`; the owner
     (:class:`~securemsg.client.connection.ConnectionOwner`) of its live connection."""
 
-    def __init__(self, *, max_outbox: int, log: FilteringBoundLogger) -> None:
+    def __init__(
+        self,
+        *,
+        max_outbox: int,
+        log: FilteringBoundLogger,
+        on_skipped: Callable[[MessageSkipped], None] | None = None,
+    ) -> None:
         self._loop = asyncio.get_running_loop()
         self._log = log
+        #: Told of each delivered message that could not be decoded (and was skipped).
+        self.on_skipped = on_skipped
         self.session = ClientSession(
             max_outbox=max_outbox, request_prefix=f"rq-{secrets.token_hex(4)}-"
         )
@@ -311,6 +319,10 @@ class Mailbox:
             self.rtt = event.rtt
         elif type(event) is FrameRejected:
             self._log.warning("frame_rejected", code=event.error.code, reason=event.error.message)
+        elif type(event) is UndecodableMessage:
+            self._log.warning("message_undecodable", seq=event.seq, reason=event.reason)
+            if self.on_skipped is not None:
+                self.on_skipped(MessageSkipped(event.seq, event.reason))
 
     def connection_closed(self, conn: ClientConnection, reason: str) -> None:
         if conn is self.conn:

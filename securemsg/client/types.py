@@ -17,6 +17,7 @@ __all__ = [
     "Closed",
     "Disconnected",
     "Message",
+    "MessageSkipped",
     "Presence",
     "Reconnected",
     "Reconnecting",
@@ -63,4 +64,14 @@ class Closed:
     error: str | None = None
 
 
-StateChange = Disconnected | Reconnecting | Reconnected | Closed
+@dataclass(frozen=True, slots=True)
+class MessageSkipped:
+    """Message ``seq`` arrived but its body could not be decoded here (``reason``): it was
+    acknowledged and skipped, so it cannot block the messages after it. A server that
+    checks bodies (securemsg does) never relays one; this is defence in depth."""
+
+    seq: int
+    reason: str
+
+
+StateChange = Disconnected | Reconnecting | Reconnected | MessageSkipped | Closed

@@ -39,9 +39,16 @@ from typing import Final
 
 import msgspec
 
-from securemsg.core.connection import Event, FrameRejected, MessageReceived, PongReceived
+from securemsg.core.connection import (
+    Event,
+    FrameRejected,
+    MessageReceived,
+    PongReceived,
+    UndecodableMessage,
+)
 from securemsg.core.delivery import Inbox, Outbox
 from securemsg.core.frames import DEFAULT_MAX_FRAME, HEADER_SIZE
+from securemsg.core.gatekeeper import DELIVERY_HEADROOM
 from securemsg.core.messages import (
     Bye,
     Error,
@@ -133,6 +140,7 @@ SessionEvent = (
     | Error
     | PongReceived
     | FrameRejected
+    | UndecodableMessage
 )
 
 
@@ -196,7 +204,7 @@ class ClientSession:
     def __init__(self, *, max_outbox: int, request_prefix: str) -> None:
         self.outbox = Outbox(max_outbox)
         self.inbox = Inbox()
-        self._frame_limit = DEFAULT_MAX_FRAME + HEADER_SIZE
+        self._frame_limit = DEFAULT_MAX_FRAME + HEADER_SIZE - DELIVERY_HEADROOM
         #: The id the last :meth:`submit` gave.
         self.last_id = "0"
         #: Every request token starts with it: a ``re`` that does is a reply to us.
@@ -208,11 +216,12 @@ class ClientSession:
     @property
     def max_frame(self) -> int:
         """The largest frame body the server accepts (from its welcome)."""
-        return self._frame_limit - HEADER_SIZE
+        return self._frame_limit - HEADER_SIZE + DELIVERY_HEADROOM
 
     @max_frame.setter
     def max_frame(self, value: int) -> None:
-        self._frame_limit = value + HEADER_SIZE  # whole frames are checked: one compare
+        # Whole frames are checked: one compare.
+        self._frame_limit = value + HEADER_SIZE - DELIVERY_HEADROOM
 
     @property
     def last_seq(self) -> int:
@@ -224,8 +233,10 @@ class ClientSession:
     def submit(self, make: Make) -> bytes:
         """Keep the request ``make(id)`` in the outbox and return its frame.
 
-        Raises ValueError when it exceeds the server's ``max_frame``: the server would close
-        the connection, and the resend after reconnecting would do it again, forever.
+        Raises ValueError when it does not fit the server's ``max_frame`` less the
+        :data:`~securemsg.core.gatekeeper.DELIVERY_HEADROOM` the server keeps for the fields it
+        adds to a delivery: the server would refuse it, and the resend after reconnecting
+        would be refused again.
         """
         outbox = self.outbox
         msg_id = outbox.new_id()
@@ -233,7 +244,8 @@ class ClientSession:
         if len(frame) > self._frame_limit:
             raise ValueError(
                 f"message of {len(frame) - HEADER_SIZE} bytes exceeds the server's "
-                f"max_frame of {self.max_frame} bytes"
+                f"max_frame of {self.max_frame} bytes (less {DELIVERY_HEADROOM} bytes it "
+                "keeps for the sender, time and sequence number)"
             )
         outbox.add(msg_id, frame)
         self.last_id = msg_id
@@ -282,6 +294,11 @@ class ClientSession:
         accept = self.inbox.accept
         for event in events:
             if type(event) is not MessageReceived:
+                if type(event) is UndecodableMessage:
+                    # Acknowledged and reported, never again: not delivered on every resume.
+                    if accept(event.seq):
+                        append(event)
+                    continue
                 append(event)  # type: ignore[arg-type]  # the rest of Event
                 continue
             message = event.message

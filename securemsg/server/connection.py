@@ -115,6 +115,7 @@ class ServerConnection(asyncio.BufferedProtocol):
             now=accepted_at,
             handshake_timeout=config.handshake_timeout,
             max_frame=config.max_frame,
+            max_depth=config.max_depth,
             heartbeat_interval=config.heartbeat_interval,
             heartbeat_timeout=config.heartbeat_timeout,
         )

@@ -21,7 +21,7 @@ from securemsg.client.connection import (
 from securemsg.client.mailbox import MAX_RECEIVED, Mailbox
 from securemsg.client.types import ClientState, Closed, Message, Presence
 from securemsg.config import ClientConfig
-from securemsg.core.frames import FrameDecoder
+from securemsg.core.frames import FrameDecoder, encode_frame
 from securemsg.core.messages import (
     Ack,
     ClientMessage,
@@ -495,3 +495,19 @@ async def test_waiting_for_an_answer_pings_so_the_held_ack_comes_with_the_pong()
     pair.feed(encode_frame_of(ServerAck(ids=["1", "2"])))
     assert await asyncio.wait_for(confirming, 1) is None
     assert len(pair.mailbox.outbox) == 0
+
+
+async def test_an_undecodable_delivery_is_acknowledged_skipped_and_reported() -> None:
+    # A body this client cannot decode (1e400 overflows a float) must not cost the connection
+    # nor come back on every resume: acknowledged, reported, and the next message delivered.
+    pair = Pair()
+    skipped: list[Any] = []
+    pair.mailbox.on_skipped = skipped.append
+    pair.open()
+    poison = b'{"type":"message","room":"r","from":"s","body":1e400,"ts":1.0,"seq":1}'
+    pair.feed(encode_frame(poison), message(2, "after"))
+    await settle()
+    assert [m.seq for m in pair.sent(Ack)] == [2]
+    assert [(s.seq, type(s).__name__) for s in skipped] == [(1, "MessageSkipped")]
+    assert (await pair.mailbox.receive(1)).body == "after"
+    assert not pair.transport.closing
