@@ -17,6 +17,11 @@ Scenarios (the code is in :mod:`securemsg.bench.scenarios`):
 - ``handshakes``: new TLS connections (handshake and hello) per second, and server CPU per
   handshake when the server is local.
 
+By default ``pubsub`` and ``fanout`` run every client in this process, publishers paced by a
+window (the throughput of an application that paces itself). With ``--unpaced``
+(:mod:`securemsg.bench.unpaced`) publishers and subscribers are processes of their own and
+publishers publish as fast as the client allows, as ``nats bench`` measures.
+
 ``--local`` starts a server in a subprocess on a fresh development PKI and port, so the
 server and the clients each have a core.
 """
@@ -52,6 +57,7 @@ from securemsg.bench.scenarios import (
     run_pubsub,
     run_rtt,
 )
+from securemsg.bench.unpaced import run_unpaced
 from securemsg.client.client import Client, ClientState, connect
 from securemsg.client.connection import open_connection
 from securemsg.config import ClientConfig
@@ -73,6 +79,9 @@ __all__ = [
 DEFAULT_MSGS: Final = {"pubsub": 200_000, "fanout": 5_000, "rtt": 10_000}
 DEFAULT_CLIENTS: Final = {"fanout": 100, "connections": 1_000, "handshakes": 1_000}
 DEFAULT_DURATION: Final = {"connections": 10.0}
+#: The same for ``--unpaced`` (fanout: subscriptions in one subscriber process).
+DEFAULT_UNPACED_MSGS: Final = {"pubsub": 200_000, "fanout": 50_000}
+DEFAULT_UNPACED_CLIENTS: Final = {"fanout": 20}
 #: The bound on a run that has no duration of its own, in seconds.
 DEFAULT_BOUND: Final = 60.0
 
@@ -80,7 +89,8 @@ DEFAULT_BOUND: Final = 60.0
 @dataclass(frozen=True, slots=True)
 class BenchOptions:
     """What to run. ``msgs``, ``clients`` and ``duration`` of None take the scenario's
-    default; ``duration`` bounds a message run and is the hold time of ``connections``."""
+    default; ``duration`` bounds a message run and is the hold time of ``connections``.
+    ``unpaced`` runs pubsub and fanout in separate processes, publishers unpaced."""
 
     scenario: str
     host: str = "localhost"
@@ -96,6 +106,7 @@ class BenchOptions:
     concurrency: int = 8
     window: int = 1_000
     server_pid: int | None = None
+    unpaced: bool = False
 
     def __post_init__(self) -> None:
         if self.scenario not in SCENARIOS:
@@ -113,6 +124,10 @@ class BenchOptions:
                 raise ConfigError(f"--{name} must be at least 1")
         if self.rate < 0 or (self.duration is not None and self.duration <= 0):
             raise ConfigError("--rate must be >= 0 and --duration > 0")
+        if self.unpaced and self.scenario not in ("pubsub", "fanout"):
+            raise ConfigError("--unpaced applies to pubsub and fanout only")
+        if self.unpaced and self.rate:
+            raise ConfigError("--unpaced publishes as fast as the client allows: drop --rate")
 
 
 class Latency(msgspec.Struct, frozen=True):
@@ -131,6 +146,8 @@ class BenchResult(msgspec.Struct, frozen=True, kw_only=True):
     scenario: str
     server: str
     system: str = "securemsg"
+    #: "paced" (one process, publishers held back by a window) or "unpaced" (--unpaced).
+    mode: str = "paced"
     loop: str
     version: str = __version__
     python: str = platform.python_version()
@@ -141,7 +158,8 @@ class BenchResult(msgspec.Struct, frozen=True, kw_only=True):
     expected: int
     received: int
     elapsed: float
-    msgs_per_s: float
+    #: None for an unpaced run that lost, duplicated or reordered anything: no figure.
+    msgs_per_s: float | None
     mb_per_s: float
     latency_us: Latency | None
     errors: int
@@ -231,6 +249,12 @@ class SecureMsgSystem:
     async def connect(self, name: str) -> SecureMsgEndpoint:
         client = await connect(self.host, self.port, ca=self.ca, name=name)
         return SecureMsgEndpoint(client)
+
+    def worker_argv(self) -> list[str]:
+        """The command line of a worker process of an unpaced run (roles are appended)."""
+        argv = [sys.executable, "-m", "securemsg.bench.worker", "--host", self.host]
+        argv += ["--port", str(self.port)]
+        return argv + (["--ca", self.ca] if self.ca else [])
 
     async def handshake(self) -> None:
         self._handshakes += 1
@@ -353,14 +377,28 @@ async def run_bench(
         system = SecureMsgSystem(options.host, options.port, ca=options.ca)
     progress = progress or Progress()
     scenario = options.scenario
-    msgs = options.msgs or DEFAULT_MSGS.get(scenario, 0)
-    clients = options.clients or DEFAULT_CLIENTS.get(scenario, 1)
+    unpaced = options.unpaced
+    msgs = options.msgs or (DEFAULT_UNPACED_MSGS if unpaced else DEFAULT_MSGS).get(scenario, 0)
+    clients = options.clients or (DEFAULT_UNPACED_CLIENTS if unpaced else DEFAULT_CLIENTS).get(
+        scenario, 1
+    )
     duration = options.duration or DEFAULT_DURATION.get(scenario, DEFAULT_BOUND)
     pub, sub = options.pub, options.sub
     if scenario == "fanout":
         pub, sub = 1, clients
     outcome: Outcome
-    if scenario in ("pubsub", "fanout"):
+    if unpaced:
+        outcome = await run_unpaced(
+            system,
+            publishers=pub,
+            subscriber_processes=1 if scenario == "fanout" else sub,
+            subscriptions=sub if scenario == "fanout" else 1,
+            count=msgs,
+            size=options.size,
+            timeout=duration,
+            progress=progress,
+        )
+    elif scenario in ("pubsub", "fanout"):
         outcome = await run_pubsub(
             system,
             publishers=pub,
@@ -399,13 +437,17 @@ def _result(
     options: BenchOptions, outcome: Outcome, system: Any, *, pub: int, sub: int, server: str | None
 ) -> BenchResult:
     elapsed = outcome.elapsed
-    rate = outcome.received / elapsed if elapsed > 0 else 0.0
+    rate: float | None = outcome.received / elapsed if elapsed > 0 else 0.0
+    verified = not (outcome.errors or outcome.lost or outcome.duplicated or outcome.out_of_order)
+    if options.unpaced and not verified:
+        rate = None  # a run with loss is reported as such, never as a throughput figure
     moves_bytes = options.scenario in ("pubsub", "fanout", "rtt")
     quantiles = percentiles(outcome.latencies_ns)
     return BenchResult(
         scenario=options.scenario,
         server=server or f"{options.host}:{options.port}",
         system=system.name,
+        mode="unpaced" if options.unpaced else "paced",
         loop=loop_name(),
         publishers=pub,
         subscribers=sub,
@@ -414,8 +456,8 @@ def _result(
         expected=outcome.expected,
         received=outcome.received,
         elapsed=round(elapsed, 4),
-        msgs_per_s=round(rate, 1),
-        mb_per_s=round(rate * options.size / 1e6, 2) if moves_bytes else 0.0,
+        msgs_per_s=None if rate is None else round(rate, 1),
+        mb_per_s=round(rate * options.size / 1e6, 2) if moves_bytes and rate else 0.0,
         latency_us=Latency(**quantiles) if quantiles else None,
         errors=outcome.errors,
         lost=outcome.lost,
@@ -444,11 +486,15 @@ def format_result(result: BenchResult) -> str:
         "connections": f"{result.subscribers} idle connections",
         "handshakes": "new TLS connections (handshake + hello + bye)",
     }[result.scenario]
+    if result.mode == "unpaced":
+        shape += ", separate processes, unpaced"
     rows: list[tuple[str, str]] = []
     if result.scenario in ("pubsub", "fanout", "rtt"):
         rows.append(("messages", f"{result.sent:,} of {result.size} B"))
     label = _RATE_LABEL[result.scenario]
-    if label:
+    if label and result.msgs_per_s is None:
+        rows.append((label, "none: not everything arrived once and in order"))
+    elif label:
         rows.append((label, f"{result.msgs_per_s:,.0f}"))
     if result.mb_per_s:
         rows.append(("MB/s", f"{result.mb_per_s:,.2f}"))
