@@ -30,25 +30,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import platform
-import socket
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Final
 
 import msgspec
 
 from securemsg import __version__
 from securemsg.bench import SCENARIOS
+from securemsg.bench.local import LocalServer
 from securemsg.bench.scenarios import (
     MIN_SIZE,
-    Handler,
     Outcome,
     Progress,
     percentiles,
@@ -57,13 +52,10 @@ from securemsg.bench.scenarios import (
     run_pubsub,
     run_rtt,
 )
+from securemsg.bench.system import SecureMsgSystem
 from securemsg.bench.unpaced import run_unpaced
-from securemsg.client.client import Client, ClientState, connect
-from securemsg.client.connection import open_connection
-from securemsg.config import ClientConfig
-from securemsg.errors import ConfigError, SecureMsgError
+from securemsg.errors import ConfigError
 from securemsg.runner import loop_name
-from securemsg.tls.contexts import client_context
 
 __all__ = [
     "SCENARIOS",
@@ -172,194 +164,6 @@ class BenchResult(msgspec.Struct, frozen=True, kw_only=True):
     @property
     def ok(self) -> bool:
         return not (self.errors or self.lost or self.duplicated or self.out_of_order)
-
-
-# -- the system under test --------------------------------------------------------------------
-
-
-class SecureMsgEndpoint:
-    """One :class:`~securemsg.client.client.Client` as a benchmark endpoint."""
-
-    def __init__(self, client: Client) -> None:
-        self.client = client
-        # Private on purpose: a reconnect that resumes the session is invisible otherwise.
-        self._first_connection = client._mailbox.conn
-        self._handlers: dict[str | None, Handler] = {}
-        self._echo: set[str] = set()
-        self._reader: asyncio.Task[None] | None = None
-
-    async def subscribe(self, room: str, handler: Handler) -> None:
-        self._handlers[room] = handler
-        await self.client.join(room)
-        self._start_reader()
-
-    async def publish(self, room: str, payload: str) -> None:
-        await self.client.publish(room, payload)
-
-    async def serve_echo(self, room: str) -> None:
-        self._echo.add(room)
-        await self.client.join(room)
-        self._start_reader()
-
-    async def request(self, room: str, payload: str, timeout: float) -> str:
-        reply = await self.client.request(room, payload, timeout)
-        return str(reply.body)
-
-    async def flush(self, timeout: float) -> None:
-        await self.client.flush(timeout)
-
-    def alive(self) -> bool:
-        client = self.client
-        return client.state is ClientState.CONNECTED and (
-            client._mailbox.conn is self._first_connection
-        )
-
-    async def close(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
-        await self.client.close()
-
-    def _start_reader(self) -> None:
-        if self._reader is None:
-            self._reader = asyncio.get_running_loop().create_task(self._read())
-
-    async def _read(self) -> None:
-        handlers, echo, client = self._handlers, self._echo, self.client
-        async for message in client:
-            handler = handlers.get(message.room)
-            if handler is not None:
-                handler(message.body)
-            elif message.room in echo and message.reply_to is not None:
-                await client.reply(message, message.body)
-
-
-class SecureMsgSystem:
-    """A securemsg server at ``host:port``, trusted through ``ca``."""
-
-    name = "securemsg"
-    body_overhead = 2  # a body is a JSON string: two quotes
-
-    def __init__(self, host: str, port: int, *, ca: str | None) -> None:
-        self.host, self.port, self.ca = host, port, ca
-        self._context = client_context(ca=ca)
-        self._handshakes = 0
-
-    async def connect(self, name: str) -> SecureMsgEndpoint:
-        client = await connect(self.host, self.port, ca=self.ca, name=name)
-        return SecureMsgEndpoint(client)
-
-    def worker_argv(self) -> list[str]:
-        """The command line of a worker process of an unpaced run (roles are appended)."""
-        argv = [sys.executable, "-m", "securemsg.bench.worker", "--host", self.host]
-        argv += ["--port", str(self.port)]
-        return argv + (["--ca", self.ca] if self.ca else [])
-
-    async def handshake(self) -> None:
-        self._handshakes += 1
-        config = ClientConfig(
-            host=self.host, port=self.port, ca=self.ca, name=f"bench-hs-{self._handshakes}"
-        )
-        conn = await open_connection(config, session=None, last_seq=0, context=self._context)
-        conn.say_bye()
-        async with asyncio.timeout(config.connect_timeout):
-            await asyncio.shield(conn.closed)
-
-
-# -- a local server -----------------------------------------------------------------------------
-
-
-class LocalServer:
-    """``securemsg server`` in a subprocess on a fresh development PKI and a free port."""
-
-    def __init__(
-        self,
-        *,
-        max_connections: int = 10_000,
-        loop: str | None = None,
-        directory: str | None = None,
-    ) -> None:
-        self.max_connections = max_connections
-        self.loop = loop
-        self.host = "127.0.0.1"
-        self.port = 0
-        self.ca = ""
-        self.pid = 0
-        #: Where the PKI and the server log live (a temporary directory when None).
-        self.directory = directory or ""
-        self._process: subprocess.Popen[bytes] | None = None
-        self._tmp: tempfile.TemporaryDirectory[str] | None = None
-
-    async def __aenter__(self) -> LocalServer:
-        from securemsg.tls.devcerts import make_dev_pki
-
-        if not self.directory:
-            self._tmp = tempfile.TemporaryDirectory(prefix="securemsg-bench-")
-            self.directory = self._tmp.name
-        pki = make_dev_pki(self.directory, hosts=("localhost", "127.0.0.1"))
-        self.ca = str(pki.ca)
-        self.port = _free_port(self.host)
-        env = dict(os.environ)
-        if self.loop == "asyncio":
-            env["SECUREMSG_NO_UVLOOP"] = "1"
-        argv = [sys.executable, "-m", "securemsg", "server", "--cert", str(pki.server_cert)]
-        argv += ["--key", str(pki.server_key), "--host", self.host, "--port", str(self.port)]
-        argv += ["--max-connections", str(self.max_connections), "--log-level", "warning"]
-        argv += ["--log-format", "json"]
-        self._process = _spawn(argv, Path(self.directory, "server.log"), env)
-        self.pid = self._process.pid
-        await self._wait_listening()
-        return self
-
-    async def _wait_listening(self, timeout: float = 15.0) -> None:
-        end = time.monotonic() + timeout
-        while True:
-            assert self._process is not None
-            if self._process.poll() is not None:
-                raise SecureMsgError(f"the local server exited: {self.log_tail()}")
-            try:
-                _, writer = await asyncio.open_connection(self.host, self.port)
-            except OSError:
-                if time.monotonic() > end:
-                    raise SecureMsgError("the local server did not start listening") from None
-                await asyncio.sleep(0.05)
-                continue
-            writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
-            return
-
-    def log_tail(self) -> str:
-        path = Path(self.directory, "server.log")
-        try:
-            return path.read_text(errors="replace")[-2000:].strip()
-        except OSError:
-            return ""
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        process = self._process
-        if process is not None and process.poll() is None:
-            process.terminate()
-            try:
-                await asyncio.to_thread(process.wait, 10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                await asyncio.to_thread(process.wait)
-        if self._tmp is not None:
-            self._tmp.cleanup()
-
-
-def _spawn(argv: list[str], log_path: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
-    with log_path.open("wb") as log:
-        return subprocess.Popen(argv, stdout=log, stderr=log, env=env)
-
-
-def _free_port(host: str) -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 # -- running ------------------------------------------------------------------------------------
@@ -591,5 +395,9 @@ async def bench_main(
             result = await run_bench(
                 local_options, progress=progress, server=f"local pid {srv.pid}"
             )
+        logged = srv.warnings()
+    if logged:
+        events = ", ".join(f"{event} x{n}" for event, n in sorted(logged.items()))
+        result = msgspec.structs.replace(result, notes=[*result.notes, f"server logged {events}"])
     emit(result)
     return 0 if result.ok else 1

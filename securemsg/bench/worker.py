@@ -251,7 +251,7 @@ async def _count(tallies: Sequence[Tally], args: argparse.Namespace, commands: _
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m securemsg.bench.worker``: a worker against a securemsg server."""
-    from securemsg.bench.run import SecureMsgSystem
+    from securemsg.bench.system import SecureMsgSystem
     from securemsg.log import configure_logging
     from securemsg.runner import run
 

@@ -9,8 +9,8 @@ import argparse
 import sys
 from typing import Any
 
-from securemsg.bench.run import SecureMsgSystem
 from securemsg.bench.scenarios import parse_payload
+from securemsg.bench.system import SecureMsgSystem
 from securemsg.bench.worker import add_role_arguments, run_worker
 from securemsg.runner import run
 
