@@ -20,12 +20,13 @@ import pytest
 from securemsg.bench.run import (
     BenchOptions,
     BenchResult,
+    LocalServer,
     SecureMsgSystem,
     format_result,
     run_bench,
 )
 from securemsg.bench.scenarios import Tally, make_payload, percentiles
-from securemsg.errors import ConfigError
+from securemsg.errors import ConfigError, SecureMsgError
 from tests.integration.conftest import StartServer
 
 pytestmark = pytest.mark.timeout(60)
@@ -215,3 +216,27 @@ def test_bench_command_runs_unpaced_pubsub_in_separate_processes() -> None:
     result = json.loads(done.stdout)
     assert result["mode"] == "unpaced" and result["received"] == 500
     assert result["msgs_per_s"] > 0 and result["lost"] == 0
+
+
+async def test_unpaced_run_fails_in_one_sentence_when_a_worker_cannot_start() -> None:
+    class Broken(SecureMsgSystem):
+        def worker_argv(self) -> list[str]:
+            return [sys.executable, "-c", "import sys; sys.exit('no server here')"]
+
+    options = BenchOptions(scenario="pubsub", msgs=10, unpaced=True)
+    with pytest.raises(SecureMsgError, match="sub worker failed: no server here"):
+        await run_bench(options, system=Broken("localhost", 1, ca=None))
+
+
+def test_local_server_counts_the_warnings_of_its_log_but_not_its_own_probe(
+    tmp_path: Path,
+) -> None:
+    lines = [
+        {"event": "tls_handshake_failed", "reason": "eof", "level": "warning"},  # the probe
+        {"event": "server_started", "level": "info"},
+        {"event": "session_overflowed", "pending": 10, "level": "warning"},
+        {"event": "session_overflowed", "pending": 10, "level": "warning"},
+    ]
+    log = "\n".join(json.dumps(line) for line in lines) + "\nnot json\n"
+    (tmp_path / "server.log").write_text(log)
+    assert LocalServer(directory=str(tmp_path)).warnings() == {"session_overflowed": 2}
