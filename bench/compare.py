@@ -132,7 +132,14 @@ class NatsEndpoint:
 
 def worker_argv(system: str, port: int, ca: str) -> list[str]:
     """The command line of an unpaced run's worker process for ``system``."""
-    return [sys.executable, __file__, "worker", "--system", system, "--port", str(port), "--ca", ca]
+    argv = [sys.executable, __file__, "worker", "--system", system, "--port", str(port)]
+    argv += ["--ca", ca]
+    # nats-py on uvloop stalls under unpaced load: a subscriber stops reading for up to
+    # the ping interval (5-10 s measured, where asyncio's loop stalls < 1 s), which ended
+    # NATS fan-out runs at 3 % delivered by the idle timeout. It upgrades to TLS with
+    # start_tls, whose flow control uvloop gets wrong (MagicStack/uvloop#564, probably the
+    # same cause). So its workers use asyncio's loop, as nats-py users mostly do.
+    return [*argv, "--loop", "asyncio" if system == "nats" else "uvloop"]
 
 
 class NatsSystem:
@@ -701,6 +708,7 @@ def main(argv: list[str] | None = None) -> None:
     worker.add_argument("--system", choices=("nats", "websockets"), required=True)
     worker.add_argument("--port", type=int, required=True)
     worker.add_argument("--ca", required=True)
+    worker.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
     from securemsg.bench.worker import add_role_arguments
 
     add_role_arguments(worker)
@@ -713,7 +721,8 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "client":
         run(client_main(args))
     elif args.command == "worker":
-        sys.exit(run(worker_main(args)))
+        work = worker_main(args)
+        sys.exit(asyncio.run(work) if args.loop == "asyncio" else run(work))
     else:
         main_compare(args)
 

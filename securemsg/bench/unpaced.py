@@ -44,7 +44,7 @@ from securemsg.errors import SecureMsgError
 __all__ = ["IDLE_TIMEOUT", "run_unpaced"]
 
 #: A run ends this long after the last delivery when messages stop arriving.
-IDLE_TIMEOUT: Final = 5.0
+IDLE_TIMEOUT: Final = 30.0
 #: Seconds for every worker to start, connect and subscribe.
 _READY_TIMEOUT: Final = 60.0
 #: Seconds a worker has to report after it was told to stop, then to exit.
@@ -239,6 +239,11 @@ def _outcome(
     stopped = {w.report.stopped_by for w in workers if isinstance(w.report, SubReport)}
     if stopped - {"count"}:
         outcome.notes.append(f"subscribers stopped by: {', '.join(sorted(stopped))}")
+    loops = sorted({w.report.loop for w in workers if w.report is not None and w.report.loop})
+    if loops:
+        outcome.notes.append(f"worker processes ran on {', '.join(loops)}")
+    stalls = [w.report.longest_stall for w in workers if isinstance(w.report, SubReport)]
+    outcome.extra["longest_stall_s"] = max(stalls, default=0.0)
     cut = sum(not s.alive for s in subs)
     if cut:
         outcome.notes.append(f"{cut} of {len(subs)} subscriptions lost their first connection")

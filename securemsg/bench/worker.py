@@ -51,6 +51,7 @@ class PubReport(msgspec.Struct, frozen=True, kw_only=True):
     flushed_at: float
     alive: bool
     error: str = ""
+    loop: str = ""
 
 
 class SubscriptionReport(msgspec.Struct, frozen=True, kw_only=True):
@@ -68,6 +69,10 @@ class SubReport(msgspec.Struct, frozen=True, kw_only=True):
     role: str = "sub"
     subscriptions: list[SubscriptionReport]
     stopped_by: str
+    #: The longest time, in seconds, no subscription received anything (sampled every
+    #: 0.2 s from ``go`` on): a stall shows here before it ends a run by the idle timeout.
+    longest_stall: float = 0.0
+    loop: str = ""
 
 
 def shares(count: int, publishers: int) -> list[int]:
@@ -88,6 +93,11 @@ def add_role_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, required=True, help="bound after go")
     parser.add_argument("--idle-timeout", type=float, required=True)
     parser.add_argument("--latencies", default="", help="file for a subscriber's latencies")
+
+
+def _running_loop() -> str:
+    """ "uvloop" or "asyncio": the loop this worker really runs on."""
+    return type(asyncio.get_running_loop()).__module__.partition(".")[0]
 
 
 def _say(line: str) -> None:
@@ -177,6 +187,7 @@ async def _publisher(system: System, args: argparse.Namespace, commands: _Comman
         flushed_at=flushed_at,
         alive=alive,
         error=error,
+        loop=_running_loop(),
     )
 
 
@@ -200,7 +211,7 @@ async def _subscriber(system: System, args: argparse.Namespace, commands: _Comma
             await endpoint.subscribe(args.room, tally.add)
         _say("ready")
         await commands.wait_go()
-        stopped_by = await _count(tallies, args, commands)
+        stopped_by, stall = await _count(tallies, args, commands)
         reports = [
             SubscriptionReport(
                 received=t.received,
@@ -216,7 +227,12 @@ async def _subscriber(system: System, args: argparse.Namespace, commands: _Comma
             _write_latencies(args.latencies, tallies)
     finally:
         await asyncio.gather(*(e.close() for e in endpoints), return_exceptions=True)
-    return SubReport(subscriptions=reports, stopped_by=stopped_by)
+    return SubReport(
+        subscriptions=reports,
+        stopped_by=stopped_by,
+        longest_stall=round(stall, 1),
+        loop=_running_loop(),
+    )
 
 
 def _write_latencies(path: str, tallies: Sequence[Tally]) -> None:
@@ -225,25 +241,30 @@ def _write_latencies(path: str, tallies: Sequence[Tally]) -> None:
             tally.latencies.tofile(out)
 
 
-async def _count(tallies: Sequence[Tally], args: argparse.Namespace, commands: _Commands) -> str:
+async def _count(
+    tallies: Sequence[Tally], args: argparse.Namespace, commands: _Commands
+) -> tuple[str, float]:
     """Wait until every subscription has every message, deliveries stop for the idle
-    timeout, the bound passes or the coordinator says stop; which one it was."""
+    timeout, the bound passes or the coordinator says stop: which one it was, and the
+    longest stall seen."""
     expected = args.count * len(tallies)
     go_at = time.perf_counter()
     deadline = go_at + args.timeout
+    stall = 0.0
     while True:
         total = sum(t.received for t in tallies)
         _say(f"progress {total}")
         now = time.perf_counter()
-        if total >= expected:
-            return "count"
-        if commands.stop.is_set():
-            return "stop"
-        if now >= deadline:
-            return "timeout"
         last = max(go_at, *(t.last_at for t in tallies))
+        stall = max(stall, now - last)
+        if total >= expected:
+            return "count", stall
+        if commands.stop.is_set():
+            return "stop", stall
+        if now >= deadline:
+            return "timeout", stall
         if now - last >= args.idle_timeout:
-            return "idle"
+            return "idle", stall
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(_PROGRESS_INTERVAL):
                 await commands.stop.wait()
