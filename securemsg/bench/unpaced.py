@@ -44,7 +44,7 @@ from securemsg.errors import SecureMsgError
 __all__ = ["IDLE_TIMEOUT", "run_unpaced"]
 
 #: A run ends this long after the last delivery when messages stop arriving.
-IDLE_TIMEOUT: Final = 30.0
+IDLE_TIMEOUT: Final = 5.0
 #: Seconds for every worker to start, connect and subscribe.
 _READY_TIMEOUT: Final = 60.0
 #: Seconds a worker has to report after it was told to stop, then to exit.
