@@ -152,13 +152,16 @@ def _assert_consistent(result: BenchResult) -> None:
         assert result.msgs_per_s > 0 and result.elapsed > 0
 
 
-async def test_unpaced_pubsub_counts_what_the_subscriber_process_received(
-    start_server: StartServer, tls_files: Any
+@pytest.mark.parametrize(("pub", "sub"), [(1, 1), (2, 3)])
+async def test_unpaced_pubsub_counts_what_the_subscriber_processes_received(
+    start_server: StartServer, tls_files: Any, pub: int, sub: int
 ) -> None:
     server = await start_server()
-    result = await _bench(server.port, tls_files.ca_pem, "pubsub", msgs=2_000, unpaced=True)
+    result = await _bench(
+        server.port, tls_files.ca_pem, "pubsub", msgs=2_000, pub=pub, sub=sub, unpaced=True
+    )
     _assert_consistent(result)
-    assert (result.publishers, result.subscribers, result.expected) == (1, 1, 2_000)
+    assert (result.publishers, result.subscribers, result.expected) == (pub, sub, 2_000 * sub)
     assert result.sent == 2_000
     assert result.extra["published_per_s"] > 0
     # 2,000 messages stay far below every server limit (max_pending 10,000), so the
