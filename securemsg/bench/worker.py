@@ -175,7 +175,9 @@ async def _publisher(system: System, args: argparse.Namespace, commands: _Comman
             published_at = time.perf_counter()
             await endpoint.flush(args.timeout)
             flushed_at = time.perf_counter()
-    except Exception as exc:  # a timeout or a failure: report what was sent
+    except TimeoutError:
+        error = f"stopped at the {args.timeout:g} s bound"
+    except Exception as exc:  # a failure: report what was sent
         error = f"{type(exc).__name__}: {exc}"
     alive = endpoint.alive()
     with contextlib.suppress(Exception):
