@@ -12,8 +12,14 @@ bounded in count and time; systems are interleaved within each round. The result
 ``docs/benchmarks.md`` (medians, min-max, ratios) and ``docs/benchmarks-latency.png``
 (latency percentiles versus offered load, securemsg and NATS).
 
-Subcommands used internally: ``relay`` (the websockets relay server) and ``client`` (one
-scenario run against nats or the relay, printing the JSON result).
+Two modes of pub/sub, each side by side for the three systems: **unpaced** (publisher
+and subscriber processes apart, publishers as fast as their client allows, as ``nats bench``
+measures; :mod:`securemsg.bench.unpaced`) and **paced** (every client in one process,
+publishers held back by a window).
+
+Subcommands used internally: ``relay`` (the websockets relay server), ``client`` (one
+scenario run against nats or the relay, printing the JSON result) and ``worker`` (one
+publisher or subscriber process of an unpaced run against nats or the relay).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import socket
 import ssl
 import statistics
@@ -123,6 +130,18 @@ class NatsEndpoint:
         await self.nc.close()
 
 
+def worker_argv(system: str, port: int, ca: str) -> list[str]:
+    """The command line of an unpaced run's worker process for ``system``."""
+    argv = [sys.executable, __file__, "worker", "--system", system, "--port", str(port)]
+    argv += ["--ca", ca]
+    # nats-py on uvloop stalls under unpaced load: a subscriber stops reading for up to
+    # the ping interval (5-10 s measured, where asyncio's loop stalls < 1 s), which ended
+    # NATS fan-out runs at 3 % delivered by the idle timeout. It upgrades to TLS with
+    # start_tls, whose flow control uvloop gets wrong (MagicStack/uvloop#564, probably the
+    # same cause). So its workers use asyncio's loop, as nats-py users mostly do.
+    return [*argv, "--loop", "asyncio" if system == "nats" else "uvloop"]
+
+
 class NatsSystem:
     name = "nats"
     body_overhead = 0
@@ -130,6 +149,10 @@ class NatsSystem:
     def __init__(self, port: int, ca: str) -> None:
         self.url = f"tls://{HOST}:{port}"
         self.context = ssl.create_default_context(cafile=ca)
+        self.port, self.ca = port, ca
+
+    def worker_argv(self) -> list[str]:
+        return worker_argv(self.name, self.port, self.ca)
 
     async def connect(self, name: str) -> NatsEndpoint:
         import nats
@@ -240,6 +263,10 @@ class WsSystem:
     def __init__(self, port: int, ca: str) -> None:
         self.uri = f"wss://{HOST}:{port}/"
         self.context = ssl.create_default_context(cafile=ca)
+        self.port, self.ca = port, ca
+
+    def worker_argv(self) -> list[str]:
+        return worker_argv(self.name, self.port, self.ca)
 
     async def _open(self) -> Any:
         from websockets.asyncio.client import connect
@@ -273,9 +300,18 @@ async def client_main(args: argparse.Namespace) -> None:
         clients=args.clients,
         duration=args.duration,
         server_pid=args.server_pid,
+        unpaced=args.unpaced,
     )
     result = await run_bench(options, system=system, server=f"{HOST}:{args.port}")
     print(msgspec.json.encode(result).decode())
+
+
+async def worker_main(args: argparse.Namespace) -> int:
+    """One publisher or subscriber process of an unpaced run against a peer."""
+    from securemsg.bench.worker import run_worker
+
+    system: Any = (NatsSystem if args.system == "nats" else WsSystem)(args.port, args.ca)
+    return await run_worker(system, args)
 
 
 # -- servers (fresh for every run) -------------------------------------------------------------
@@ -359,11 +395,32 @@ class Scenario:
     clients: int | None = None
     duration: float | None = None
     rate: float = 0.0
+    #: Separate publisher and subscriber processes, publishers unpaced (``--unpaced``).
+    unpaced: bool = False
+
+
+#: Scenario keys of the unpaced mode (the report gives them a section of their own).
+UNPACED = ("pubsub-unpaced", "fanout-unpaced")
 
 
 def scenarios(quick: bool) -> list[Scenario]:
     scale = 0.1 if quick else 1.0
     return [
+        Scenario(
+            "pubsub-unpaced",
+            f"pubsub 1 -> 1, {int(200_000 * scale):,} msgs",
+            "pubsub",
+            msgs=int(200_000 * scale),
+            unpaced=True,
+        ),
+        Scenario(
+            "fanout-unpaced",
+            f"fanout 1 -> 20 (one subscriber process), {int(50_000 * scale):,} msgs",
+            "fanout",
+            msgs=int(50_000 * scale),
+            clients=20,
+            unpaced=True,
+        ),
         Scenario("pubsub", "pubsub 1 -> 1", "pubsub", msgs=int(200_000 * scale)),
         Scenario("fanout", "fanout 1 -> 100", "fanout", msgs=int(5_000 * scale), clients=100),
         Scenario("rtt", "rtt (request/reply through the server)", "rtt", msgs=int(5_000 * scale)),
@@ -409,13 +466,34 @@ def _run_one(system: str, scenario: Scenario, pki: Pki) -> dict[str, Any]:
         ):
             if value is not None:
                 argv += [flag, str(value)]
-        done = subprocess.run(argv, capture_output=True, timeout=RUN_LIMIT, check=False)
+        if scenario.unpaced:
+            argv.append("--unpaced")
+        stdout, stderr = run_bounded(argv, RUN_LIMIT)
     try:
-        result: dict[str, Any] = json.loads(done.stdout)
+        result: dict[str, Any] = json.loads(stdout)
     except json.JSONDecodeError:
-        tail = done.stderr.decode(errors="replace")[-1500:]
+        tail = stderr.decode(errors="replace")[-1500:]
         raise RuntimeError(f"{system} {scenario.key} failed:\n{tail}") from None
     return result
+
+
+def run_bounded(argv: list[str], limit: float) -> tuple[bytes, bytes]:
+    """Run ``argv`` in a process group of its own; past ``limit`` seconds kill the whole
+    group (an unpaced run's worker processes with it) and raise ``TimeoutExpired``."""
+    process = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
+    )
+    try:
+        return process.communicate(timeout=limit)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        raise
+    finally:
+        # Stragglers of a run that ended: the group is gone unless one outlived its parent.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGKILL)
 
 
 def main_compare(args: argparse.Namespace) -> None:
@@ -449,13 +527,14 @@ def main_compare(args: argparse.Namespace) -> None:
             target = run_one("securemsg", target_scenario, pki)
             if target is not None:
                 log_run(0, "securemsg", target_scenario, target, started)
-    plot = DOCS / "benchmarks-latency.png"
+    out = Path(args.output)
+    plot = out / "benchmarks-latency.png"
     if sweep:
         draw_plot(sweep, plot)
     from report import write_report  # bench/report.py, next to this file
 
     write_report(
-        DOCS / "benchmarks.md",
+        out / "benchmarks.md",
         plan=[(s.key, s.title) for s in plan],
         results=results,
         sweep=sweep,
@@ -468,16 +547,18 @@ def main_compare(args: argparse.Namespace) -> None:
         },
         failures=failures,
     )
-    print(f"wrote {DOCS / 'benchmarks.md'}", file=sys.stderr)
+    print(f"wrote {out / 'benchmarks.md'}", file=sys.stderr)
 
 
 def log_run(
     round_no: int, system: str, scenario: Scenario, result: dict[str, Any], started: float
 ) -> None:
     latency = result.get("latency_us") or {}
+    rate = result["msgs_per_s"]
+    figure = f"{rate:>11,.0f}/s" if rate is not None else f"{'(loss)':>13}"
     print(
-        f"[{time.monotonic() - started:6.0f}s] round {round_no} {scenario.key:<11} {system:<10}"
-        f" {result['msgs_per_s']:>11,.0f}/s p50 {latency.get('p50', 0):>9,.0f} us"
+        f"[{time.monotonic() - started:6.0f}s] round {round_no} {scenario.key:<14} {system:<10}"
+        f" {figure} p50 {latency.get('p50', 0):>9,.0f} us"
         f" p99 {latency.get('p99', 0):>9,.0f} us lost {result['lost']} {result['extra']}",
         file=sys.stderr,
         flush=True,
@@ -601,6 +682,9 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--only", action="append", help="run only this scenario (repeatable)")
         p.add_argument("--no-sweep", action="store_true", help="skip the latency-vs-load sweep")
         p.add_argument(
+            "--output", default=str(DOCS), metavar="DIR", help="where the report goes (docs/)"
+        )
+        p.add_argument(
             "--target-connections",
             action="store_true",
             help="also hold 10,000 securemsg connections for 60 s (the issue's target)",
@@ -619,6 +703,15 @@ def main(argv: list[str] | None = None) -> None:
     client.add_argument("--clients", type=int)
     client.add_argument("--duration", type=float)
     client.add_argument("--server-pid", type=int)
+    client.add_argument("--unpaced", action="store_true")
+    worker = commands.add_parser("worker", help="one process of an unpaced run (nats, relay)")
+    worker.add_argument("--system", choices=("nats", "websockets"), required=True)
+    worker.add_argument("--port", type=int, required=True)
+    worker.add_argument("--ca", required=True)
+    worker.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
+    from securemsg.bench.worker import add_role_arguments
+
+    add_role_arguments(worker)
     args = parser.parse_args(argv)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from securemsg.runner import run
@@ -627,6 +720,9 @@ def main(argv: list[str] | None = None) -> None:
         run(relay_main(args.port, args.cert, args.key))
     elif args.command == "client":
         run(client_main(args))
+    elif args.command == "worker":
+        work = worker_main(args)
+        sys.exit(asyncio.run(work) if args.loop == "asyncio" else run(work))
     else:
         main_compare(args)
 

@@ -19,6 +19,7 @@ LABEL = {
 }
 
 Runs = list[dict[str, Any]]
+Getter = Callable[[dict[str, Any]], float | None]
 Metric = tuple[str, Callable[[dict[str, Any]], float | None], str, bool]
 
 
@@ -31,7 +32,17 @@ def _extra(key: str) -> Callable[[dict[str, Any]], float | None]:
 
 
 def _rate(r: dict[str, Any]) -> float | None:
-    return float(r["msgs_per_s"])
+    # None: an unpaced run that lost, duplicated or reordered something has no figure.
+    return None if r["msgs_per_s"] is None else float(r["msgs_per_s"])
+
+
+def _complete(r: dict[str, Any]) -> float | None:
+    return float(not _problems(r))
+
+
+def _if_complete(get: Callable[[dict[str, Any]], float | None]) -> Getter:
+    # The latency of what arrived, when most did not, flatters the run that lost most.
+    return lambda r: get(r) if _complete(r) else None
 
 
 def _problems(r: dict[str, Any]) -> float | None:
@@ -65,6 +76,36 @@ METRICS: dict[str, list[Metric]] = {
     ],
 }
 METRICS["fanout"] = METRICS["pubsub"]
+#: Format "runs": how many runs of how many (a 0/1 value per run), no ratio.
+METRICS["pubsub-unpaced"] = [
+    ("deliveries/s, complete runs only", _rate, ",.0f", True),
+    ("complete runs (every message once, in order)", _complete, "runs", True),
+    ("delivered %", _extra("delivered_pct"), ",.1f", True),
+    ("lost+dup+disorder+errors", _problems, ",.0f", False),
+    ("published/s (publisher side)", _extra("published_per_s"), ",.0f", True),
+    ("latency p50 (µs), complete runs only", _if_complete(_lat("p50")), ",.0f", False),
+    ("latency p99 (µs), complete runs only", _if_complete(_lat("p99")), ",.0f", False),
+]
+METRICS["fanout-unpaced"] = METRICS["pubsub-unpaced"]
+
+#: The two ways pub/sub is measured: (scenario keys, heading, what it measures in one line).
+MODES = (
+    (
+        ("pubsub-unpaced", "fanout-unpaced"),
+        "Pub/sub unpaced, separate processes",
+        "Publisher processes publish as fast as their client allows and subscriber processes"
+        " count what arrives (as `nats bench` measures): deliveries per second from the first"
+        " publish to the last delivery, given only for runs where every message arrived once"
+        " and in order.",
+    ),
+    (
+        ("pubsub", "fanout"),
+        "Pub/sub paced, one process",
+        "Publishers and subscribers share one client process and publishers wait while the"
+        " slowest subscriber is more than 1,000 messages behind: the throughput of an"
+        " application that paces itself.",
+    ),
+)
 
 
 def _values(runs: Runs, get: Callable[[dict[str, Any]], float | None]) -> list[float]:
@@ -72,6 +113,8 @@ def _values(runs: Runs, get: Callable[[dict[str, Any]], float | None]) -> list[f
 
 
 def _cell(values: list[float], fmt: str) -> str:
+    if fmt == "runs":
+        return f"{sum(values):.0f} of {len(values)}"
     if not values:
         return "n/a"
     median = statistics.median(values)
@@ -97,6 +140,8 @@ def _table(key: str, by_system: dict[str, Runs]) -> list[str]:
         cells = [_cell(_values(runs, get), fmt) for runs in by_system.values()]
         ours = _values(by_system.get("securemsg", []), get)
         ratios = [_ratio(ours, _values(by_system[p], get)) for p in PEERS if p in by_system]
+        if fmt == "runs":
+            ratios = ["" for _ in ratios]
         better = "higher is better" if higher else "lower is better"
         lines.append(f"| {label} ({better}) | " + " | ".join(cells + ratios) + " |")
     return lines
@@ -171,6 +216,39 @@ def _targets(results: dict[str, dict[str, Runs]], target: dict[str, Any] | None)
     return lines
 
 
+def _unpaced_targets(results: dict[str, dict[str, Runs]]) -> list[str]:
+    """Issue 15: unpaced pub/sub at least as fast as NATS, every message delivered."""
+    lines = ["| target | measured | verdict |", "|---|---|---|"]
+    for key, title in (("pubsub-unpaced", "pubsub 1→1"), ("fanout-unpaced", "fanout 1→20")):
+        if key not in results:
+            continue
+        ours, nats = results[key].get("securemsg", []), results[key].get("nats", [])
+        delivered = min(_values(ours, _extra("delivered_pct")), default=None)
+        complete = bool(ours) and all(_complete(r) for r in ours)
+        mine, theirs = _median(ours, _rate), _median(nats, _rate)
+        ratio = mine / theirs if complete and mine and theirs else None
+        measured = f"{ratio:.2f}×" if ratio else "no figure"
+        measured += f", {delivered:g} % delivered (worst run)" if delivered is not None else ""
+        ok = complete and ratio is not None and ratio >= 1.0
+        lines.append(
+            f"| {title} unpaced ≥ 1.0× NATS, 100 % delivered | {measured} | "
+            + ("met" if ok else "**missed**")
+            + " |"
+        )
+    return lines
+
+
+def _section(key: str, title: str, results: dict[str, dict[str, Runs]], level: str) -> list[str]:
+    out = [f"{level} {title}", "", *_table(key, results[key]), ""]
+    notes = sorted(
+        {(LABEL[s], n) for s, runs in results[key].items() for r in runs for n in r["notes"]}
+    )
+    out += [f"Note ({system}): {n}" for system, n in notes[:8]]
+    if notes:
+        out.append("")
+    return out
+
+
 def write_report(
     path: Path,
     *,
@@ -191,8 +269,10 @@ def write_report(
         "by nats-py, and a websockets relay, on one machine over loopback, with the same TLS",
         "certificates, 128-byte payloads, counts and pacing, the same verification, and",
         f"{rounds} interleaved rounds. Each cell: median (min–max) over the rounds. Every run",
-        "is a fresh server process and a fresh client process; all clients of a run share",
-        "one process (one core), the server has the other. securemsg runs with acks,",
+        "is a fresh server process and a fresh client process. In the paced mode all clients",
+        "of a run share that process (one core), the server has the other; in the unpaced",
+        "mode the client process starts publisher and subscriber processes of their own",
+        "(server, publisher and subscriber on two cores). securemsg runs with acks,",
         "sequence numbers, outbox and heartbeats on, as always; NATS core is at-most-once",
         "(no acks); the relay neither acks nor numbers. Ratios are securemsg / peer.",
         "",
@@ -201,18 +281,23 @@ def write_report(
     ]
     out += [f"- {key}: {value}" for key, value in machine.items()]
     out += ["", "## Targets (issue 6)", "", *_targets(results, target), ""]
+    if any(key in results for key in ("pubsub-unpaced", "fanout-unpaced")):
+        out += ["## Targets (issue 15)", "", *_unpaced_targets(results), ""]
     if failures:
         out += ["Runs that failed or overran their bound (left out of the tables):", ""]
         out += [f"- {f}" for f in failures]
         out.append("")
+    titles = dict(plan)
+    for keys, heading, measures in MODES:
+        if any(key in results for key in keys):
+            out += [f"## {heading}", "", measures, ""]
+            for key in keys:
+                if key in results:
+                    out += _section(key, titles[key], results, "###")
+    grouped = {key for keys, _, _ in MODES for key in keys}
     for key, title in plan:
-        if key not in results:
-            continue
-        out += [f"## {title}", "", *_table(key, results[key]), ""]
-        notes = sorted({n for runs in results[key].values() for r in runs for n in r["notes"]})
-        out += [f"Note: {n}" for n in notes[:5]]
-        if notes:
-            out.append("")
+        if key in results and key not in grouped:
+            out += _section(key, title, results, "##")
     if sweep:
         out += ["## Latency versus offered load", ""]
         if plot:

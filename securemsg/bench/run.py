@@ -17,6 +17,11 @@ Scenarios (the code is in :mod:`securemsg.bench.scenarios`):
 - ``handshakes``: new TLS connections (handshake and hello) per second, and server CPU per
   handshake when the server is local.
 
+By default ``pubsub`` and ``fanout`` run every client in this process, publishers paced by a
+window (the throughput of an application that paces itself). With ``--unpaced``
+(:mod:`securemsg.bench.unpaced`) publishers and subscribers are processes of their own and
+publishers publish as fast as the client allows, as ``nats bench`` measures.
+
 ``--local`` starts a server in a subprocess on a fresh development PKI and port, so the
 server and the clients each have a core.
 """
@@ -25,25 +30,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import platform
-import socket
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Final
 
 import msgspec
 
 from securemsg import __version__
 from securemsg.bench import SCENARIOS
+from securemsg.bench.local import LocalServer
 from securemsg.bench.scenarios import (
     MIN_SIZE,
-    Handler,
     Outcome,
     Progress,
     percentiles,
@@ -52,12 +52,10 @@ from securemsg.bench.scenarios import (
     run_pubsub,
     run_rtt,
 )
-from securemsg.client.client import Client, ClientState, connect
-from securemsg.client.connection import open_connection
-from securemsg.config import ClientConfig
-from securemsg.errors import ConfigError, SecureMsgError
+from securemsg.bench.system import SecureMsgSystem
+from securemsg.bench.unpaced import run_unpaced
+from securemsg.errors import ConfigError
 from securemsg.runner import loop_name
-from securemsg.tls.contexts import client_context
 
 __all__ = [
     "SCENARIOS",
@@ -73,6 +71,9 @@ __all__ = [
 DEFAULT_MSGS: Final = {"pubsub": 200_000, "fanout": 5_000, "rtt": 10_000}
 DEFAULT_CLIENTS: Final = {"fanout": 100, "connections": 1_000, "handshakes": 1_000}
 DEFAULT_DURATION: Final = {"connections": 10.0}
+#: The same for ``--unpaced`` (fanout: subscriptions in one subscriber process).
+DEFAULT_UNPACED_MSGS: Final = {"pubsub": 200_000, "fanout": 50_000}
+DEFAULT_UNPACED_CLIENTS: Final = {"fanout": 20}
 #: The bound on a run that has no duration of its own, in seconds.
 DEFAULT_BOUND: Final = 60.0
 
@@ -80,7 +81,8 @@ DEFAULT_BOUND: Final = 60.0
 @dataclass(frozen=True, slots=True)
 class BenchOptions:
     """What to run. ``msgs``, ``clients`` and ``duration`` of None take the scenario's
-    default; ``duration`` bounds a message run and is the hold time of ``connections``."""
+    default; ``duration`` bounds a message run and is the hold time of ``connections``.
+    ``unpaced`` runs pubsub and fanout in separate processes, publishers unpaced."""
 
     scenario: str
     host: str = "localhost"
@@ -96,6 +98,7 @@ class BenchOptions:
     concurrency: int = 8
     window: int = 1_000
     server_pid: int | None = None
+    unpaced: bool = False
 
     def __post_init__(self) -> None:
         if self.scenario not in SCENARIOS:
@@ -113,6 +116,10 @@ class BenchOptions:
                 raise ConfigError(f"--{name} must be at least 1")
         if self.rate < 0 or (self.duration is not None and self.duration <= 0):
             raise ConfigError("--rate must be >= 0 and --duration > 0")
+        if self.unpaced and self.scenario not in ("pubsub", "fanout"):
+            raise ConfigError("--unpaced applies to pubsub and fanout only")
+        if self.unpaced and self.rate:
+            raise ConfigError("--unpaced publishes as fast as the client allows: drop --rate")
 
 
 class Latency(msgspec.Struct, frozen=True):
@@ -131,6 +138,8 @@ class BenchResult(msgspec.Struct, frozen=True, kw_only=True):
     scenario: str
     server: str
     system: str = "securemsg"
+    #: "paced" (one process, publishers held back by a window) or "unpaced" (--unpaced).
+    mode: str = "paced"
     loop: str
     version: str = __version__
     python: str = platform.python_version()
@@ -141,7 +150,8 @@ class BenchResult(msgspec.Struct, frozen=True, kw_only=True):
     expected: int
     received: int
     elapsed: float
-    msgs_per_s: float
+    #: None for an unpaced run that lost, duplicated or reordered anything: no figure.
+    msgs_per_s: float | None
     mb_per_s: float
     latency_us: Latency | None
     errors: int
@@ -154,188 +164,6 @@ class BenchResult(msgspec.Struct, frozen=True, kw_only=True):
     @property
     def ok(self) -> bool:
         return not (self.errors or self.lost or self.duplicated or self.out_of_order)
-
-
-# -- the system under test --------------------------------------------------------------------
-
-
-class SecureMsgEndpoint:
-    """One :class:`~securemsg.client.client.Client` as a benchmark endpoint."""
-
-    def __init__(self, client: Client) -> None:
-        self.client = client
-        # Private on purpose: a reconnect that resumes the session is invisible otherwise.
-        self._first_connection = client._mailbox.conn
-        self._handlers: dict[str | None, Handler] = {}
-        self._echo: set[str] = set()
-        self._reader: asyncio.Task[None] | None = None
-
-    async def subscribe(self, room: str, handler: Handler) -> None:
-        self._handlers[room] = handler
-        await self.client.join(room)
-        self._start_reader()
-
-    async def publish(self, room: str, payload: str) -> None:
-        await self.client.publish(room, payload)
-
-    async def serve_echo(self, room: str) -> None:
-        self._echo.add(room)
-        await self.client.join(room)
-        self._start_reader()
-
-    async def request(self, room: str, payload: str, timeout: float) -> str:
-        reply = await self.client.request(room, payload, timeout)
-        return str(reply.body)
-
-    async def flush(self, timeout: float) -> None:
-        await self.client.flush(timeout)
-
-    def alive(self) -> bool:
-        client = self.client
-        return client.state is ClientState.CONNECTED and (
-            client._mailbox.conn is self._first_connection
-        )
-
-    async def close(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
-        await self.client.close()
-
-    def _start_reader(self) -> None:
-        if self._reader is None:
-            self._reader = asyncio.get_running_loop().create_task(self._read())
-
-    async def _read(self) -> None:
-        handlers, echo, client = self._handlers, self._echo, self.client
-        async for message in client:
-            handler = handlers.get(message.room)
-            if handler is not None:
-                handler(message.body)
-            elif message.room in echo and message.reply_to is not None:
-                await client.reply(message, message.body)
-
-
-class SecureMsgSystem:
-    """A securemsg server at ``host:port``, trusted through ``ca``."""
-
-    name = "securemsg"
-    body_overhead = 2  # a body is a JSON string: two quotes
-
-    def __init__(self, host: str, port: int, *, ca: str | None) -> None:
-        self.host, self.port, self.ca = host, port, ca
-        self._context = client_context(ca=ca)
-        self._handshakes = 0
-
-    async def connect(self, name: str) -> SecureMsgEndpoint:
-        client = await connect(self.host, self.port, ca=self.ca, name=name)
-        return SecureMsgEndpoint(client)
-
-    async def handshake(self) -> None:
-        self._handshakes += 1
-        config = ClientConfig(
-            host=self.host, port=self.port, ca=self.ca, name=f"bench-hs-{self._handshakes}"
-        )
-        conn = await open_connection(config, session=None, last_seq=0, context=self._context)
-        conn.say_bye()
-        async with asyncio.timeout(config.connect_timeout):
-            await asyncio.shield(conn.closed)
-
-
-# -- a local server -----------------------------------------------------------------------------
-
-
-class LocalServer:
-    """``securemsg server`` in a subprocess on a fresh development PKI and a free port."""
-
-    def __init__(
-        self,
-        *,
-        max_connections: int = 10_000,
-        loop: str | None = None,
-        directory: str | None = None,
-    ) -> None:
-        self.max_connections = max_connections
-        self.loop = loop
-        self.host = "127.0.0.1"
-        self.port = 0
-        self.ca = ""
-        self.pid = 0
-        #: Where the PKI and the server log live (a temporary directory when None).
-        self.directory = directory or ""
-        self._process: subprocess.Popen[bytes] | None = None
-        self._tmp: tempfile.TemporaryDirectory[str] | None = None
-
-    async def __aenter__(self) -> LocalServer:
-        from securemsg.tls.devcerts import make_dev_pki
-
-        if not self.directory:
-            self._tmp = tempfile.TemporaryDirectory(prefix="securemsg-bench-")
-            self.directory = self._tmp.name
-        pki = make_dev_pki(self.directory, hosts=("localhost", "127.0.0.1"))
-        self.ca = str(pki.ca)
-        self.port = _free_port(self.host)
-        env = dict(os.environ)
-        if self.loop == "asyncio":
-            env["SECUREMSG_NO_UVLOOP"] = "1"
-        argv = [sys.executable, "-m", "securemsg", "server", "--cert", str(pki.server_cert)]
-        argv += ["--key", str(pki.server_key), "--host", self.host, "--port", str(self.port)]
-        argv += ["--max-connections", str(self.max_connections), "--log-level", "warning"]
-        argv += ["--log-format", "json"]
-        self._process = _spawn(argv, Path(self.directory, "server.log"), env)
-        self.pid = self._process.pid
-        await self._wait_listening()
-        return self
-
-    async def _wait_listening(self, timeout: float = 15.0) -> None:
-        end = time.monotonic() + timeout
-        while True:
-            assert self._process is not None
-            if self._process.poll() is not None:
-                raise SecureMsgError(f"the local server exited: {self.log_tail()}")
-            try:
-                _, writer = await asyncio.open_connection(self.host, self.port)
-            except OSError:
-                if time.monotonic() > end:
-                    raise SecureMsgError("the local server did not start listening") from None
-                await asyncio.sleep(0.05)
-                continue
-            writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
-            return
-
-    def log_tail(self) -> str:
-        path = Path(self.directory, "server.log")
-        try:
-            return path.read_text(errors="replace")[-2000:].strip()
-        except OSError:
-            return ""
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        process = self._process
-        if process is not None and process.poll() is None:
-            process.terminate()
-            try:
-                await asyncio.to_thread(process.wait, 10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                await asyncio.to_thread(process.wait)
-        if self._tmp is not None:
-            self._tmp.cleanup()
-
-
-def _spawn(argv: list[str], log_path: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
-    with log_path.open("wb") as log:
-        return subprocess.Popen(argv, stdout=log, stderr=log, env=env)
-
-
-def _free_port(host: str) -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 # -- running ------------------------------------------------------------------------------------
@@ -353,14 +181,28 @@ async def run_bench(
         system = SecureMsgSystem(options.host, options.port, ca=options.ca)
     progress = progress or Progress()
     scenario = options.scenario
-    msgs = options.msgs or DEFAULT_MSGS.get(scenario, 0)
-    clients = options.clients or DEFAULT_CLIENTS.get(scenario, 1)
+    unpaced = options.unpaced
+    msgs = options.msgs or (DEFAULT_UNPACED_MSGS if unpaced else DEFAULT_MSGS).get(scenario, 0)
+    clients = options.clients or (DEFAULT_UNPACED_CLIENTS if unpaced else DEFAULT_CLIENTS).get(
+        scenario, 1
+    )
     duration = options.duration or DEFAULT_DURATION.get(scenario, DEFAULT_BOUND)
     pub, sub = options.pub, options.sub
     if scenario == "fanout":
         pub, sub = 1, clients
     outcome: Outcome
-    if scenario in ("pubsub", "fanout"):
+    if unpaced:
+        outcome = await run_unpaced(
+            system,
+            publishers=pub,
+            subscriber_processes=1 if scenario == "fanout" else sub,
+            subscriptions=sub if scenario == "fanout" else 1,
+            count=msgs,
+            size=options.size,
+            timeout=duration,
+            progress=progress,
+        )
+    elif scenario in ("pubsub", "fanout"):
         outcome = await run_pubsub(
             system,
             publishers=pub,
@@ -399,13 +241,17 @@ def _result(
     options: BenchOptions, outcome: Outcome, system: Any, *, pub: int, sub: int, server: str | None
 ) -> BenchResult:
     elapsed = outcome.elapsed
-    rate = outcome.received / elapsed if elapsed > 0 else 0.0
+    rate: float | None = outcome.received / elapsed if elapsed > 0 else 0.0
+    verified = not (outcome.errors or outcome.lost or outcome.duplicated or outcome.out_of_order)
+    if options.unpaced and not verified:
+        rate = None  # a run with loss is reported as such, never as a throughput figure
     moves_bytes = options.scenario in ("pubsub", "fanout", "rtt")
     quantiles = percentiles(outcome.latencies_ns)
     return BenchResult(
         scenario=options.scenario,
         server=server or f"{options.host}:{options.port}",
         system=system.name,
+        mode="unpaced" if options.unpaced else "paced",
         loop=loop_name(),
         publishers=pub,
         subscribers=sub,
@@ -414,8 +260,8 @@ def _result(
         expected=outcome.expected,
         received=outcome.received,
         elapsed=round(elapsed, 4),
-        msgs_per_s=round(rate, 1),
-        mb_per_s=round(rate * options.size / 1e6, 2) if moves_bytes else 0.0,
+        msgs_per_s=None if rate is None else round(rate, 1),
+        mb_per_s=round(rate * options.size / 1e6, 2) if moves_bytes and rate else 0.0,
         latency_us=Latency(**quantiles) if quantiles else None,
         errors=outcome.errors,
         lost=outcome.lost,
@@ -444,11 +290,15 @@ def format_result(result: BenchResult) -> str:
         "connections": f"{result.subscribers} idle connections",
         "handshakes": "new TLS connections (handshake + hello + bye)",
     }[result.scenario]
+    if result.mode == "unpaced":
+        shape += ", separate processes, unpaced"
     rows: list[tuple[str, str]] = []
     if result.scenario in ("pubsub", "fanout", "rtt"):
         rows.append(("messages", f"{result.sent:,} of {result.size} B"))
     label = _RATE_LABEL[result.scenario]
-    if label:
+    if label and result.msgs_per_s is None:
+        rows.append((label, "none: not everything arrived once and in order"))
+    elif label:
         rows.append((label, f"{result.msgs_per_s:,.0f}"))
     if result.mb_per_s:
         rows.append(("MB/s", f"{result.mb_per_s:,.2f}"))
@@ -545,5 +395,9 @@ async def bench_main(
             result = await run_bench(
                 local_options, progress=progress, server=f"local pid {srv.pid}"
             )
+        logged = srv.warnings()
+    if logged:
+        events = ", ".join(f"{event} x{n}" for event, n in sorted(logged.items()))
+        result = msgspec.structs.replace(result, notes=[*result.notes, f"server logged {events}"])
     emit(result)
     return 0 if result.ok else 1

@@ -253,6 +253,12 @@ def _add_bench_parser(commands: Any) -> None:
         "--clients", type=int, metavar="N", help="subscribers, connections or handshakes"
     )
     bench.add_argument("--concurrency", type=int, default=8, metavar="N", help="handshakes at once")
+    bench.add_argument(
+        "--unpaced",
+        action="store_true",
+        help="pubsub/fanout: publishers and subscribers in their own processes, publishing "
+        "as fast as the client allows (as nats bench measures)",
+    )
     bench.add_argument("--server-pid", type=int, metavar="PID", help="local server to measure")
     bench.add_argument(
         "--server-loop", choices=("uvloop", "asyncio"), help="event loop of the --local server"
@@ -282,6 +288,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         clients=args.clients,
         concurrency=args.concurrency,
         server_pid=args.server_pid,
+        unpaced=args.unpaced,
     )
 
     def emit(result: BenchResult) -> None:

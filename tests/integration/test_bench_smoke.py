@@ -12,12 +12,21 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from securemsg.bench.run import BenchOptions, BenchResult, format_result, run_bench
+from securemsg.bench.run import (
+    BenchOptions,
+    BenchResult,
+    LocalServer,
+    SecureMsgSystem,
+    format_result,
+    run_bench,
+)
 from securemsg.bench.scenarios import Tally, make_payload, percentiles
+from securemsg.errors import ConfigError, SecureMsgError
 from tests.integration.conftest import StartServer
 
 pytestmark = pytest.mark.timeout(60)
@@ -126,3 +135,111 @@ def test_bench_command_runs_a_local_server_and_prints_json() -> None:
     result = json.loads(done.stdout)
     assert result["scenario"] == "rtt" and result["lost"] == 0 and result["received"] == 20
     assert result["latency_us"]["p50"] > 0
+
+
+# -- unpaced: publisher and subscriber processes ----------------------------------------------
+
+
+def _assert_consistent(result: BenchResult) -> None:
+    """What an unpaced run reports adds up, whatever it lost."""
+    assert result.mode == "unpaced"
+    assert 0 <= result.received <= result.expected
+    assert result.received + result.lost == result.expected
+    assert result.extra["delivered_pct"] == round(100 * result.received / result.expected, 2)
+    # A run that lost, duplicated or reordered anything has no throughput figure.
+    assert (result.msgs_per_s is None) == (not result.ok)
+    if result.msgs_per_s is not None:
+        assert result.msgs_per_s > 0 and result.elapsed > 0
+
+
+@pytest.mark.parametrize(("pub", "sub"), [(1, 1), (2, 3)])
+async def test_unpaced_pubsub_counts_what_the_subscriber_processes_received(
+    start_server: StartServer, tls_files: Any, pub: int, sub: int
+) -> None:
+    server = await start_server()
+    result = await _bench(
+        server.port, tls_files.ca_pem, "pubsub", msgs=2_000, pub=pub, sub=sub, unpaced=True
+    )
+    _assert_consistent(result)
+    assert (result.publishers, result.subscribers, result.expected) == (pub, sub, 2_000 * sub)
+    assert result.sent == 2_000
+    assert result.extra["published_per_s"] > 0
+    # 2,000 messages stay far below every server limit (max_pending 10,000), so the
+    # instrument must see all of them, once and in order.
+    _assert_verified(result)
+
+
+async def test_unpaced_fanout_holds_every_subscription_in_one_process(
+    start_server: StartServer, tls_files: Any
+) -> None:
+    server = await start_server()
+    result = await _bench(
+        server.port, tls_files.ca_pem, "fanout", msgs=200, clients=4, unpaced=True
+    )
+    _assert_consistent(result)
+    assert result.subscribers == 4 and result.expected == 800
+    _assert_verified(result)
+
+
+async def test_unpaced_run_reports_loss_duplicates_and_disorder_without_a_figure(
+    start_server: StartServer, tls_files: Any
+) -> None:
+    # The publisher process skips message 3, sends 5 twice and 8 after 9 (the worker script).
+    script = Path(__file__).with_name("bench_faulty_worker.py")
+
+    class Faulty(SecureMsgSystem):
+        def worker_argv(self) -> list[str]:
+            return [sys.executable, str(script), *super().worker_argv()[3:]]
+
+    server = await start_server()
+    options = BenchOptions(
+        scenario="fanout", port=server.port, ca=str(tls_files.ca_pem), msgs=20, clients=2,
+        unpaced=True,
+    )  # fmt: skip
+    result = await run_bench(options, system=Faulty("localhost", server.port, ca=options.ca))
+    _assert_consistent(result)
+    assert (result.lost, result.duplicated, result.out_of_order) == (2, 2, 2)
+    assert result.received == 2 * 19 and result.msgs_per_s is None
+    assert "none" in format_result(result) and "FAILED" in format_result(result)
+
+
+def test_unpaced_applies_to_pubsub_and_fanout_without_a_rate() -> None:
+    with pytest.raises(ConfigError, match="pubsub and fanout"):
+        BenchOptions(scenario="rtt", unpaced=True)
+    with pytest.raises(ConfigError, match="--rate"):
+        BenchOptions(scenario="pubsub", unpaced=True, rate=1000.0)
+
+
+def test_bench_command_runs_unpaced_pubsub_in_separate_processes() -> None:
+    argv = [sys.executable, "-m", "securemsg", "bench", "pubsub", "--local", "--unpaced"]
+    done = subprocess.run(
+        [*argv, "--msgs", "500", "--json"], capture_output=True, timeout=50, check=False
+    )
+    assert done.returncode == 0, done.stderr.decode(errors="replace")[-2000:]
+    result = json.loads(done.stdout)
+    assert result["mode"] == "unpaced" and result["received"] == 500
+    assert result["msgs_per_s"] > 0 and result["lost"] == 0
+
+
+async def test_unpaced_run_fails_in_one_sentence_when_a_worker_cannot_start() -> None:
+    class Broken(SecureMsgSystem):
+        def worker_argv(self) -> list[str]:
+            return [sys.executable, "-c", "import sys; sys.exit('no server here')"]
+
+    options = BenchOptions(scenario="pubsub", msgs=10, unpaced=True)
+    with pytest.raises(SecureMsgError, match="sub worker failed: no server here"):
+        await run_bench(options, system=Broken("localhost", 1, ca=None))
+
+
+def test_local_server_counts_the_warnings_of_its_log_but_not_its_own_probe(
+    tmp_path: Path,
+) -> None:
+    lines = [
+        {"event": "tls_handshake_failed", "reason": "eof", "level": "warning"},  # the probe
+        {"event": "server_started", "level": "info"},
+        {"event": "session_overflowed", "pending": 10, "level": "warning"},
+        {"event": "session_overflowed", "pending": 10, "level": "warning"},
+    ]
+    log = "\n".join(json.dumps(line) for line in lines) + "\nnot json\n"
+    (tmp_path / "server.log").write_text(log)
+    assert LocalServer(directory=str(tmp_path)).warnings() == {"session_overflowed": 2}
