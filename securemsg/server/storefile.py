@@ -19,8 +19,9 @@ import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final, Literal
+from typing import Final
 
+from securemsg.config import StoreSync
 from securemsg.errors import StoreError
 
 __all__ = [
@@ -36,8 +37,6 @@ __all__ = [
     "maintain",
     "open_file",
 ]
-
-StoreSync = Literal["normal", "full"]
 
 SCHEMA_VERSION: Final = 1
 #: "SMSG": marks the file as a securemsg store (``PRAGMA application_id``).
@@ -137,7 +136,7 @@ def apply_batch(conn: sqlite3.Connection, batch: Batch) -> None:
             conn.execute(sql, params)
         if batch.messages:
             run("INSERT INTO message (id, prefix, refs) VALUES (?, ?, ?)", batch.messages)
-            run("INSERT OR REPLACE INTO pending (sid, seq, message) VALUES (?, ?, ?)", batch.refs)
+            run("INSERT INTO pending (sid, seq, message) VALUES (?, ?, ?)", batch.refs)
         if batch.ids:
             run("INSERT OR REPLACE INTO recent_id (sid, n, msg_id) VALUES (?, ?, ?)", batch.ids)
         if batch.prunes:
@@ -311,7 +310,8 @@ def maintain(conn: sqlite3.Connection) -> None:
     """Give free pages back to the file system and fold the WAL into the file."""
     free = conn.execute("PRAGMA freelist_count").fetchone()[0]
     if free > _FREE_PAGES_KEPT:
-        conn.execute(f"PRAGMA incremental_vacuum({free})").fetchall()
+        # executescript steps the pragma to the end; execute() frees one page per call.
+        conn.executescript("PRAGMA incremental_vacuum;")
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
 
 
