@@ -180,8 +180,9 @@ async def test_the_loop_runs_on_while_the_writer_is_stuck(tmp_path: Path) -> Non
     def trace(sql: str) -> None:  # on the writer thread
         if sql == "BEGIN":
             transactions.append(sql)
-            stuck.set()
-            release.wait(timeout=10)
+            if not stuck.is_set():  # only the first: a mutant that blocks the loop ends
+                stuck.set()
+                release.wait(timeout=10)
 
     store = SqliteStore(str(tmp_path / "store.db"), trace=trace)
     await store.open()
