@@ -46,6 +46,8 @@ _MAGIC: Final = b"SQLite format 3\x00"
 _WAL_LIMIT: Final = 16 * 1024 * 1024
 #: Free pages (of 4 KiB) tolerated before they are given back to the file system.
 _FREE_PAGES_KEPT: Final = 1024
+#: Seconds to wait for a lock: only another server holds one, and it holds it to the end.
+_BUSY_TIMEOUT: Final = 0.2
 
 _SCHEMA: Final = """
 CREATE TABLE session (
@@ -179,15 +181,20 @@ def open_file(
     else:
         _create_empty(target, where)
     try:
-        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        conn = sqlite3.connect(path, timeout=_BUSY_TIMEOUT, isolation_level=None)
     except sqlite3.Error as exc:
         raise StoreError(f"{where}: cannot open it ({exc})") from exc
     try:
+        # Held from the first write to the close (and freed by the OS if we die): a second
+        # server on the same file would resume the same sessions twice.
+        conn.execute("PRAGMA locking_mode = EXCLUSIVE")
         new = conn.execute("PRAGMA user_version").fetchone()[0] == 0
         if new:
             # auto_vacuum must be chosen before the first table exists.
             conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
         conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("BEGIN IMMEDIATE")  # take the lock now, not at the first commit
+        conn.execute("COMMIT")
         conn.execute(f"PRAGMA synchronous = {sync.upper()}")
         conn.execute(f"PRAGMA journal_size_limit = {_WAL_LIMIT}")
         if new:
@@ -197,7 +204,7 @@ def open_file(
             )
     except sqlite3.Error as exc:
         conn.close()
-        raise StoreError(f"{where}: cannot prepare it ({exc})") from exc
+        raise _error(where, exc, "cannot prepare it") from exc
     if trace is not None:
         conn.set_trace_callback(trace)
     return conn
@@ -220,7 +227,7 @@ def _check_contents(path: str, where: str) -> None:
     """Read-only: a read-only connection never writes nor checkpoints the file."""
     uri = Path(path).resolve().as_uri() + "?mode=ro"
     try:
-        conn = sqlite3.connect(uri, uri=True, isolation_level=None)
+        conn = sqlite3.connect(uri, uri=True, timeout=_BUSY_TIMEOUT, isolation_level=None)
     except sqlite3.Error as exc:
         raise StoreError(f"{where}: cannot open it ({exc})") from exc
     try:
@@ -243,11 +250,15 @@ def _check_contents(path: str, where: str) -> None:
         if problems != ["ok"]:
             raise StoreError(f"{where}: is corrupt ({problems[0]}); it was left untouched")
     except sqlite3.Error as exc:
-        raise StoreError(
-            f"{where}: is corrupt or unreadable ({exc}); it was left untouched"
-        ) from exc
+        raise _error(where, exc, "is corrupt or unreadable") from exc
     finally:
         conn.close()
+
+
+def _error(where: str, exc: sqlite3.Error, what: str) -> StoreError:
+    if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
+        return StoreError(f"{where}: is in use by another securemsg server")
+    return StoreError(f"{where}: {what} ({exc}); it was left untouched")
 
 
 def _create_empty(target: Path, where: str) -> None:

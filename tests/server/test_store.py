@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import select
 import signal
@@ -23,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def count(path: Path, table: str) -> int:
-    with sqlite3.connect(path) as conn:
+    with contextlib.closing(sqlite3.connect(path)) as conn:
         return int(conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
 
 
@@ -122,7 +123,7 @@ async def test_a_message_for_three_recipients_is_stored_once(tmp_path: Path) -> 
     await store.close()
     assert count(path, "message") == 1
     assert count(path, "pending") == 3
-    with sqlite3.connect(path) as conn:
+    with contextlib.closing(sqlite3.connect(path)) as conn:
         assert conn.execute("SELECT sum(length(prefix)) FROM message").fetchone()[0] == 1000
 
 
@@ -297,16 +298,15 @@ def _corrupt(path: Path) -> None:
 
 
 def _future_version(path: Path) -> None:
-    with sqlite3.connect(path) as conn:
+    with contextlib.closing(sqlite3.connect(path)) as conn:
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
-    conn.close()
 
 
 def _other_program(path: Path) -> None:
     path.unlink()
-    with sqlite3.connect(path) as conn:
+    with contextlib.closing(sqlite3.connect(path)) as conn:
         conn.execute("CREATE TABLE notes (text TEXT)")
-    conn.close()
+        conn.commit()
 
 
 @pytest.mark.parametrize(
@@ -344,6 +344,18 @@ async def test_a_directory_as_the_store_is_one_sentence(tmp_path: Path) -> None:
     assert _entries(tmp_path) == []
 
 
+async def test_a_store_in_use_by_another_server_is_one_sentence(tmp_path: Path) -> None:
+    path = tmp_path / "store.db"
+    first = SqliteStore(str(path))
+    await first.open()
+    with pytest.raises(StoreError, match=r"is in use by another securemsg server$"):
+        await SqliteStore(str(path)).open()
+    await first.close()
+    second = SqliteStore(str(path))
+    await second.open()  # free again once the first one closed
+    await second.close()
+
+
 async def test_a_missing_directory_is_one_sentence(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match="does not exist"):
         await SqliteStore(str(tmp_path / "nowhere" / "store.db")).open()
@@ -351,13 +363,14 @@ async def test_a_missing_directory_is_one_sentence(tmp_path: Path) -> None:
 
 async def test_a_new_store_file_is_private_and_marked_as_ours(tmp_path: Path) -> None:
     path = tmp_path / "store.db"
-    await SqliteStore(str(path)).open()
+    store = SqliteStore(str(path))
+    await store.open()
+    await store.close()
     assert path.stat().st_mode & 0o777 == 0o600
-    with sqlite3.connect(path) as conn:
+    with contextlib.closing(sqlite3.connect(path)) as conn:
         assert conn.execute("PRAGMA application_id").fetchone()[0] == APPLICATION_ID
         assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    conn.close()
 
 
 # -- the file stays bounded ------------------------------------------------------------------
@@ -368,14 +381,6 @@ def _size(path: Path) -> int:
     return path.stat().st_size + (wal.stat().st_size if wal.exists() else 0)
 
 
-def count_pages(path: Path) -> int:
-    """The database's size in pages, counting what is still in the WAL."""
-    with sqlite3.connect(path) as conn:
-        pages = int(conn.execute("PRAGMA page_count").fetchone()[0])
-    conn.close()
-    return pages
-
-
 async def test_the_file_does_not_grow_over_many_write_and_ack_cycles(tmp_path: Path) -> None:
     path = tmp_path / "store.db"
     store = SqliteStore(str(path), dedup_window=100)
@@ -383,17 +388,20 @@ async def test_the_file_does_not_grow_over_many_write_and_ack_cycles(tmp_path: P
     store.session_created("s1", name="a", token="t")
     wal = path.with_name(path.name + "-wal")
     seq, sizes, wal_sizes = 0, [], []
-    for cycle in range(60):  # 6 MB written in all, 100 KB live at a time
-        for _ in range(100):
-            seq += 1
-            store.message_accepted(b"x" * 1000, [("s1", seq)])
-            store.id_recorded("s1", str(seq))
-        await store.wait_committed()
-        store.acked("s1", seq)
-        await store.wait_committed()
-        wal_sizes.append(wal.stat().st_size)
-        if cycle in (9, 59):
-            sizes.append(count_pages(path))
+    for cycles in (10, 50):  # 6 MB written in all, 100 KB live at a time
+        for _ in range(cycles):
+            for _ in range(100):
+                seq += 1
+                store.message_accepted(b"x" * 1000, [("s1", seq)])
+                store.id_recorded("s1", str(seq))
+            await store.wait_committed()
+            store.acked("s1", seq)
+            await store.wait_committed()
+            wal_sizes.append(wal.stat().st_size)
+        await store.close()
+        sizes.append(path.stat().st_size)
+        store = SqliteStore(str(path), dedup_window=100)
+        await store.open()
     await store.close()
     early, late = sizes
     assert late <= early * 1.25, sizes
