@@ -227,7 +227,7 @@ def _find_problem(config: ServerConfig | ClientConfig) -> _Problem | None:
         ("log_level", LOG_LEVELS),
         ("store_sync", STORE_SYNCS),
     ):
-        if getattr(config, name) not in allowed:
+        if getattr(config, name, None) not in (*allowed, None):
             return (name,), f"{name} must be {_one_of(allowed)}, got {getattr(config, name)!r}"
     if isinstance(config, ClientConfig):
         if config.name is not None and not _NAME_RE.match(config.name):

@@ -439,3 +439,5 @@ def test_store_settings_come_from_the_environment_and_flags(tmp_path: Path) -> N
     assert config.store_sync == "normal"
     with pytest.raises(ConfigError, match="SECUREMSG_STORE_SYNC: expected one of 'normal'"):
         load_config(ServerConfig, env={"SECUREMSG_STORE_SYNC": "off"})
+    with pytest.raises(ConfigError, match="store_sync must be one of 'normal', 'full'"):
+        ServerConfig(store_sync="off")  # type: ignore[arg-type]
