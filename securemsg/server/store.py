@@ -355,8 +355,17 @@ class SqliteStore:
 
     def _write(self, conn: sqlite3.Connection) -> None:
         maintained = time.monotonic()
+        dirty = False
         while True:
-            item = self._queue.get()
+            try:
+                item = self._queue.get(timeout=_MAINTAIN_INTERVAL)
+            except queue.Empty:
+                # Idle: a checkpoint also syncs (under NORMAL) what the last commits wrote.
+                if dirty:
+                    dirty = False
+                    maintained = time.monotonic()
+                    self._maintain(conn)
+                continue
             if item is _STOP:
                 return
             number, batch = cast("tuple[int, Batch]", item)
@@ -367,12 +376,18 @@ class SqliteStore:
                 self._tell(self._committed, number, error)
                 return
             self._tell(self._committed, number, None)
+            dirty = True
             if time.monotonic() - maintained > _MAINTAIN_INTERVAL:
+                dirty = False
                 maintained = time.monotonic()
-                try:
-                    storefile.maintain(conn)
-                except sqlite3.Error:
-                    pass  # upkeep only; the next commit reports a real fault
+                self._maintain(conn)
+
+    @staticmethod
+    def _maintain(conn: sqlite3.Connection) -> None:
+        try:
+            storefile.maintain(conn)
+        except sqlite3.Error:
+            pass  # upkeep only; the next commit reports a real fault
 
     def _tell(self, callback: Callable[..., object], *args: Any) -> None:
         assert self._loop is not None
