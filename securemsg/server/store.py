@@ -211,6 +211,7 @@ class SqliteStore:
     # -- the broker's events --------------------------------------------------------------------
 
     def session_created(self, sid: str, *, name: str, token: str) -> None:
+        self._id_counts.pop(sid, None)
         self._batch.sessions.append((sid, name, token))
         self._changed()
 

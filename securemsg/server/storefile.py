@@ -131,9 +131,11 @@ def apply_batch(conn: sqlite3.Connection, batch: Batch) -> None:
     conn.execute("BEGIN")
     try:
         if batch.sessions:
-            run(
-                "INSERT OR REPLACE INTO session (sid, name, token) VALUES (?, ?, ?)", batch.sessions
-            )
+            # A new session starts empty, even should its id have been used before.
+            sids = [(sid,) for sid, _, _ in batch.sessions]
+            for table in ("pending", "membership", "recent_id"):
+                run(f"DELETE FROM {table} WHERE sid = ?", sids)
+            run("INSERT OR REPLACE INTO session (sid, name, token) VALUES (?,?,?)", batch.sessions)
         for sql, params in batch.changes:
             conn.execute(sql, params)
         if batch.messages:

@@ -113,6 +113,26 @@ async def test_a_reopened_store_goes_on_numbering_messages_and_ids(tmp_path: Pat
     assert session.recent_ids == ("3", "4")
 
 
+async def test_a_session_made_under_a_used_id_starts_empty(tmp_path: Path) -> None:
+    path = tmp_path / "store.db"
+    store = SqliteStore(str(path))
+    await store.open()
+    store.session_created("s1", name="old", token="t1")
+    store.joined("s1", "lobby")
+    store.message_accepted(b"x", [("s1", 1)])
+    store.id_recorded("s1", "a")
+    await store.close()
+    store = SqliteStore(str(path))
+    await store.open()
+    store.session_created("s1", name="new", token="t2")  # a broker that numbers from 1 again
+    store.id_recorded("s1", "b")
+    await store.close()
+    session = (await reopened(path))["s1"]
+    assert (session.name, session.filters, session.pending) == ("new", (), ())
+    assert (session.recent_ids, session.last_seq) == (("b",), 0)
+    assert count(path, "message") == 0
+
+
 async def test_a_message_for_three_recipients_is_stored_once(tmp_path: Path) -> None:
     path = tmp_path / "store.db"
     store = SqliteStore(str(path))
