@@ -29,7 +29,7 @@ import re
 import tomllib
 from collections.abc import Collection, Mapping
 from pathlib import Path
-from typing import Any, ClassVar, Final, NamedTuple, TypeVar, cast, get_args
+from typing import Any, ClassVar, Final, Literal, NamedTuple, TypeVar, cast, get_args
 
 import msgspec
 
@@ -37,6 +37,8 @@ from securemsg.core.gatekeeper import DEFAULT_MAX_DEPTH, MAX_MAX_DEPTH
 from securemsg.core.messages import NAME_PATTERN
 from securemsg.errors import ConfigError
 from securemsg.log import LOG_FORMATS, LOG_LEVELS, LogFormat, LogLevel
+
+StoreSync = Literal["normal", "full"]
 
 __all__ = [
     "ENV_PREFIX",
@@ -47,6 +49,7 @@ __all__ = [
     "LogFormat",
     "LogLevel",
     "ServerConfig",
+    "StoreSync",
     "add_config_flags",
     "fields_with_defaults",
     "load_config",
@@ -104,6 +107,8 @@ class ServerConfig(_Config, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     max_msgs_per_sec: float = 0.0
     dedup_window: int = 10_000
     shutdown_timeout: float = 5.0
+    store: str | None = None
+    store_sync: StoreSync = "normal"
     log_format: LogFormat = "auto"
     log_level: LogLevel = "info"
 
@@ -159,6 +164,8 @@ FIELD_HELP: Final[dict[str, dict[str, str]]] = {
         "max_msgs_per_sec": "messages per second one client may send; 0 means no limit",
         "dedup_window": "recent message ids remembered per client to drop duplicates",
         "shutdown_timeout": "seconds to drain connections when shutting down",
+        "store": "SQLite file that keeps sessions across restarts; none keeps them in memory",
+        "store_sync": "when a commit is durable: normal (survives a crash) or full (power loss)",
         "log_format": "log format on stderr: auto (JSON unless a terminal), json or console",
         "log_level": "lowest level logged: debug, info, warning, error or critical",
     },
@@ -197,6 +204,7 @@ _SIZES: Final = frozenset(
 )
 _ZERO_MEANS_OFF: Final = frozenset({"max_msgs_per_sec", "max_attempts"})
 _NAME_RE: Final = re.compile(NAME_PATTERN)
+STORE_SYNCS: Final = get_args(StoreSync)
 
 _Problem = tuple[tuple[str, ...], str]
 
@@ -230,8 +238,12 @@ def _find_problem(config: ServerConfig | ClientConfig) -> _Problem | None:
     low_port = 1 if isinstance(config, ClientConfig) else 0
     if not low_port <= config.port <= 65535:
         return ("port",), f"port must be between {low_port} and 65535, got {config.port!r}"
-    for name, allowed in (("log_format", LOG_FORMATS), ("log_level", LOG_LEVELS)):
-        if getattr(config, name) not in allowed:
+    for name, allowed in (
+        ("log_format", LOG_FORMATS),
+        ("log_level", LOG_LEVELS),
+        ("store_sync", STORE_SYNCS),
+    ):
+        if getattr(config, name, None) not in (*allowed, None):
             return (name,), f"{name} must be {_one_of(allowed)}, got {getattr(config, name)!r}"
     if isinstance(config, ClientConfig):
         if config.name is not None and not _NAME_RE.match(config.name):
@@ -478,7 +490,7 @@ def _metavar(field: _Field) -> str | None:
         return "BYTES"
     if isinstance(field.info, msgspec.inspect.IntType):
         return "PORT" if field.name == "port" else "N"
-    if field.name in {"cert", "key", "ca", "token_file"}:
+    if field.name in {"cert", "key", "ca", "token_file", "store"}:
         return "PATH"
     return field.name.upper()
 

@@ -10,6 +10,7 @@
     │   ├── TLSError           the TLS handshake failed (has .check: which verification failed)
     │   └── AuthError          the server refused who we are (has .code: unauthorized, name_taken)
     ├── RejectedError          the server answered a request with an error frame (has .code)
+    ├── StoreError             the session store file cannot be used or written (names it)
     ├── TimeoutError           a bounded wait ran out (also a builtin TimeoutError)
     └── ClosedError            the client or connection is closed
 
@@ -29,6 +30,7 @@ __all__ = [
     "ProtocolError",
     "RejectedError",
     "SecureMsgError",
+    "StoreError",
     "TLSConfigError",
     "TLSError",
     "TimeoutError",
@@ -91,6 +93,11 @@ class RejectedError(SecureMsgError):
         super().__init__(f"{message} ({code})")
         self.code = code
         self.message = message
+
+
+class StoreError(SecureMsgError):
+    """The server's session store cannot be opened, read or written; the message names the
+    file and says why in one sentence. The file is left as it was."""
 
 
 class TimeoutError(SecureMsgError, builtins.TimeoutError):
