@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import struct
 from collections import OrderedDict, deque
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 from securemsg.errors import ProtocolError
 
@@ -130,6 +130,15 @@ class DeliveryLog:
             return True
         return False
 
+    def restore(self, *, last_seq: int, acked: int, pending: Iterable[tuple[int, bytes]]) -> None:
+        """Take up where a stored session left off (a server restart with a store)."""
+        self.last_seq = self.sent_seq = last_seq
+        self.acked = acked
+        kept = deque(pending)
+        self._pending = kept if kept else ()
+        self.pending_bytes = sum(len(prefix) for _, prefix in kept)
+        self.congested = len(kept) >= self._high or self.pending_bytes >= self._high_bytes
+
     def unsent(self) -> list[bytes]:
         """The frames numbered but not yet handed to the connection, in order; they count as
         sent from now on."""
@@ -177,6 +186,9 @@ class RecentIds:
             current = self._current = set()
         current.add(msg_id)
         return False
+
+    def __contains__(self, msg_id: object) -> bool:
+        return msg_id in (self._current or ()) or msg_id in (self._previous or ())
 
     def forget(self, msg_id: str) -> None:
         if self._current is not None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -33,6 +34,7 @@ from securemsg.core.messages import (
 from securemsg.core.rooms import RoomRegistry, is_wildcard
 from securemsg.core.server_session import HelloPolicy, ServerSession
 from securemsg.errors import ProtocolError
+from securemsg.server.store import MemoryStore, SessionStore, StoredSession
 
 __all__ = ["Broker", "Link", "Opened"]
 
@@ -85,6 +87,7 @@ class Broker:
         max_msgs_per_sec: float = 0.0,
         token: str | None = None,
         require_identity: bool = False,
+        store: SessionStore | None = None,
     ) -> None:
         self.max_pending = max_pending
         self.max_pending_bytes = max_pending_bytes
@@ -98,9 +101,13 @@ class Broker:
         self.by_name: dict[str, Session] = {}
         self.by_token: dict[str, Session] = {}
         self._ids = itertools.count(1)
+        self._next_id = 1  # session ids continue above those a store gives back
         self.messages_routed = 0
         #: Congested sessions that publishers wait for (flow control).
         self.stalled: set[Session] = set()
+        #: Where sessions outlive the process (a no-op unless the server has ``--store``).
+        self.store: SessionStore = store if store is not None else MemoryStore()
+        self._durable = self.store.durable
 
     # -- sessions -----------------------------------------------------------------------------
 
@@ -129,6 +136,7 @@ class Broker:
         session.attach(link, now)
         self.by_name[name] = session
         self.by_token[session.token] = session
+        self.store.session_created(session.id, name=name, token=session.token)
         return Opened(session, resumed=False, replay=[], took_over=False)
 
     def _resume(self, session: Session, last_seq: int, link: Link, now: float) -> Opened:
@@ -142,16 +150,20 @@ class Broker:
                 ErrorCode.SESSION_TAKEN_OVER, "the session resumed on another connection"
             )
         session.attach(link, now)
-        return Opened(
-            session, resumed=True, replay=session.replay(last_seq), took_over=old is not None
-        )
+        replay = session.replay(last_seq)
+        if self._durable:
+            self.store.session_attached(session.id)
+            self.store.acked(session.id, session.delivery.acked)
+        return Opened(session, resumed=True, replay=replay, took_over=old is not None)
 
-    def detach(self, session: Session, link: Link, now: float) -> None:
+    def detach(self, session: Session, link: Link, now: float, *, wall: float = 0.0) -> None:
         """The session's connection is gone: keep the session until ``now + session_ttl``.
         What it had published and not yet carried out died with the connection (the client
         resends it), so it waits for nobody any more."""
         if session.detach(link, expires_at=now + self.session_ttl):
             self._stop_waiting(session)
+            if self._durable:
+                self.store.session_detached(session.id, expires_at=wall + self.session_ttl)
 
     def end(self, session: Session, *, reason: str) -> list[str]:
         """Forget a session: its memberships end (with presence) and it cannot resume."""
@@ -164,6 +176,7 @@ class Broker:
         session.expires_at = None
         self._stop_waiting(session)
         self.relieved(session)
+        self.store.session_ended(session.id)
         return filters
 
     # -- requests (the sessions' router) ------------------------------------------------------
@@ -171,12 +184,16 @@ class Broker:
     def join(self, session: Session, room_filter: str) -> None:
         if self.rooms.join(session, room_filter):
             self._presence(session, room_filter, "join")
+            if self._durable:
+                self.store.joined(session.id, room_filter)
 
     def leave(self, session: Session, room_filter: str) -> bool:
         """False when the session was not a member."""
         if not self.rooms.leave(session, room_filter):
             return False
         self._presence(session, room_filter, "leave")
+        if self._durable:
+            self.store.left(session.id, room_filter)
         return True
 
     def who(self, room_filter: str, ref: str | None) -> bytes:
@@ -197,6 +214,9 @@ class Broker:
             )
             # Encoded once for every recipient; only the sequence number is spliced in.
             prefix = message_prefix(encode(message))
+            if self._durable:
+                self._deliver_stored(session, members, prefix)
+                return
             deliver = self.deliver
             for member in members:
                 if member is not session:
@@ -212,23 +232,82 @@ class Broker:
         message = Delivery(
             sender=session.name, to=msg.to, body=msg.body, id=msg.id, re=msg.re, ts=ts, seq=0
         )
-        self.deliver(target, message_prefix(encode(message)))
+        prefix = message_prefix(encode(message))
+        if self._durable:
+            self._deliver_stored(session, (target,), prefix)
+            return True
+        self.deliver(target, prefix)
         if target.delivery.congested:
             self._wait(session, target)
         return True
 
-    def deliver(self, session: Session, prefix: bytes) -> None:
+    def deliver(self, session: Session, prefix: bytes) -> int:
+        """Number ``prefix`` for ``session`` and send it if its connection can take it now;
+        its sequence number, or 0 when it overflowed the session (which ended)."""
         log = session.delivery
         seq = log.append(prefix)
         if not seq:  # max_pending (or max_pending_bytes) unacknowledged already
             self.overflow(session)
-            return
+            return 0
         self.messages_routed += 1
         link = session.link
         # Only in order: while earlier ones wait for the connection to drain, so does this.
         if link is not None and link.writable and log.sent_seq == seq - 1:
             log.sent_seq = seq
-            link.queue(splice_frame(prefix, seq))
+            frame = splice_frame(prefix, seq)
+            if self._durable:
+                # A numbered message leaves only once stored: after a crash the number
+                # must not be given to another message the client would take for a repeat.
+                self.store.after_commit(link.queue, frame)
+            else:
+                link.queue(frame)
+        return seq
+
+    def _deliver_stored(self, sender: Session, members: Sequence[Session], prefix: bytes) -> None:
+        """``publish``/``direct`` with a durable store: the message is stored once, with the
+        sequence number it has for each recipient."""
+        recipients = []
+        for member in members:
+            if member is not sender:
+                seq = self.deliver(member, prefix)
+                if seq:
+                    recipients.append((member.id, seq))
+                if member.delivery.congested:
+                    self._wait(sender, member)
+        if recipients:
+            self.store.message_accepted(prefix, recipients)
+
+    # -- restart ------------------------------------------------------------------------------
+
+    def restore(self, stored: StoredSession, *, now: float, wall: float) -> Session:
+        """Rebuild a session kept by the store (a restart): disconnected, its rooms joined
+        again without presence, expiring as it would have (a session that was connected
+        when the server stopped gets a whole ``session_ttl``)."""
+        session = ServerSession[Link](
+            sid=stored.id,
+            name=stored.name,
+            token=stored.token,
+            max_pending=self.max_pending,
+            max_pending_bytes=self.max_pending_bytes,
+            dedup_window=self.dedup_window,
+            rate=self.max_msgs_per_sec,
+        )
+        session.delivery.restore(
+            last_seq=stored.last_seq, acked=stored.acked, pending=stored.pending
+        )
+        for msg_id in stored.recent_ids:
+            session.recent.seen(msg_id)
+        for room_filter in stored.filters:
+            self.rooms.join(session, room_filter)
+        left = self.session_ttl if stored.expires_at is None else stored.expires_at - wall
+        session.expires_at = now + max(0.0, min(left, self.session_ttl))
+        self.by_name[session.name] = session
+        self.by_token[session.token] = session
+        number = int(stored.id[1:]) if stored.id[1:].isdigit() else 0
+        if number >= self._next_id:
+            self._next_id = number + 1
+            self._ids = itertools.count(self._next_id)
+        return session
 
     # -- flow control -------------------------------------------------------------------------
 

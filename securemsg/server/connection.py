@@ -79,6 +79,7 @@ class ServerConnection(asyncio.BufferedProtocol):
     __slots__ = (
         "_ack_timer",
         "_close_reason",
+        "_durable",
         "_flush_scheduled",
         "_loop",
         "_read_buffer",
@@ -131,6 +132,7 @@ class ServerConnection(asyncio.BufferedProtocol):
         self._ack_timer: asyncio.TimerHandle | None = None
         self._close_reason = "peer_closed"
         self.closed = self._loop.create_future()
+        self._durable = self.broker.store.durable
         self.writable = True
         # Flow control: requests read while a session they publish to is congested wait
         # here, in order, and reading stops until the broker says go on.
@@ -206,9 +208,16 @@ class ServerConnection(asyncio.BufferedProtocol):
         self.writable = True
         session = self.session
         if session is not None and session.link is self:
-            for frame in session.delivery.unsent():
-                self.core.send_frame(frame)
-            self._flush()
+            frames = session.delivery.unsent()
+            if self._durable:  # numbered messages leave once stored (see Broker.deliver)
+                self.broker.store.after_commit(self._queue_frames, frames)
+            else:
+                self._queue_frames(frames)
+
+    def _queue_frames(self, frames: list[bytes]) -> None:
+        for frame in frames:
+            self.core.send_frame(frame)
+        self._flush()
 
     # -- flow control (broker.Link) -----------------------------------------------------------
 
@@ -259,7 +268,7 @@ class ServerConnection(asyncio.BufferedProtocol):
         self._cancel_ack_timer()
         session = self.session
         if session is not None:
-            self.broker.detach(session, self, self._loop.time())
+            self.broker.detach(session, self, self._loop.time(), wall=time.time())
             self.server.session_detached(session)
         core = self.core
         self.log.info(
@@ -338,8 +347,16 @@ class ServerConnection(asyncio.BufferedProtocol):
 
     def _send_acks_frame(self, acks: ServerAck) -> None:
         self._cancel_ack_timer()
+        if self._durable:
+            # An ack says the request is carried out *and stored*: it waits for the commit.
+            self.broker.store.after_commit(self._send_stored_acks, acks)
+        elif self.core.state is not ConnectionState.CLOSED:
+            self.core.send(acks)
+
+    def _send_stored_acks(self, acks: ServerAck) -> None:
         if self.core.state is not ConnectionState.CLOSED:
             self.core.send(acks)
+            self._flush()
 
     def _cancel_ack_timer(self) -> None:
         if self._ack_timer is not None:
@@ -413,7 +430,26 @@ class ServerConnection(asyncio.BufferedProtocol):
             self.session = None
             self.core.send_bye("client_bye")
             return
+        if self._durable:
+            self._receive_stored(session, message, now, ts)
+            return
         event = session.receive(message, now, ts, self.broker)
+        if event is not None:
+            self._on_session_event(session, event)
+
+    def _receive_stored(
+        self, session: ServerSession[Link], message: Any, now: float, ts: float
+    ) -> None:
+        """:meth:`ServerSession.receive`, and what the store must know of it: the ids of
+        requests carried out (a resend after a restart is still a resend) and acks."""
+        store = self.broker.store
+        msg_id: str | None = None if type(message) is Ack else message.id
+        fresh = msg_id is not None and msg_id not in session.recent
+        event = session.receive(message, now, ts, self.broker)
+        if fresh and msg_id is not None and msg_id in session.recent:
+            store.id_recorded(session.id, msg_id)
+        elif type(message) is Ack:
+            store.acked(session.id, session.delivery.acked)
         if event is not None:
             self._on_session_event(session, event)
 
@@ -460,8 +496,11 @@ class ServerConnection(asyncio.BufferedProtocol):
                 max_frame=config.max_frame,
             )
         )
-        for frame in opened.replay:
-            self.core.send_frame(frame)
+        if self._durable:
+            self.broker.store.after_commit(self._queue_frames, opened.replay)
+        else:
+            for frame in opened.replay:
+                self.core.send_frame(frame)
         if opened.resumed:
             self.log.info(
                 "session_resumed",

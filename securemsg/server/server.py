@@ -19,6 +19,7 @@ import errno
 import itertools
 import socket
 import ssl
+import time
 from collections.abc import Coroutine
 from types import TracebackType
 from typing import Any, Final
@@ -29,9 +30,10 @@ from securemsg.config import ServerConfig, read_token
 from securemsg.core.clienthello import ClientHelloInfo, alpn_acceptable, inspect_client_hello
 from securemsg.core.messages import ErrorCode
 from securemsg.core.server_session import ServerSession
-from securemsg.errors import ConfigError
+from securemsg.errors import ConfigError, StoreError
 from securemsg.server.broker import Broker, Link
 from securemsg.server.connection import ServerConnection
+from securemsg.server.store import MemoryStore, SessionStore, SqliteStore
 from securemsg.server.timerwheel import TimerWheel
 from securemsg.tls.contexts import describe_server_handshake_error, server_context
 
@@ -75,6 +77,7 @@ class Server:
             max_msgs_per_sec=config.max_msgs_per_sec,
             token=read_token(config),
             require_identity=config.require_client_cert,
+            store=self._make_store(config),
         )
         self.connections: set[ServerConnection] = set()
         self._pending_handshakes = 0
@@ -124,10 +127,39 @@ class Server:
     ) -> None:
         await self.close()
 
+    def _make_store(self, config: ServerConfig) -> SessionStore:
+        if config.store is None:
+            return MemoryStore()
+        return SqliteStore(
+            config.store,
+            sync=config.store_sync,
+            dedup_window=config.dedup_window,
+            on_failure=self._store_failed,
+        )
+
+    def _store_failed(self, error: StoreError) -> None:
+        # Nothing more can be acknowledged: stop rather than serve without the promise.
+        logger.error("store_failed", reason=str(error))
+        self._spawn(self.close())
+
+    async def _restore_sessions(self) -> None:
+        stored = await self.broker.store.open()
+        now, wall = self.loop.time(), time.time()
+        for kept in stored:
+            session = self.broker.restore(kept, now=now, wall=wall)
+            self.session_detached(session)
+        if self.broker.store.durable:
+            logger.info("store_opened", path=self.config.store, sessions=len(stored))
+
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._stopped = asyncio.Event()
-        self._sockets = _listen(self.config.host, self.config.port)
+        await self._restore_sessions()
+        try:
+            self._sockets = _listen(self.config.host, self.config.port)
+        except BaseException:
+            await self.broker.store.close()  # give the file (and its lock) back
+            raise
         self.port = self._sockets[0].getsockname()[1]
         for sock in self._sockets:
             self.loop.add_reader(sock.fileno(), self._accept_ready, sock)
@@ -181,6 +213,7 @@ class Server:
         for handle in self._expiry.values():
             handle.cancel()
         self._expiry.clear()
+        await self.broker.store.close()
         logger.info(
             "server_stopped",
             connections_closed=len(connections),
