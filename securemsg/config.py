@@ -100,6 +100,10 @@ class ServerConfig(_Config, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     max_msgs_per_sec: float = 0.0
     dedup_window: int = 10_000
     shutdown_timeout: float = 5.0
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
+    loop_stall_threshold: float = 0.5
+    cert_expiry_warning_days: int = 30
     log_format: LogFormat = "auto"
     log_level: LogLevel = "info"
 
@@ -150,6 +154,10 @@ FIELD_HELP: Final[dict[str, dict[str, str]]] = {
         "max_msgs_per_sec": "messages per second one client may send; 0 means no limit",
         "dedup_window": "recent message ids remembered per client to drop duplicates",
         "shutdown_timeout": "seconds to drain connections when shutting down",
+        "metrics_port": "port of the HTTP listener for /metrics, /healthz, /readyz; none: off",
+        "metrics_host": "address of the metrics and health listener",
+        "loop_stall_threshold": "seconds of event-loop lag logged as loop_stalled; 0: off",
+        "cert_expiry_warning_days": "days before the certificate expires to warn in the log",
         "log_format": "log format on stderr: auto (JSON unless a terminal), json or console",
         "log_level": "lowest level logged: debug, info, warning, error or critical",
     },
@@ -184,7 +192,9 @@ _DURATIONS: Final = frozenset(
 _SIZES: Final = frozenset(
     "max_pending max_outgoing_bytes max_frame max_connections dedup_window max_outbox".split()
 )
-_ZERO_MEANS_OFF: Final = frozenset({"max_msgs_per_sec", "max_attempts"})
+_ZERO_MEANS_OFF: Final = frozenset(
+    {"max_msgs_per_sec", "max_attempts", "loop_stall_threshold", "cert_expiry_warning_days"}
+)
 _NAME_RE: Final = re.compile(NAME_PATTERN)
 
 _Problem = tuple[tuple[str, ...], str]
@@ -456,14 +466,18 @@ def _flag(name: str) -> str:
 def _metavar(field: _Field) -> str | None:
     if field.choices:
         return None  # argparse shows the choices
-    if field.name in _DURATIONS or field.name == "max_msgs_per_sec":
+    if field.name == "cert_expiry_warning_days":
+        return "DAYS"
+    if field.name in _DURATIONS or field.name in {"max_msgs_per_sec", "loop_stall_threshold"}:
         return "SECONDS" if field.name != "max_msgs_per_sec" else "RATE"
     if field.name in {"max_outgoing_bytes", "max_frame"}:
         return "BYTES"
     if isinstance(field.info, msgspec.inspect.IntType):
-        return "PORT" if field.name == "port" else "N"
+        return "PORT" if field.name.endswith("port") else "N"
     if field.name in {"cert", "key", "ca", "token_file"}:
         return "PATH"
+    if field.name == "metrics_host":
+        return "HOST"
     return field.name.upper()
 
 

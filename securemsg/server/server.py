@@ -19,20 +19,27 @@ import errno
 import itertools
 import socket
 import ssl
+from collections import Counter
 from collections.abc import Coroutine
 from types import TracebackType
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
+import msgspec
 import structlog
 
 from securemsg.config import ServerConfig, read_token
 from securemsg.core.clienthello import ClientHelloInfo, alpn_acceptable, inspect_client_hello
 from securemsg.core.messages import ErrorCode
-from securemsg.errors import ConfigError
+from securemsg.errors import ConfigError, TLSConfigError
 from securemsg.server.broker import Broker, Session
 from securemsg.server.connection import ServerConnection
+from securemsg.server.loopwatch import LoopWatch
 from securemsg.server.timerwheel import TimerWheel
+from securemsg.tls.certinfo import CertInfo, read_cert_info
 from securemsg.tls.contexts import describe_server_handshake_error, server_context
+
+if TYPE_CHECKING:
+    from securemsg.server.metrics import MetricsListener
 
 __all__ = ["Server"]
 
@@ -43,6 +50,10 @@ _BACKLOG: Final = 1024
 #: Bounds one wakeup's work so that a burst of connections cannot starve the others.
 _ACCEPTS_PER_WAKEUP: Final = 64
 _ACCEPT_RETRY_DELAY: Final = 0.1
+#: How often the certificate's expiry is checked against cert_expiry_warning_days.
+_EXPIRY_CHECK_INTERVAL: Final = 12 * 3600.0
+#: The settings a reload (SIGHUP) applies; the others need a restart.
+TLS_FIELDS: Final = ("cert", "key", "ca", "require_client_cert", "tls13_only")
 _HTTP_BODY: Final = b"This is a securemsg TLS port, not HTTP(S).\r\n"
 _HTTP_REFUSAL: Final = (
     b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\nContent-Type: text/plain\r\n"
@@ -65,6 +76,7 @@ class Server:
                 require_client_cert=config.require_client_cert,
                 tls13_only=config.tls13_only,
             )
+        #: The context of new handshakes: a reload replaces it, open connections keep theirs.
         self.ssl_context = ssl_context
         self.broker = Broker(
             max_pending=config.max_pending,
@@ -85,6 +97,19 @@ class Server:
         self._stopped: asyncio.Event | None = None
         self.port = 0
         self.counts = {"accepted": 0, "refused": 0, "handshake_failed": 0, "sessions": 0}
+        self.sessions_expired = 0
+        # Read by the metrics collector at scrape time; incremented off the message path.
+        self.refusals: Counter[str] = Counter()
+        self.handshake_failures: Counter[str] = Counter()
+        self.closes: Counter[str] = Counter()
+        #: Requests answered with an error, by code; the connections count them.
+        self.refused_requests: Counter[str] = Counter()
+        self.closed_traffic = {"frames_in": 0, "frames_out": 0, "bytes_in": 0, "bytes_out": 0}
+        self.cert_reloads: Counter[str] = Counter()
+        self.cert_not_after: float | None = None
+        self.loopwatch: LoopWatch | None = None
+        self.metrics: MetricsListener | None = None
+        self._expiry_check: asyncio.TimerHandle | None = None
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -118,10 +143,24 @@ class Server:
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._stopped = asyncio.Event()
+        if self.config.metrics_port is not None:
+            self.metrics = _metrics_listener(self)
         self._sockets = _listen(self.config.host, self.config.port)
         self.port = self._sockets[0].getsockname()[1]
         for sock in self._sockets:
             self.loop.add_reader(sock.fileno(), self._accept_ready, sock)
+        self.loopwatch = LoopWatch(self.loop, threshold=self.config.loop_stall_threshold)
+        self.loopwatch.start()
+        if self.metrics is not None:
+            try:
+                await self.metrics.start()
+            except OSError as exc:
+                await self.close()
+                where = f"{self.config.metrics_host}:{self.config.metrics_port}"
+                raise ConfigError(
+                    f"cannot serve metrics on {where}: {exc.strerror}; choose another"
+                    " --metrics-port"
+                ) from None
         logger.info(
             "server_listening",
             host=self.config.host,
@@ -130,6 +169,7 @@ class Server:
             client_certs_required=self.config.require_client_cert,
             max_connections=self.config.max_connections,
         )
+        self._check_expiry()
 
     async def serve_forever(self) -> None:
         """Serve until :meth:`close` is called (from a signal handler, for instance)."""
@@ -169,6 +209,12 @@ class Server:
         for handle in self._expiry.values():
             handle.cancel()
         self._expiry.clear()
+        if self.loopwatch is not None:
+            self.loopwatch.stop()
+        if self._expiry_check is not None:
+            self._expiry_check.cancel()
+        if self.metrics is not None:
+            await self.metrics.close()
         logger.info(
             "server_stopped",
             connections_closed=len(connections),
@@ -216,6 +262,7 @@ class Server:
         peer = _format_peer(address)
         if len(self.connections) + self._pending_handshakes >= self.config.max_connections:
             self.counts["refused"] += 1
+            self.refusals["max_connections"] += 1
             logger.warning(
                 "connection_refused",
                 peer=peer,
@@ -282,12 +329,18 @@ class Server:
 
     def _handshake_failed(self, conn_id: int, peer: str, reason: str) -> None:
         self.counts["handshake_failed"] += 1
+        self.handshake_failures[reason] += 1
         logger.warning("tls_handshake_failed", conn=conn_id, peer=peer, reason=reason)
 
     # -- sessions (called by connections) -----------------------------------------------------
 
     def connection_closed(self, conn: ServerConnection) -> None:
         self.connections.discard(conn)
+        core, traffic = conn.core, self.closed_traffic
+        for name in traffic:
+            traffic[name] += getattr(core, name, 0)
+        reason = getattr(conn, "close_reason", None) or getattr(conn, "_close_reason", None)
+        self.closes[str(reason or "unknown")] += 1
 
     def session_attached(self, session: Session) -> None:
         handle = self._expiry.pop(session, None)
@@ -312,6 +365,7 @@ class Server:
         self._expiry.pop(session, None)
         if session.link is not None or session.expires_at is None:
             return
+        self.sessions_expired += 1
         rooms = self.broker.end(session, reason="expired")
         logger.info(
             "session_expired",
@@ -320,6 +374,105 @@ class Server:
             rooms=len(rooms),
             undelivered=len(session.log),
         )
+
+    # -- health and certificates --------------------------------------------------------------
+
+    def readiness_problems(self) -> list[str]:
+        """Why the server would not serve a new client now; empty when it would."""
+        problems: list[str] = []
+        if self._loop is None or not self._sockets:
+            problems.append("not listening")
+        elif self._stopping:
+            problems.append("shutting down")
+        return problems
+
+    def reload_tls(self, config: ServerConfig | None = None) -> bool:
+        """Load the certificate, key and CA again (from ``config``'s TLS settings if given).
+
+        New handshakes use the new context; open connections keep theirs. A file that does
+        not load, or a certificate that is not valid now, keeps the old context: one
+        ``certificate_reload_failed`` error is logged and False returned.
+        """
+        if config is not None:
+            changes = {name: getattr(config, name) for name in TLS_FIELDS}
+            candidate = msgspec.structs.replace(self.config, **changes)
+        else:
+            candidate = self.config
+        try:
+            context, info = _load_tls(candidate)
+        except TLSConfigError as exc:
+            self.cert_reloads["failed"] += 1
+            logger.error("certificate_reload_failed", error=str(exc), kept="the old certificate")
+            return False
+        self.ssl_context, self.config = context, candidate
+        # Identity checks follow the client-certificate requirement (mutual TLS names clients).
+        self.broker.require_identity = candidate.require_client_cert
+        self.cert_reloads["ok"] += 1
+        logger.info(
+            "certificate_reloaded",
+            cert=candidate.cert,
+            subject=info.subject,
+            days_left=info.days_left(),
+            client_certs_required=candidate.require_client_cert,
+        )
+        self._check_expiry(info)
+        return True
+
+    def _check_expiry(self, info: CertInfo | None = None) -> None:
+        """Warn from cert_expiry_warning_days before expiry; again every 12 hours."""
+        if self._expiry_check is not None:
+            self._expiry_check.cancel()
+        if self._stopping:
+            return
+        self._expiry_check = self.loop.call_later(_EXPIRY_CHECK_INTERVAL, self._check_expiry)
+        if info is None and self.config.cert is not None:
+            try:
+                info = read_cert_info(self.config.cert)
+            except TLSConfigError as exc:
+                logger.warning("certificate_unreadable", error=str(exc))
+                return
+        if info is None:
+            return
+        self.cert_not_after = info.not_after.timestamp()
+        days_left = info.days_left()
+        if days_left <= self.config.cert_expiry_warning_days:
+            logger.warning(
+                "certificate_expiring",
+                cert=self.config.cert,
+                subject=info.subject,
+                days_left=days_left,
+                not_after=info.not_after.isoformat(),
+            )
+
+
+def _load_tls(config: ServerConfig) -> tuple[ssl.SSLContext, CertInfo]:
+    if config.cert is None:
+        raise TLSConfigError("the server has no certificate file to reload (--cert)")
+    context = server_context(
+        cert=config.cert,
+        key=config.key,
+        ca=config.ca,
+        require_client_cert=config.require_client_cert,
+        tls13_only=config.tls13_only,
+    )
+    info = read_cert_info(config.cert)
+    if not info.valid_at():
+        when = info.not_after.date() if info.days_left() < 0 else info.not_before.date()
+        state = "expired on" if info.days_left() < 0 else "is not valid before"
+        raise TLSConfigError(f"certificate file {config.cert} (--cert) {state} {when}")
+    return context, info
+
+
+def _metrics_listener(server: Server) -> MetricsListener:
+    try:
+        from securemsg.server.metrics import MetricsListener
+    except ImportError:
+        raise ConfigError(
+            "--metrics-port needs prometheus-client: pip install 'securemsg[metrics]'"
+        ) from None
+    config = server.config
+    assert config.metrics_port is not None
+    return MetricsListener(server, host=config.metrics_host, port=config.metrics_port)
 
 
 def _refuse_politely(sock: socket.socket, *, http: bool) -> None:
