@@ -10,7 +10,7 @@ import asyncio
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from securemsg import __version__
@@ -173,12 +173,16 @@ def _cmd_server(args: argparse.Namespace) -> int:
             print(dev_pki_banner(pki), file=sys.stderr)
         overrides.setdefault("cert", str(pki.server_cert))
         overrides.setdefault("key", str(pki.server_key))
-    config = load_config(ServerConfig, path=args.config, env=os.environ, overrides=overrides)
+
+    def read_config() -> ServerConfig:
+        return load_config(ServerConfig, path=args.config, env=os.environ, overrides=overrides)
+
+    config = read_config()
     configure_logging(level=config.log_level, fmt=config.log_format)
-    return run(_serve(config))
+    return run(_serve(config, reload_config=read_config))
 
 
-async def _serve(config: ServerConfig) -> int:
+async def _serve(config: ServerConfig, *, reload_config: Callable[[], ServerConfig]) -> int:
     from securemsg.server.server import Server
 
     server = Server(config)
@@ -186,6 +190,8 @@ async def _serve(config: ServerConfig) -> int:
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    # SIGHUP reloads the certificate, key and CA (the configuration is read again for them).
+    loop.add_signal_handler(signal.SIGHUP, server.reload_tls, reload_config)
     async with server:
         await stop.wait()
     return 0

@@ -20,7 +20,7 @@ import itertools
 import socket
 import ssl
 from collections import Counter
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final
 
@@ -386,21 +386,24 @@ class Server:
             problems.append("shutting down")
         return problems
 
-    def reload_tls(self, config: ServerConfig | None = None) -> bool:
-        """Load the certificate, key and CA again (from ``config``'s TLS settings if given).
+    def reload_tls(self, load_config: Callable[[], ServerConfig] | None = None) -> bool:
+        """Load the certificate, key and CA again; what SIGHUP does.
 
-        New handshakes use the new context; open connections keep theirs. A file that does
-        not load, or a certificate that is not valid now, keeps the old context: one
-        ``certificate_reload_failed`` error is logged and False returned.
+        ``load_config`` reads the configuration again (the CLI's file, environment and
+        flags), of which the :data:`TLS_FIELDS` are applied; without it the same files are
+        read again. New handshakes use the new context; open connections keep theirs. A
+        configuration or file that does not load, or a certificate that is not valid now,
+        keeps the old context: one ``certificate_reload_failed`` error is logged and False
+        returned.
         """
-        if config is not None:
-            changes = {name: getattr(config, name) for name in TLS_FIELDS}
-            candidate = msgspec.structs.replace(self.config, **changes)
-        else:
-            candidate = self.config
         try:
+            candidate = self.config
+            if load_config is not None:
+                fresh = load_config()
+                changes = {name: getattr(fresh, name) for name in TLS_FIELDS}
+                candidate = msgspec.structs.replace(self.config, **changes)
             context, info = _load_tls(candidate)
-        except TLSConfigError as exc:
+        except ConfigError as exc:
             self.cert_reloads["failed"] += 1
             logger.error("certificate_reload_failed", error=str(exc), kept="the old certificate")
             return False
