@@ -1,0 +1,161 @@
+"""``securemsg doctor`` against real servers: good, wrong CA, wrong host name, a client
+certificate required, a closed port, a plaintext port; and the local checks."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from securemsg.cli import doctor
+from securemsg.cli.main import main
+from securemsg.config import ClientConfig
+
+ALL_STEPS = [
+    "files",
+    "resolve",
+    "tcp",
+    "tls",
+    "alpn",
+    "certificate",
+    "verify",
+    "client_certificate",
+    "welcome",
+    "round_trip",
+    "clock",
+]
+
+
+async def diagnose(port: int, **options: Any) -> list[doctor.Step]:
+    config = ClientConfig(port=port, connect_timeout=5.0, **options)
+    return await asyncio.to_thread(doctor.diagnose, config)
+
+
+def last(steps: list[doctor.Step]) -> doctor.Step:
+    assert all(step.ok for step in steps[:-1])
+    return steps[-1]
+
+
+async def test_a_good_server_passes_every_step(start_server: Any, tls_files: Any) -> None:
+    server = await start_server()
+    steps = await diagnose(server.port, host="localhost", ca=str(tls_files.ca_pem))
+    assert [step.step for step in steps] == ALL_STEPS
+    assert all(step.ok for step in steps), [s.detail for s in steps if not s.ok]
+    assert steps[3].facts["version"] in ("TLSv1.2", "TLSv1.3")
+    assert "localhost" in steps[5].facts["names"]
+    assert steps[8].facts["max_frame"] == server.config.max_frame
+    assert not server.broker.sessions()  # the doctor said bye: no session left behind
+
+
+async def test_a_wrong_ca_fails_verification_with_the_fix(
+    start_server: Any, tls_files: Any
+) -> None:
+    server = await start_server()
+    steps = await diagnose(server.port, host="localhost", ca=str(tls_files.other_ca_pem))
+    failed = last(steps)
+    assert (failed.step, failed.ok) == ("verify", False)
+    assert "not signed by the CA in" in failed.detail
+    assert failed.fix is not None and "--ca" in failed.fix
+    assert steps[-2].step == "certificate"  # described before the verdict
+
+
+async def test_a_wrong_host_name_fails_verification(
+    start_server: Any, tls_files: Any, tmp_path: Path
+) -> None:
+    leaf = tls_files.ca.issue_cert("elsewhere.test")
+    cert, key = tmp_path / "other.pem", tmp_path / "other.key"
+    leaf.private_key_pem.write_to_path(str(key))
+    leaf.cert_chain_pems[0].write_to_path(str(cert))
+    server = await start_server(cert=str(cert), key=str(key))
+    steps = await diagnose(server.port, host="localhost", ca=str(tls_files.ca_pem))
+    failed = last(steps)
+    assert (failed.step, failed.ok) == ("verify", False)
+    assert "not valid for the name 'localhost'" in failed.detail
+    assert steps[-2].facts["names"] == ["elsewhere.test"]
+
+
+async def test_a_server_that_requires_a_client_certificate(
+    start_server: Any, tls_files: Any
+) -> None:
+    server = await start_server(ca=str(tls_files.ca_pem), require_client_cert=True)
+    ca = str(tls_files.ca_pem)
+    failed = last(await diagnose(server.port, host="localhost", ca=ca, name="x"))
+    assert (failed.step, failed.ok) == ("client_certificate", False)
+    assert "requires a client certificate" in failed.detail
+    assert failed.fix is not None and "--cert" in failed.fix
+
+    steps = await diagnose(
+        server.port,
+        host="localhost",
+        ca=ca,
+        cert=str(tls_files.alice_cert),
+        key=str(tls_files.alice_key),
+    )
+    assert all(step.ok for step in steps)
+    assert steps[7].detail == "accepted"
+    assert steps[8].facts["name"] == "alice"
+
+
+async def test_a_closed_port_fails_at_tcp() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    failed = last(await diagnose(port, host="127.0.0.1"))
+    assert (failed.step, failed.ok) == ("tcp", False)
+    assert "connection refused" in failed.detail
+
+
+async def test_a_plaintext_port_fails_at_tls() -> None:
+    async def answer_in_plain_text(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        await reader.read(1024)
+        writer.write(b"-ERR unknown command\r\n")
+        await writer.drain()
+        writer.close()
+
+    plain = await asyncio.start_server(answer_in_plain_text, "127.0.0.1", 0)
+    async with plain:
+        port = plain.sockets[0].getsockname()[1]
+        failed = last(await diagnose(port, host="127.0.0.1"))
+    assert (failed.step, failed.ok) == ("tls", False)
+    assert "plaintext" in failed.detail
+
+
+async def test_the_command_prints_json_and_exits_1_with_one_sentence(
+    start_server: Any, tls_files: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    server = await start_server()
+    argv = ["doctor", f"localhost:{server.port}", "--ca", str(tls_files.ca_pem), "--json"]
+    assert await asyncio.to_thread(main, argv) == 0
+    out = capsys.readouterr().out  # the server's log lines are there too
+    report, _ = json.JSONDecoder().raw_decode(out, out.index('{\n  "target"'))
+    assert report["ok"] is True
+    assert [step["step"] for step in report["steps"]] == ALL_STEPS
+
+    argv = ["doctor", f"localhost:{server.port}", "--ca", str(tls_files.other_ca_pem)]
+    assert await asyncio.to_thread(main, argv) == 1
+    captured = capsys.readouterr()
+    assert "FAIL  verify" in captured.out
+    (line,) = captured.err.strip().splitlines()
+    assert line.startswith("securemsg: doctor: the certificate of localhost is not signed")
+
+
+def test_without_an_address_the_local_files_are_checked(
+    tls_files: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    good = ["--ca", str(tls_files.ca_pem), "--cert", str(tls_files.alice_cert)]
+    assert main(["doctor", *good, "--key", str(tls_files.alice_key)]) == 0
+    assert "securemsg doctor: local configuration" in capsys.readouterr().out
+
+    mismatched = [*good, "--key", str(tls_files.bob_key)]
+    assert main(["doctor", *mismatched]) == 1
+    err = capsys.readouterr().err
+    assert "does not match" in err
+
+    assert main(["doctor", "--ca", str(tls_files.ca_pem)]) == 1  # no name, no certificate
+    assert "no name to register as" in capsys.readouterr().err
