@@ -149,8 +149,9 @@ class Server:
         self.port = self._sockets[0].getsockname()[1]
         for sock in self._sockets:
             self.loop.add_reader(sock.fileno(), self._accept_ready, sock)
-        self.loopwatch = LoopWatch(self.loop, threshold=self.config.loop_stall_threshold)
-        self.loopwatch.start()
+        if self.config.loop_stall_threshold > 0 or self.metrics is not None:
+            self.loopwatch = LoopWatch(self.loop, threshold=self.config.loop_stall_threshold)
+            self.loopwatch.start()
         if self.metrics is not None:
             try:
                 await self.metrics.start()
