@@ -178,3 +178,43 @@ async def _next_event(stream: asyncio.StreamReader) -> dict[str, Any]:
     line = await stream.readline()
     assert line, "the server exited"
     return dict(json.loads(line))
+
+
+async def test_the_client_reads_its_renewed_certificate_on_reconnect(
+    start_server: Any, tls_files: Any, tmp_path: Path, unit: float
+) -> None:
+    import securemsg
+
+    server = await start_server(ca=str(tls_files.ca_pem), require_client_cert=True)
+    cert, key = tmp_path / "alice.pem", tmp_path / "alice.key"
+    shutil.copy(tls_files.alice_cert, cert)
+    shutil.copy(tls_files.alice_key, key)
+    client = await securemsg.connect(
+        "localhost",
+        server.port,
+        ca=str(tls_files.ca_pem),
+        cert=str(cert),
+        key=str(key),
+        reconnect_base=0.01,
+        reconnect_cap=0.05,
+    )
+    try:
+        renewed = tls_files.ca.issue_cert(common_name="alice")
+        write_leaf(renewed, cert, key)
+        (old,) = server.connections
+        assert old.transport is not None
+        old.transport.abort()
+        async with asyncio.timeout(5):
+            while not server.connections or old in server.connections:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        (new,) = server.connections
+        der = new.transport.get_extra_info("ssl_object").getpeercert(binary_form=True)
+        assert der == _der(renewed)
+    finally:
+        await client.close()
+
+
+def _der(leaf: trustme.LeafCert) -> bytes:
+    import ssl
+
+    return ssl.PEM_cert_to_DER_cert(leaf.cert_chain_pems[0].bytes().decode())
