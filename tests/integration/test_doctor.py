@@ -6,13 +6,11 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import sys
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from securemsg.cli import doctor
-from securemsg.cli.main import main
 from securemsg.config import ClientConfig
 
 ALL_STEPS = [
@@ -126,36 +124,52 @@ async def test_a_plaintext_port_fails_at_tls() -> None:
     assert "plaintext" in failed.detail
 
 
+async def securemsg(*argv: str) -> tuple[int, str, str]:
+    """Run the command in a child process (the command configures logging for its process)."""
+    process = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "securemsg", *argv),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        async with asyncio.timeout(30):
+            out, err = await process.communicate()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
 async def test_the_command_prints_json_and_exits_1_with_one_sentence(
-    start_server: Any, tls_files: Any, capsys: pytest.CaptureFixture[str]
+    start_server: Any, tls_files: Any
 ) -> None:
     server = await start_server()
-    argv = ["doctor", f"localhost:{server.port}", "--ca", str(tls_files.ca_pem), "--json"]
-    assert await asyncio.to_thread(main, argv) == 0
-    out = capsys.readouterr().out  # the server's log lines are there too
-    report, _ = json.JSONDecoder().raw_decode(out, out.index('{\n  "target"'))
+    where = f"localhost:{server.port}"
+    status, out, _ = await securemsg("doctor", where, "--ca", str(tls_files.ca_pem), "--json")
+    assert status == 0
+    report = json.loads(out)
     assert report["ok"] is True
     assert [step["step"] for step in report["steps"]] == ALL_STEPS
 
-    argv = ["doctor", f"localhost:{server.port}", "--ca", str(tls_files.other_ca_pem)]
-    assert await asyncio.to_thread(main, argv) == 1
-    captured = capsys.readouterr()
-    assert "FAIL  verify" in captured.out
-    (line,) = captured.err.strip().splitlines()
+    status, out, err = await securemsg("doctor", where, "--ca", str(tls_files.other_ca_pem))
+    assert status == 1
+    assert "FAIL  verify" in out
+    (line,) = err.strip().splitlines()
     assert line.startswith("securemsg: doctor: the certificate of localhost is not signed")
 
 
-def test_without_an_address_the_local_files_are_checked(
-    tls_files: Any, capsys: pytest.CaptureFixture[str]
-) -> None:
+async def test_without_an_address_the_local_files_are_checked(tls_files: Any) -> None:
     good = ["--ca", str(tls_files.ca_pem), "--cert", str(tls_files.alice_cert)]
-    assert main(["doctor", *good, "--key", str(tls_files.alice_key)]) == 0
-    assert "securemsg doctor: local configuration" in capsys.readouterr().out
+    status, out, _ = await securemsg("doctor", *good, "--key", str(tls_files.alice_key))
+    assert status == 0
+    assert "securemsg doctor: local configuration" in out
 
-    mismatched = [*good, "--key", str(tls_files.bob_key)]
-    assert main(["doctor", *mismatched]) == 1
-    err = capsys.readouterr().err
+    status, _, err = await securemsg("doctor", *good, "--key", str(tls_files.bob_key))
+    assert status == 1
     assert "does not match" in err
 
-    assert main(["doctor", "--ca", str(tls_files.ca_pem)]) == 1  # no name, no certificate
-    assert "no name to register as" in capsys.readouterr().err
+    status, _, err = await securemsg("doctor", "--ca", str(tls_files.ca_pem))
+    assert status == 1  # no name and no certificate: the server could not name us
+    assert "no name to register as" in err
