@@ -54,9 +54,13 @@ class MetricsSource(Protocol):
     closes: Counter[str]
     refused_requests: Counter[str]
     closed_traffic: dict[str, int]
-    cert_reloads: Counter[str]
-    cert_not_after: float | None
     loopwatch: LoopWatch | None
+
+    @property
+    def cert_reloads(self) -> Counter[str]: ...
+
+    @property
+    def cert_not_after(self) -> float | None: ...
 
     def readiness_problems(self) -> list[str]: ...
 

@@ -24,18 +24,17 @@ from collections.abc import Callable, Coroutine
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final
 
-import msgspec
 import structlog
 
 from securemsg.config import ServerConfig, read_token
 from securemsg.core.clienthello import ClientHelloInfo, alpn_acceptable, inspect_client_hello
 from securemsg.core.messages import ErrorCode
-from securemsg.errors import ConfigError, TLSConfigError
+from securemsg.errors import ConfigError
 from securemsg.server.broker import Broker, Session
+from securemsg.server.certificates import CertificateKeeper
 from securemsg.server.connection import ServerConnection
 from securemsg.server.loopwatch import LoopWatch
 from securemsg.server.timerwheel import TimerWheel
-from securemsg.tls.certinfo import CertInfo, read_cert_info
 from securemsg.tls.contexts import describe_server_handshake_error, server_context
 
 if TYPE_CHECKING:
@@ -50,10 +49,6 @@ _BACKLOG: Final = 1024
 #: Bounds one wakeup's work so that a burst of connections cannot starve the others.
 _ACCEPTS_PER_WAKEUP: Final = 64
 _ACCEPT_RETRY_DELAY: Final = 0.1
-#: How often the certificate's expiry is checked against cert_expiry_warning_days.
-_EXPIRY_CHECK_INTERVAL: Final = 12 * 3600.0
-#: The settings a reload (SIGHUP) applies; the others need a restart.
-TLS_FIELDS: Final = ("cert", "key", "ca", "require_client_cert", "tls13_only")
 _HTTP_BODY: Final = b"This is a securemsg TLS port, not HTTP(S).\r\n"
 _HTTP_REFUSAL: Final = (
     b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\nContent-Type: text/plain\r\n"
@@ -105,16 +100,21 @@ class Server:
         #: Requests answered with an error, by code; the connections count them.
         self.refused_requests: Counter[str] = Counter()
         self.closed_traffic = {"frames_in": 0, "frames_out": 0, "bytes_in": 0, "bytes_out": 0}
-        self.cert_reloads: Counter[str] = Counter()
-        self.cert_not_after: float | None = None
         self.loopwatch: LoopWatch | None = None
         self.metrics: MetricsListener | None = None
-        self._expiry_check: asyncio.TimerHandle | None = None
+        self._certificates: CertificateKeeper | None = None
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
         assert self._loop is not None, "the server is not started"
         return self._loop
+
+    @property
+    def certificates(self) -> CertificateKeeper:
+        """Reloads and expiry warnings of the server's certificate (made with the loop)."""
+        if self._certificates is None:
+            self._certificates = CertificateKeeper(self, self.loop)
+        return self._certificates
 
     @property
     def wheel(self) -> TimerWheel:
@@ -170,7 +170,7 @@ class Server:
             client_certs_required=self.config.require_client_cert,
             max_connections=self.config.max_connections,
         )
-        self._check_expiry()
+        self.certificates.start()
 
     async def serve_forever(self) -> None:
         """Serve until :meth:`close` is called (from a signal handler, for instance)."""
@@ -212,8 +212,8 @@ class Server:
         self._expiry.clear()
         if self.loopwatch is not None:
             self.loopwatch.stop()
-        if self._expiry_check is not None:
-            self._expiry_check.cancel()
+        if self._certificates is not None:
+            self._certificates.stop()
         if self.metrics is not None:
             await self.metrics.close()
         logger.info(
@@ -388,83 +388,17 @@ class Server:
         return problems
 
     def reload_tls(self, load_config: Callable[[], ServerConfig] | None = None) -> bool:
-        """Load the certificate, key and CA again; what SIGHUP does.
+        """Load the certificate, key and CA again (what SIGHUP does); see
+        :meth:`CertificateKeeper.reload`. False, and the old context kept, on any failure."""
+        return self.certificates.reload(load_config)
 
-        ``load_config`` reads the configuration again (the CLI's file, environment and
-        flags), of which the :data:`TLS_FIELDS` are applied; without it the same files are
-        read again. New handshakes use the new context; open connections keep theirs. A
-        configuration or file that does not load, or a certificate that is not valid now,
-        keeps the old context: one ``certificate_reload_failed`` error is logged and False
-        returned.
-        """
-        try:
-            candidate = self.config
-            if load_config is not None:
-                fresh = load_config()
-                changes = {name: getattr(fresh, name) for name in TLS_FIELDS}
-                candidate = msgspec.structs.replace(self.config, **changes)
-            context, info = _load_tls(candidate)
-        except ConfigError as exc:
-            self.cert_reloads["failed"] += 1
-            logger.error("certificate_reload_failed", error=str(exc), kept="the old certificate")
-            return False
-        self.ssl_context, self.config = context, candidate
-        # Identity checks follow the client-certificate requirement (mutual TLS names clients).
-        self.broker.require_identity = candidate.require_client_cert
-        self.cert_reloads["ok"] += 1
-        logger.info(
-            "certificate_reloaded",
-            cert=candidate.cert,
-            subject=info.subject,
-            days_left=info.days_left(),
-            client_certs_required=candidate.require_client_cert,
-        )
-        self._check_expiry(info)
-        return True
+    @property
+    def cert_reloads(self) -> Counter[str]:
+        return self.certificates.reloads
 
-    def _check_expiry(self, info: CertInfo | None = None) -> None:
-        """Warn from cert_expiry_warning_days before expiry; again every 12 hours."""
-        if self._expiry_check is not None:
-            self._expiry_check.cancel()
-        if self._stopping:
-            return
-        self._expiry_check = self.loop.call_later(_EXPIRY_CHECK_INTERVAL, self._check_expiry)
-        if info is None and self.config.cert is not None:
-            try:
-                info = read_cert_info(self.config.cert)
-            except TLSConfigError as exc:
-                logger.warning("certificate_unreadable", error=str(exc))
-                return
-        if info is None:
-            return
-        self.cert_not_after = info.not_after.timestamp()
-        days_left = info.days_left()
-        if days_left <= self.config.cert_expiry_warning_days:
-            logger.warning(
-                "certificate_expiring",
-                cert=self.config.cert,
-                subject=info.subject,
-                days_left=days_left,
-                not_after=info.not_after.isoformat(),
-            )
-
-
-def _load_tls(config: ServerConfig) -> tuple[ssl.SSLContext, CertInfo]:
-    if config.cert is None:
-        raise TLSConfigError("the server has no certificate file to reload (--cert)")
-    context = server_context(
-        cert=config.cert,
-        key=config.key,
-        ca=config.ca,
-        require_client_cert=config.require_client_cert,
-        tls13_only=config.tls13_only,
-    )
-    info = read_cert_info(config.cert)
-    if not info.valid_at():
-        when = info.not_after.date() if info.days_left() < 0 else info.not_before.date()
-        state = "expired on" if info.days_left() < 0 else "is not valid before"
-        raise TLSConfigError(f"certificate file {config.cert} (--cert) {state} {when}")
-    return context, info
+    @property
+    def cert_not_after(self) -> float | None:
+        return self.certificates.not_after
 
 
 def _metrics_listener(server: Server) -> MetricsListener:

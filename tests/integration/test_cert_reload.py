@@ -218,3 +218,33 @@ def _der(leaf: trustme.LeafCert) -> bytes:
     import ssl
 
     return ssl.PEM_cert_to_DER_cert(leaf.cert_chain_pems[0].bytes().decode())
+
+
+async def test_changed_files_are_reloaded_once_they_have_settled(
+    start_server: Any, raw: Any, tls_files: Any, server_files: tuple[Path, Path]
+) -> None:
+    cert, key = server_files
+    server = await start_server(cert=str(cert), key=str(key))
+    keeper = server.certificates
+    assert keeper.look() is False  # nothing changed
+    write_leaf(tls_files.ca.issue_cert("localhost", "127.0.0.1", common_name="renewed"), cert, key)
+    with capture_logs() as logs:
+        assert keeper.look() is False  # changed since the last look: wait for it to settle
+        assert keeper.look() is True
+        assert keeper.look() is False  # loaded: nothing more to do
+    assert [e["event"] for e in logs] == ["certificate_reloaded"]
+    assert peer_common_name(await raw(server.port, "bob")) == "renewed"
+
+
+async def test_a_bad_changed_file_is_reported_once_and_the_old_one_kept(
+    start_server: Any, raw: Any, server_files: tuple[Path, Path]
+) -> None:
+    cert, key = server_files
+    server = await start_server(cert=str(cert), key=str(key))
+    keeper = server.certificates
+    key.write_text("not a key\n")
+    with capture_logs() as logs:
+        for _ in range(4):
+            keeper.look()
+    assert [e["event"] for e in logs] == ["certificate_reload_failed"]
+    await raw(server.port, "bob")  # new handshakes still work, with the old files
