@@ -178,7 +178,7 @@ def _connection_steps(config: ClientConfig) -> Iterator[Step]:
     with sock:
         took = time.monotonic() - started
         yield Step("tcp", True, f"connected to {address[0]} port {port} in {took * 1000:.1f} ms")
-        yield from _probe_tls(sock, host, where, timeout)
+        yield from _probe_tls(sock, config, where)
     with _tcp([address], where, timeout) as sock:
         yield from _session(sock, context, config, where)
 
@@ -212,15 +212,24 @@ def _tcp(addresses: list[Any], where: str, timeout: float) -> socket.socket:
         ) from None
 
 
-def _probe_tls(sock: socket.socket, host: str, where: str, timeout: float) -> Iterator[Step]:
+def _probe_tls(sock: socket.socket, config: ClientConfig, where: str) -> Iterator[Step]:
     """Look at TLS without verifying anything, so a bad certificate can still be described."""
     probe = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     probe.check_hostname = False
     probe.verify_mode = ssl.CERT_NONE
     probe.minimum_version = ssl.TLSVersion.TLSv1_2
     probe.set_alpn_protocols([ALPN_PROTOCOL])
+    if config.cert is not None:  # loaded already by the files step; a TLS 1.2 server asks
+        probe.load_cert_chain(config.cert, config.key)
+    timeout = config.connect_timeout
     try:
-        tls = probe.wrap_socket(sock, server_hostname=host)
+        tls = probe.wrap_socket(sock, server_hostname=config.host)
+    except (ssl.SSLEOFError, ConnectionError):
+        raise _fail(
+            "tls",
+            f"{where} closed the connection instead of answering in TLS",
+            "use the server's TLS port; a securemsg server refuses other protocols",
+        ) from None
     except ssl.SSLError as exc:
         if exc.reason in _NOT_TLS:
             raise _fail(

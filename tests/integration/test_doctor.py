@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from securemsg.cli import doctor
 from securemsg.config import ClientConfig
 
@@ -122,6 +124,27 @@ async def test_a_plaintext_port_fails_at_tls() -> None:
         failed = last(await diagnose(port, host="127.0.0.1"))
     assert (failed.step, failed.ok) == ("tls", False)
     assert "plaintext" in failed.detail
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "complaint"),
+    [("close", "closed the connection instead of answering in TLS"), ("wait", "within 0.3 s")],
+)
+async def test_a_port_that_closes_or_stays_silent_fails_at_tls(
+    behaviour: str, complaint: str
+) -> None:
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if behaviour == "wait":
+            await reader.read()  # until the client gives up
+        writer.close()
+
+    other = await asyncio.start_server(handle, "127.0.0.1", 0)
+    async with other:
+        port = other.sockets[0].getsockname()[1]
+        config = ClientConfig(host="127.0.0.1", port=port, connect_timeout=0.3)
+        failed = last(await asyncio.to_thread(doctor.diagnose, config))
+    assert (failed.step, failed.ok) == ("tls", False)
+    assert complaint in failed.detail
 
 
 async def securemsg(*argv: str) -> tuple[int, str, str]:
