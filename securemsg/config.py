@@ -220,10 +220,14 @@ def _find_problem(config: ServerConfig | ClientConfig) -> _Problem | None:
         if name in _SIZES and value < 1:
             return (name,), f"{name} must be at least 1, got {value!r}"
         if name in _ZERO_MEANS_OFF and not (value >= 0 and math.isfinite(value)):
-            return (name,), f"{name} must be 0 (no limit) or more, got {value!r}"
+            zero = "no limit" if name in {"max_msgs_per_sec", "max_attempts"} else "off"
+            return (name,), f"{name} must be 0 ({zero}) or more, got {value!r}"
     low_port = 1 if isinstance(config, ClientConfig) else 0
     if not low_port <= config.port <= 65535:
         return ("port",), f"port must be between {low_port} and 65535, got {config.port!r}"
+    metrics_port = getattr(config, "metrics_port", None)
+    if metrics_port is not None and not 0 <= metrics_port <= 65535:
+        return ("metrics_port",), f"metrics_port must be between 0 and 65535, got {metrics_port!r}"
     for name, allowed in (("log_format", LOG_FORMATS), ("log_level", LOG_LEVELS)):
         if getattr(config, name) not in allowed:
             return (name,), f"{name} must be {_one_of(allowed)}, got {getattr(config, name)!r}"
