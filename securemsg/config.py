@@ -109,6 +109,10 @@ class ServerConfig(_Config, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     shutdown_timeout: float = 5.0
     store: str | None = None
     store_sync: StoreSync = "normal"
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
+    loop_stall_threshold: float = 0.5
+    cert_expiry_warning_days: int = 30
     log_format: LogFormat = "auto"
     log_level: LogLevel = "info"
 
@@ -166,6 +170,10 @@ FIELD_HELP: Final[dict[str, dict[str, str]]] = {
         "shutdown_timeout": "seconds to drain connections when shutting down",
         "store": "SQLite file that keeps sessions across restarts; none keeps them in memory",
         "store_sync": "when a commit is durable: normal (survives a crash) or full (power loss)",
+        "metrics_port": "port of the HTTP listener for /metrics, /healthz, /readyz; none: off",
+        "metrics_host": "address of the metrics and health listener",
+        "loop_stall_threshold": "seconds of event-loop lag logged as loop_stalled; 0: off",
+        "cert_expiry_warning_days": "days before the certificate expires to warn in the log",
         "log_format": "log format on stderr: auto (JSON unless a terminal), json or console",
         "log_level": "lowest level logged: debug, info, warning, error or critical",
     },
@@ -202,7 +210,9 @@ _SIZES: Final = frozenset(
     "max_pending max_pending_bytes max_outgoing_bytes max_frame max_connections dedup_window"
     " max_outbox".split()
 )
-_ZERO_MEANS_OFF: Final = frozenset({"max_msgs_per_sec", "max_attempts"})
+_ZERO_MEANS_OFF: Final = frozenset(
+    {"max_msgs_per_sec", "max_attempts", "loop_stall_threshold", "cert_expiry_warning_days"}
+)
 _NAME_RE: Final = re.compile(NAME_PATTERN)
 STORE_SYNCS: Final = get_args(StoreSync)
 
@@ -229,7 +239,8 @@ def _find_problem(config: ServerConfig | ClientConfig) -> _Problem | None:
         if name in _SIZES and value < 1:
             return (name,), f"{name} must be at least 1, got {value!r}"
         if name in _ZERO_MEANS_OFF and not (value >= 0 and math.isfinite(value)):
-            return (name,), f"{name} must be 0 (no limit) or more, got {value!r}"
+            zero = "no limit" if name in {"max_msgs_per_sec", "max_attempts"} else "off"
+            return (name,), f"{name} must be 0 ({zero}) or more, got {value!r}"
     if isinstance(config, ServerConfig) and not 1 <= config.max_depth <= MAX_MAX_DEPTH:
         # Clients decode bodies recursively: past a few hundred levels they would fail.
         return ("max_depth",), (
@@ -238,6 +249,9 @@ def _find_problem(config: ServerConfig | ClientConfig) -> _Problem | None:
     low_port = 1 if isinstance(config, ClientConfig) else 0
     if not low_port <= config.port <= 65535:
         return ("port",), f"port must be between {low_port} and 65535, got {config.port!r}"
+    metrics_port = getattr(config, "metrics_port", None)
+    if metrics_port is not None and not 0 <= metrics_port <= 65535:
+        return ("metrics_port",), f"metrics_port must be between 0 and 65535, got {metrics_port!r}"
     for name, allowed in (
         ("log_format", LOG_FORMATS),
         ("log_level", LOG_LEVELS),
@@ -484,14 +498,18 @@ def _flag(name: str) -> str:
 def _metavar(field: _Field) -> str | None:
     if field.choices:
         return None  # argparse shows the choices
-    if field.name in _DURATIONS or field.name == "max_msgs_per_sec":
+    if field.name == "cert_expiry_warning_days":
+        return "DAYS"
+    if field.name in _DURATIONS or field.name in {"max_msgs_per_sec", "loop_stall_threshold"}:
         return "SECONDS" if field.name != "max_msgs_per_sec" else "RATE"
     if field.name in {"max_outgoing_bytes", "max_frame", "max_pending_bytes"}:
         return "BYTES"
     if isinstance(field.info, msgspec.inspect.IntType):
-        return "PORT" if field.name == "port" else "N"
+        return "PORT" if field.name.endswith("port") else "N"
     if field.name in {"cert", "key", "ca", "token_file", "store"}:
         return "PATH"
+    if field.name == "metrics_host":
+        return "HOST"
     return field.name.upper()
 
 

@@ -256,6 +256,26 @@ def test_direct_construction_is_validated_too() -> None:
         ServerConfig(port=-1)
 
 
+def test_the_metrics_and_monitoring_settings_are_checked_and_blamed_on_their_source() -> None:
+    def error(**env: str) -> str:
+        with pytest.raises(ConfigError) as info:
+            load_config(ServerConfig, env=env)
+        return str(info.value)
+
+    assert error(SECUREMSG_METRICS_PORT="70000") == (
+        "SECUREMSG_METRICS_PORT: metrics_port must be between 0 and 65535, got 70000"
+    )
+    assert error(SECUREMSG_LOOP_STALL_THRESHOLD="-1") == (
+        "SECUREMSG_LOOP_STALL_THRESHOLD: loop_stall_threshold must be 0 (off) or more, got -1.0"
+    )
+    assert error(SECUREMSG_PORT="70000").startswith("SECUREMSG_PORT: port must be between")
+    config = load_config(
+        ServerConfig, env={"SECUREMSG_METRICS_PORT": "9464", "SECUREMSG_METRICS_HOST": "::1"}
+    )
+    assert (config.metrics_port, config.metrics_host) == (9464, "::1")
+    assert ServerConfig().metrics_port is None  # off by default
+
+
 def test_missing_file_is_an_error(tmp_path: Path) -> None:
     path = tmp_path / "nope.toml"
     assert config_error(path=path) == f"{path}: config file not found"

@@ -186,3 +186,5 @@ def test_the_server_command_loads_neither_the_client_nor_the_chat_nor_the_bench(
     bad = {m for m in loaded if m.startswith(("securemsg.client", "securemsg.bench."))}
     assert not bad
     assert "prompt_toolkit" not in loaded
+    # Metrics are off unless --metrics-port is given: their library is not loaded then.
+    assert "prometheus_client" not in loaded

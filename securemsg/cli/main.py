@@ -10,7 +10,7 @@ import asyncio
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from securemsg import __version__
@@ -139,6 +139,20 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--count", type=int, metavar="N", help="exit after N messages")
             sub.add_argument("--json", action="store_true", help="print one JSON object a line")
         sub.set_defaults(handler=_cmd_client, client_command=name)
+    doctor = commands.add_parser(
+        "doctor",
+        help="diagnose a connection to a server step by step (or, without one, the local files)",
+        description="Follow one connection from the host name to a message and stop at the"
+        " first failure with its fix. Without an address, check the local configuration and"
+        " certificate files. Exit status 0 only when a client could work.",
+    )
+    doctor.add_argument(
+        "address", nargs="?", metavar="HOST[:PORT]", help="the server (default: only local checks)"
+    )
+    doctor.add_argument("--config", metavar="FILE", help="a TOML file with a [client] table")
+    add_config_flags(doctor, ClientConfig, exclude=("host", "port"))
+    doctor.add_argument("--json", action="store_true", help="print the steps as one JSON object")
+    doctor.set_defaults(handler=_cmd_doctor)
     _add_bench_parser(commands)
     return parser
 
@@ -173,12 +187,16 @@ def _cmd_server(args: argparse.Namespace) -> int:
             print(dev_pki_banner(pki), file=sys.stderr)
         overrides.setdefault("cert", str(pki.server_cert))
         overrides.setdefault("key", str(pki.server_key))
-    config = load_config(ServerConfig, path=args.config, env=os.environ, overrides=overrides)
+
+    def read_config() -> ServerConfig:
+        return load_config(ServerConfig, path=args.config, env=os.environ, overrides=overrides)
+
+    config = read_config()
     configure_logging(level=config.log_level, fmt=config.log_format)
-    return run(_serve(config))
+    return run(_serve(config, reload_config=read_config))
 
 
-async def _serve(config: ServerConfig) -> int:
+async def _serve(config: ServerConfig, *, reload_config: Callable[[], ServerConfig]) -> int:
     from securemsg.server.server import Server
 
     server = Server(config)
@@ -186,6 +204,8 @@ async def _serve(config: ServerConfig) -> int:
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    # SIGHUP reloads the certificate, key and CA (the configuration is read again for them).
+    loop.add_signal_handler(signal.SIGHUP, server.reload_tls, reload_config)
     async with server:
         await stop.wait()
     return 0
@@ -216,6 +236,38 @@ def _cmd_client(args: argparse.Namespace) -> int:
             chat.run_listen(config, rooms=args.room, count=args.count, json_output=args.json)
         )
     return chat.run_client(config, rooms=args.room, json_output=args.json)
+
+
+# -- doctor -----------------------------------------------------------------------------------
+
+
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    import json
+
+    from securemsg.cli import doctor
+
+    overrides: dict[str, Any] = overrides_from_args(args, ClientConfig)
+    if args.address:
+        overrides.update(_parse_address(args.address))
+    config = load_config(ClientConfig, path=args.config, env=os.environ, overrides=overrides)
+    configure_logging(level=config.log_level, fmt=config.log_format)
+    steps = doctor.diagnose(config) if args.address else doctor.check_files(config)
+    sentence = doctor.failure_sentence(steps)
+    if args.json:
+        target = f"{config.host}:{config.port}" if args.address else None
+        report = {"target": target, "ok": sentence is None, "steps": [s.as_dict() for s in steps]}
+        print(json.dumps(report, indent=2))
+    else:
+        print(
+            f"securemsg doctor: {config.host}:{config.port}"
+            if args.address
+            else "securemsg doctor: local configuration"
+        )
+        for step in steps:
+            print(f"  {'ok' if step.ok else 'FAIL':4}  {step.step:18}  {step.detail}")
+    if sentence is not None:
+        raise SecureMsgError(f"doctor: {sentence}")
+    return 0
 
 
 # -- bench ------------------------------------------------------------------------------------

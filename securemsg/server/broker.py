@@ -103,6 +103,8 @@ class Broker:
         self._ids = itertools.count(1)
         self._next_id = 1  # session ids continue above those a store gives back
         self.messages_routed = 0
+        #: Publishes and directs carried out (resends not counted), for the metrics.
+        self.messages_received = 0
         #: Congested sessions that publishers wait for (flow control).
         self.stalled: set[Session] = set()
         #: Where sessions outlive the process (a no-op unless the server has ``--store``).
@@ -201,6 +203,7 @@ class Broker:
         return encode_frame_of(Members(room=room_filter, names=names, ref=ref))
 
     def publish(self, session: Session, msg: Publish, ts: float) -> None:
+        self.messages_received += 1
         members = self.rooms.match(msg.room)
         if members and (len(members) > 1 or members[0] is not session):
             message = Delivery(
@@ -229,6 +232,7 @@ class Broker:
         target = self.by_name.get(msg.to)
         if target is None:
             return False
+        self.messages_received += 1
         message = Delivery(
             sender=session.name, to=msg.to, body=msg.body, id=msg.id, re=msg.re, ts=ts, seq=0
         )

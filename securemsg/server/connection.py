@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from typing import Any, Protocol, cast
 
 import structlog
@@ -52,6 +53,8 @@ class ConnectionHost(Protocol):
 
     config: ServerConfig
     broker: Broker
+    #: Requests and frames answered with an error, by code (read by the metrics).
+    refused_requests: Counter[str]
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop: ...
@@ -312,6 +315,11 @@ class ServerConnection(asyncio.BufferedProtocol):
     # -- internals ----------------------------------------------------------------------------
 
     @property
+    def close_reason(self) -> str:
+        """Why the connection ended (or will): a fatal code, a bye reason, peer_closed."""
+        return self._close_reason
+
+    @property
     def _name(self) -> str | None:
         return self._session_name
 
@@ -407,6 +415,7 @@ class ServerConnection(asyncio.BufferedProtocol):
 
     def _on_rejected(self, event: FrameRejected) -> None:
         error = event.error
+        self.server.refused_requests[error.code] += 1
         self.log.warning(
             "frame_rejected",
             name=self._name,
@@ -463,6 +472,7 @@ class ServerConnection(asyncio.BufferedProtocol):
         elif isinstance(event, Left):
             self.log.info("left", name=session.name, room=event.room)
         elif isinstance(event, RequestRefused):
+            self.server.refused_requests[event.error.code] += 1
             self.log.info("request_refused", name=self._name, code=event.error.code)
             self.core.send(event.error)
         elif isinstance(event, FrameRejected):  # a bad ack: answered, and the connection goes on
@@ -474,6 +484,7 @@ class ServerConnection(asyncio.BufferedProtocol):
         try:
             opened = self.broker.open(hello, identity=self.identity, link=self, now=now)
         except ProtocolError as refused:
+            self.server.refused_requests[refused.code] += 1
             self.log.warning(
                 "session_refused", name=hello.name, code=refused.code, reason=refused.message
             )

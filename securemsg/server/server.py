@@ -20,9 +20,10 @@ import itertools
 import socket
 import ssl
 import time
-from collections.abc import Coroutine
+from collections import Counter
+from collections.abc import Callable, Coroutine
 from types import TracebackType
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import structlog
 
@@ -32,10 +33,15 @@ from securemsg.core.messages import ErrorCode
 from securemsg.core.server_session import ServerSession
 from securemsg.errors import ConfigError, StoreError
 from securemsg.server.broker import Broker, Link
+from securemsg.server.certificates import CertificateKeeper
 from securemsg.server.connection import ServerConnection
+from securemsg.server.loopwatch import LoopWatch
 from securemsg.server.store import MemoryStore, SessionStore, SqliteStore
 from securemsg.server.timerwheel import TimerWheel
 from securemsg.tls.contexts import describe_server_handshake_error, server_context
+
+if TYPE_CHECKING:
+    from securemsg.server.metrics import MetricsListener
 
 __all__ = ["Server"]
 
@@ -68,6 +74,7 @@ class Server:
                 require_client_cert=config.require_client_cert,
                 tls13_only=config.tls13_only,
             )
+        #: The context of new handshakes: a reload replaces it, open connections keep theirs.
         self.ssl_context = ssl_context
         self.broker = Broker(
             max_pending=config.max_pending,
@@ -97,11 +104,29 @@ class Server:
         # Connections accepted and refused at accept, failed TLS handshakes, and hellos
         # accepted (each started or resumed a session: not a count of sessions).
         self.counts = {"accepted": 0, "refused": 0, "handshake_failed": 0, "hellos_accepted": 0}
+        self.sessions_expired = 0
+        # Read by the metrics collector at scrape time; incremented off the message path.
+        self.refusals: Counter[str] = Counter()
+        self.handshake_failures: Counter[str] = Counter()
+        self.closes: Counter[str] = Counter()
+        #: Requests answered with an error, by code; the connections count them.
+        self.refused_requests: Counter[str] = Counter()
+        self.closed_traffic = {"frames_in": 0, "frames_out": 0, "bytes_in": 0, "bytes_out": 0}
+        self.loopwatch: LoopWatch | None = None
+        self.metrics: MetricsListener | None = None
+        self._certificates: CertificateKeeper | None = None
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
         assert self._loop is not None, "the server is not started"
         return self._loop
+
+    @property
+    def certificates(self) -> CertificateKeeper:
+        """Reloads and expiry warnings of the server's certificate (made with the loop)."""
+        if self._certificates is None:
+            self._certificates = CertificateKeeper(self, self.loop)
+        return self._certificates
 
     @property
     def wheel(self) -> TimerWheel:
@@ -155,6 +180,8 @@ class Server:
         self._loop = asyncio.get_running_loop()
         self._stopped = asyncio.Event()
         await self._restore_sessions()
+        if self.config.metrics_port is not None:
+            self.metrics = _metrics_listener(self)
         try:
             self._sockets = _listen(self.config.host, self.config.port)
         except BaseException:
@@ -164,6 +191,19 @@ class Server:
         for sock in self._sockets:
             self.loop.add_reader(sock.fileno(), self._accept_ready, sock)
         self._stall_check = self.loop.call_later(self._stall_period, self._check_stalled)
+        if self.config.loop_stall_threshold > 0 or self.metrics is not None:
+            self.loopwatch = LoopWatch(self.loop, threshold=self.config.loop_stall_threshold)
+            self.loopwatch.start()
+        if self.metrics is not None:
+            try:
+                await self.metrics.start()
+            except OSError as exc:
+                await self.close()
+                where = f"{self.config.metrics_host}:{self.config.metrics_port}"
+                raise ConfigError(
+                    f"cannot serve metrics on {where}: {exc.strerror}; choose another"
+                    " --metrics-port"
+                ) from None
         logger.info(
             "server_listening",
             host=self.config.host,
@@ -172,6 +212,7 @@ class Server:
             client_certs_required=self.config.require_client_cert,
             max_connections=self.config.max_connections,
         )
+        self.certificates.start()
 
     async def serve_forever(self) -> None:
         """Serve until :meth:`close` is called (from a signal handler, for instance)."""
@@ -213,6 +254,12 @@ class Server:
         for handle in self._expiry.values():
             handle.cancel()
         self._expiry.clear()
+        if self.loopwatch is not None:
+            self.loopwatch.stop()
+        if self._certificates is not None:
+            self._certificates.stop()
+        if self.metrics is not None:
+            await self.metrics.close()
         await self.broker.store.close()
         logger.info(
             "server_stopped",
@@ -261,6 +308,7 @@ class Server:
         peer = _format_peer(address)
         if len(self.connections) + self._pending_handshakes >= self.config.max_connections:
             self.counts["refused"] += 1
+            self.refusals["max_connections"] += 1
             logger.warning(
                 "connection_refused",
                 peer=peer,
@@ -335,12 +383,17 @@ class Server:
 
     def _handshake_failed(self, conn_id: int, peer: str, reason: str) -> None:
         self.counts["handshake_failed"] += 1
+        self.handshake_failures[reason] += 1
         logger.warning("tls_handshake_failed", conn=conn_id, peer=peer, reason=reason)
 
     # -- sessions (called by connections) -----------------------------------------------------
 
     def connection_closed(self, conn: ServerConnection) -> None:
         self.connections.discard(conn)
+        core, traffic = conn.core, self.closed_traffic
+        for name in traffic:
+            traffic[name] += getattr(core, name, 0)
+        self.closes[conn.close_reason] += 1
 
     def session_attached(self, session: ServerSession[Link]) -> None:
         handle = self._expiry.pop(session, None)
@@ -365,6 +418,7 @@ class Server:
         self._expiry.pop(session, None)
         if session.link is not None or session.expires_at is None:
             return
+        self.sessions_expired += 1
         rooms = self.broker.end(session, reason="expired")
         logger.info(
             "session_expired",
@@ -373,6 +427,42 @@ class Server:
             rooms=len(rooms),
             undelivered=len(session.delivery),
         )
+
+    # -- health and certificates --------------------------------------------------------------
+
+    def readiness_problems(self) -> list[str]:
+        """Why the server would not serve a new client now; empty when it would."""
+        problems: list[str] = []
+        if self._loop is None or not self._sockets:
+            problems.append("not listening")
+        elif self._stopping:
+            problems.append("shutting down")
+        return problems
+
+    def reload_tls(self, load_config: Callable[[], ServerConfig] | None = None) -> bool:
+        """Load the certificate, key and CA again (what SIGHUP does); see
+        :meth:`CertificateKeeper.reload`. False, and the old context kept, on any failure."""
+        return self.certificates.reload(load_config)
+
+    @property
+    def cert_reloads(self) -> Counter[str]:
+        return self.certificates.reloads
+
+    @property
+    def cert_not_after(self) -> float | None:
+        return self.certificates.not_after
+
+
+def _metrics_listener(server: Server) -> MetricsListener:
+    try:
+        from securemsg.server.metrics import MetricsListener
+    except ImportError:
+        raise ConfigError(
+            "--metrics-port needs prometheus-client: pip install 'securemsg[metrics]'"
+        ) from None
+    config = server.config
+    assert config.metrics_port is not None
+    return MetricsListener(server, host=config.metrics_host, port=config.metrics_port)
 
 
 def _refuse_politely(sock: socket.socket, *, http: bool) -> None:
