@@ -301,7 +301,7 @@ class Mailbox:
         elif type(event) is Answered:
             self._answered(event.ref, event.names)
         elif type(event) is Refused:
-            error = RejectedError(event.code, event.message)
+            error = RejectedError(event.code, event.message, ids=(event.ref,))
             if not self._answered(event.ref, None, error):
                 self._log.warning(
                     "message_rejected", id=event.ref, code=error.code, reason=error.message

@@ -148,13 +148,15 @@ class Flush:
     """One flush in progress: ``remaining`` requests with ids up to ``mark`` are unanswered;
     ``refused`` of the ``total`` it waits for were refused so far."""
 
-    __slots__ = ("mark", "reasons", "refused", "remaining", "total")
+    __slots__ = ("mark", "reasons", "refused", "refused_ids", "remaining", "total")
 
     def __init__(self, mark: int, total: int) -> None:
         self.mark = mark
         self.total = total
         self.remaining = total
         self.refused = 0
+        #: The ids refused, in order: the caller may want to know which to publish again.
+        self.refused_ids: list[str] = []
         #: code -> (how many, the server's first message for it); up to _MAX_REASONS codes.
         self.reasons: dict[str, tuple[int, str]] = {}
 
@@ -163,6 +165,7 @@ class Flush:
         last one was."""
         if refusal is not None:
             self.refused += 1
+            self.refused_ids.append(refusal.ref)
             reasons = self.reasons
             reason = reasons.get(refusal.code)
             if reason is not None:
@@ -174,7 +177,7 @@ class Flush:
 
     def error(self) -> RejectedError | None:
         """None when nothing was refused; otherwise the error ``flush()`` raises: the code of
-        the most frequent refusal, and how many of how many were refused."""
+        the most frequent refusal, how many of how many were refused, and their ids."""
         if not self.refused:
             return None
         ranked = sorted(self.reasons.items(), key=lambda item: -item[1][0])
@@ -184,7 +187,7 @@ class Flush:
             text += f": {first_message}"
         else:
             text += ": " + ", ".join(f"{count} {each}" for each, (count, _) in ranked)
-        return RejectedError(code, text)
+        return RejectedError(code, text, ids=tuple(self.refused_ids))
 
 
 class ClientSession:

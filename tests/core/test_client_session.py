@@ -268,6 +268,7 @@ def test_a_flush_reports_the_refusals_among_what_it_waited_for() -> None:
     assert error is not None
     assert error.code == "rate_limited"
     assert str(error) == "7 of 10 messages were refused: slow down (rate_limited)"
+    assert error.ids == ("4", "5", "6", "7", "8", "9", "10")  # which ones, in order
 
 
 def test_a_flush_names_the_most_frequent_refusal_and_counts_each() -> None:
@@ -281,6 +282,7 @@ def test_a_flush_names_the_most_frequent_refusal_and_counts_each() -> None:
     error = flush.error()
     assert error is not None and error.code == "rate_limited"
     assert error.message == "3 of 4 messages were refused: 2 rate_limited, 1 not_member"
+    assert error.ids == ("1", "2", "3")
 
 
 def test_refusals_before_a_flush_was_asked_are_not_its_business() -> None:

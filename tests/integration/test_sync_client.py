@@ -61,20 +61,21 @@ async def test_blocking_flush_raises_when_the_server_refused_messages(
 ) -> None:
     server = await start_server(max_msgs_per_sec=5)
 
-    def program() -> tuple[str, str, int]:
+    def program() -> tuple[str, str, int, tuple[str, ...]]:
         with sync.connect("localhost", server.port, name="alice", **options) as alice:
             for n in range(40):
                 alice.publish("numbers", n)
             try:
                 alice.flush(timeout=5)
             except RejectedError as exc:
-                return exc.code, str(exc), alice.client.unacknowledged
-            return "", "flush returned normally", alice.client.unacknowledged
+                return exc.code, str(exc), alice.client.unacknowledged, exc.ids
+            return "", "flush returned normally", alice.client.unacknowledged, ()
 
-    code, text, left = await asyncio.to_thread(program)
+    code, text, left, ids = await asyncio.to_thread(program)
     assert code == "rate_limited", text
     assert "of 40 messages were refused" in text
     assert left == 0
+    assert int(text.split()[0]) == len(ids) and set(ids) <= {str(n) for n in range(1, 41)}
 
 
 async def test_one_blocking_client_shared_by_two_threads(start_server, options) -> None:
