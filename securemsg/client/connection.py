@@ -61,6 +61,12 @@ _CONNECT_FAILURES: Final = (OSError, EOFError, builtins.TimeoutError, ProtocolEr
 
 
 class ConnectionOwner(Protocol):
+    #: True when :meth:`queue_ack` may have an ``ack`` to queue: checked on every write.
+    ack_wanted: bool
+
+    def queue_ack(self, conn: ClientConnection) -> None:
+        """About to write on ``conn``: queue the cumulative ``ack`` that is due, if any."""
+
     def events_received(self, conn: ClientConnection, events: list[Event]) -> None:
         """Act on what arrived; queue replies on ``conn``. Called once per read."""
 
@@ -167,6 +173,12 @@ class ClientConnection(asyncio.BufferedProtocol):
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
 
+    def flush_soon(self) -> None:
+        """Write what is queued (and the owner's ``ack``) once this loop iteration ends."""
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
     def ping(self) -> None:
         """Ping now (with whatever else is queued): the server's held acks come back with
         the pong instead of up to ACK_DELAY later."""
@@ -232,6 +244,9 @@ class ClientConnection(asyncio.BufferedProtocol):
 
     def _flush(self) -> None:
         self._flush_scheduled = False
+        owner = self._owner
+        if owner is not None and owner.ack_wanted:
+            owner.queue_ack(self)
         data = self.core.data_to_send()
         transport = self.transport
         if data and transport is not None and not transport.is_closing():

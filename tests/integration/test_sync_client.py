@@ -216,7 +216,9 @@ async def test_interpreter_exit_never_hangs_on_an_open_client(
 async def test_publish_without_confirm_hands_over_in_order_and_raises_bad_input_at_once(
     start_server, options
 ) -> None:
-    server = await start_server(max_frame=4096)
+    # bob takes nothing until alice's flushes return, and what he has not taken counts
+    # toward his session's window: half of it would hold alice back (flow control).
+    server = await start_server(max_frame=4096, max_pending=20_000)
 
     def program() -> tuple[list[Any], list[str]]:
         raised: list[str] = []
