@@ -25,6 +25,7 @@ import asyncio
 import builtins
 import contextlib
 import re
+import ssl
 import weakref
 from collections.abc import AsyncIterator, Generator
 from types import TracebackType
@@ -58,7 +59,15 @@ from securemsg.core.messages import (
     encode_body,
     is_valid_room,
 )
-from securemsg.errors import ClosedError, ConfigError, ConnectError, RejectedError, TimeoutError
+from securemsg.errors import (
+    ClosedError,
+    ConfigError,
+    ConnectError,
+    RejectedError,
+    TimeoutError,
+    TLSError,
+)
+from securemsg.tls.contexts import client_context
 
 __all__ = [
     "Client",
@@ -163,6 +172,9 @@ class Client:
         self._attempt = 0
         self._delays = backoff_delays(base=config.reconnect_base, cap=config.reconnect_cap)
         self._connected_at = 0.0
+        #: Made on the first connect and kept: loading the CAs blocks the loop (tens of ms
+        #: with the system store), and the files are the same on every reconnect.
+        self._context: ssl.SSLContext | None = None
 
     def __repr__(self) -> str:
         return f"<Client {self._name!r} {self._where} {self._state.value}>"
@@ -450,10 +462,17 @@ class Client:
                 if not should_retry(exc, welcomed=welcomed) or 0 < limit <= self._attempt:
                     raise
                 self._log.warning("reconnect_failed", attempt=self._attempt, error=str(exc))
+                if isinstance(exc, TLSError | ConfigError):
+                    self._context = None  # certificates may have been rotated: read them again
 
     async def _open(self) -> ClientConnection:
+        config = self._config
+        if self._context is None:
+            self._context = client_context(ca=config.ca, cert=config.cert, key=config.key)
         last_seq = self._mailbox.session.last_seq
-        return await open_connection(self._config, session=self._session, last_seq=last_seq)
+        return await open_connection(
+            config, session=self._session, last_seq=last_seq, context=self._context
+        )
 
     def _connected(self, conn: ClientConnection, *, first: bool) -> None:
         welcome = conn.welcomed.result()

@@ -61,6 +61,11 @@ _RESUME_RECEIVED: Final = MAX_RECEIVED // 2
 #: Events held per presence() / state_changes() iterator; the oldest are dropped past it.
 _MAX_EVENTS: Final = 1_000
 
+#: Streams someone is waiting on. The client holds its streams weakly (an iterator nobody
+#: uses must not leak), and asyncio holds tasks weakly, so a watcher task nobody kept a
+#: reference to would be garbage-collected while it waits, and miss what it waits for.
+_WAITED_ON: set[EventStream[Any]] = set()
+
 
 @contextlib.asynccontextmanager
 async def deadline(timeout: float | None, what: str) -> AsyncIterator[None]:
@@ -95,7 +100,15 @@ class EventStream(Generic[T]):
         return self
 
     async def __anext__(self) -> T:
-        item = await self._queue.get()
+        queue = self._queue
+        if queue.empty():
+            _WAITED_ON.add(self)
+            try:
+                item = await queue.get()
+            finally:
+                _WAITED_ON.discard(self)
+        else:
+            item = queue.get_nowait()
         if item is None:
             self._queue.put_nowait(None)
             raise StopAsyncIteration
