@@ -270,3 +270,39 @@ async def test_calls_that_send_keep_their_place_after_handed_over_publishes(
                 return [bob.receive(timeout=5).body for _ in range(202)]
 
     assert await asyncio.to_thread(program) == [*range(200), "confirmed", "direct"]
+
+
+async def test_close_raises_a_handed_over_publish_that_failed_and_nobody_was_told(
+    start_server, options
+) -> None:
+    server = await start_server()
+
+    def program() -> str:
+        try:
+            with sync.connect("localhost", server.port, name="alice", **options) as alice:
+                alice.publish("chat", "x" * (2 * 1024 * 1024))  # over max_frame, found later
+        except ValueError as exc:
+            return str(exc)
+        return "the with block ended as if it had been sent"
+
+    text = await asyncio.to_thread(program)
+    assert "max_frame" in text, text
+
+
+async def test_an_error_in_the_with_block_stays_the_error_and_carries_the_close_failure(
+    start_server, options
+) -> None:
+    server = await start_server()
+
+    def program() -> BaseException:
+        try:
+            with sync.connect("localhost", server.port, name="alice", **options) as alice:
+                alice.publish("chat", "x" * (2 * 1024 * 1024))
+                raise KeyError("the application's own")
+        except BaseException as exc:
+            return exc
+        raise AssertionError("nothing raised")
+
+    error = await asyncio.to_thread(program)
+    assert type(error) is KeyError
+    assert any("max_frame" in note for note in getattr(error, "__notes__", []))
