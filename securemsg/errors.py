@@ -9,7 +9,7 @@
     ├── ConnectError           could not reach or enter the server
     │   ├── TLSError           the TLS handshake failed (has .check: which verification failed)
     │   └── AuthError          the server refused who we are (has .code: unauthorized, name_taken)
-    ├── RejectedError          the server answered a request with an error frame (has .code)
+    ├── RejectedError          the server refused requests (has .code, .ids: which ones)
     ├── StoreError             the session store file cannot be used or written (names it)
     ├── TimeoutError           a bounded wait ran out (also a builtin TimeoutError)
     └── ClosedError            the client or connection is closed
@@ -87,12 +87,15 @@ class AuthError(ConnectError):
 
 
 class RejectedError(SecureMsgError):
-    """The server answered one of our requests with an ``error`` frame."""
+    """The server answered requests with ``error`` frames: ``code`` is the (most frequent)
+    reason, ``message`` the server's words, ``ids`` the ids of the refused requests, in the
+    order they were refused (empty for a ``hello`` refused before any request)."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, *, ids: tuple[str, ...] = ()) -> None:
         super().__init__(f"{message} ({code})")
         self.code = code
         self.message = message
+        self.ids = ids
 
 
 class StoreError(SecureMsgError):

@@ -182,3 +182,10 @@ if __name__ == "__main__":
     print(option_table(ServerConfig))
     print("\n### Client: `[client]`, `securemsg client`, `send` and `listen`\n")
     print(option_table(ClientConfig))
+
+
+def test_operations_doc_names_the_protocol_version_hello_must_carry(operations: str) -> None:
+    from securemsg.core.messages import PROTOCOL_VERSION
+
+    row = next(line for line in operations.splitlines() if line.startswith("| `unsupported_v"))
+    assert f"is not {PROTOCOL_VERSION} " in row, row

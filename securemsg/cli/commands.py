@@ -6,7 +6,9 @@ connected client and a process's worth of behaviour:
 
 - ``send``: one message, confirmed by the server's acknowledgement, exit 0.
 - ``listen``: print the messages of some rooms, one line each, flushed per line (it is used
-  in pipes); ``--count N`` exits after N.
+  in pipes); ``--count N`` exits after N. After a reconnect that could not resume the
+  session, messages may be missing: a line on stderr says so, and with ``--json`` a
+  ``{"gap": {...}}`` object on stdout, between the messages before and after it.
 - ``client`` without a terminal (or with ``--json``): every stdin line is published to the
   first room and every message received goes to stdout; at EOF the client waits (bounded)
   until the server acknowledged everything and exits 0.
@@ -27,6 +29,7 @@ import contextlib
 import os
 import sys
 import threading
+import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Final
 
@@ -40,7 +43,7 @@ from securemsg.cli.client_common import (
     parse_body,
     with_default_name,
 )
-from securemsg.client.client import Client, Message
+from securemsg.client.client import Client, Message, Reconnected
 from securemsg.config import ClientConfig
 from securemsg.core.messages import ErrorCode, is_valid_name, is_valid_room
 from securemsg.errors import ConfigError, RejectedError, SecureMsgError
@@ -79,14 +82,39 @@ def _emit(line: str) -> None:
 
 async def _print_messages(client: Client, *, json_output: bool, count: int | None = None) -> None:
     """Print what ``client`` receives until ``count`` messages, stdout closes or the client
-    does (:class:`~securemsg.errors.ClosedError` when it gave up)."""
+    does (:class:`~securemsg.errors.ClosedError` when it gave up); and where messages may
+    be missing (:func:`_report_gaps`)."""
     printed = 0
-    with contextlib.suppress(_StdoutClosedError):
-        async for message in client:
-            _emit(_render(message, json_output=json_output))
-            printed += 1
-            if count is not None and printed >= count:
-                return
+    gaps = asyncio.create_task(_report_gaps(client, json_output=json_output))
+    try:
+        with contextlib.suppress(_StdoutClosedError):
+            async for message in client:
+                _emit(_render(message, json_output=json_output))
+                printed += 1
+                if count is not None and printed >= count:
+                    return
+    finally:
+        gaps.cancel()
+        with contextlib.suppress(asyncio.CancelledError, _StdoutClosedError):
+            await gaps
+
+
+async def _report_gaps(client: Client, *, json_output: bool) -> None:
+    """After each reconnect that did not resume the session (a server restart, a session
+    that expired), say that messages may be missing: one line on stderr, and with
+    ``--json`` a ``{"gap": {"missing": N or null, "ts": ...}}`` object on stdout."""
+    async for change in client.state_changes():
+        if type(change) is not Reconnected or change.resumed:
+            continue
+        print(
+            "securemsg: reconnected without resuming the session (the server restarted or "
+            "forgot it): messages sent meanwhile may be missing",
+            file=sys.stderr,
+            flush=True,
+        )
+        if json_output:
+            gap = {"gap": {"missing": change.gap, "ts": time.time()}}
+            _emit(msgspec.json.encode(gap).decode())
 
 
 # -- send and listen -----------------------------------------------------------------------------
@@ -94,7 +122,8 @@ async def _print_messages(client: Client, *, json_output: bool, count: int | Non
 
 async def run_send(config: ClientConfig, *, room: str | None, to: str | None, message: str) -> int:
     """Send ``message`` (JSON if it parses, else a string) to ``room`` or to the client ``to``
-    and return 0 once the server acknowledged it."""
+    and return 0 once the server acknowledged it. A message over the server's ``max_frame``
+    is one sentence."""
     if room is not None:
         check_room(room)
     elif to is None or not is_valid_name(to):
@@ -113,6 +142,8 @@ async def run_send(config: ClientConfig, *, room: str | None, to: str | None, me
             if exc.code == ErrorCode.NO_SUCH_USER:
                 raise SecureMsgError(f"nobody called {to!r} is connected to {where}") from None
             raise
+        except ValueError as exc:  # over max_frame: found before anything is sent
+            raise SecureMsgError(f"not sent: the {exc}") from None
     return 0
 
 
@@ -183,10 +214,16 @@ async def _pipe_client(config: ClientConfig, *, rooms: Sequence[str], json_outpu
 
 async def _publish_stdin(client: Client, room: str) -> None:
     """Publish each non-empty stdin line to ``room`` (pipelined), then wait at EOF until the
-    server has acknowledged them all, at most :data:`FLUSH_TIMEOUT`."""
+    server has acknowledged them all, at most :data:`FLUSH_TIMEOUT`. A line over the
+    server's ``max_frame`` ends it with one sentence (the lines before it still go)."""
+    number = 0
     async for line in stdin_lines():
+        number += 1
         if line:
-            await client.publish(room, line)
+            try:
+                await client.publish(room, line)
+            except ValueError as exc:
+                raise SecureMsgError(f"stdin line {number} not sent: the {exc}") from None
     await client.flush(FLUSH_TIMEOUT)
 
 

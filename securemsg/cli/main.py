@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import difflib
 import os
 import signal
 import sys
@@ -21,7 +22,7 @@ from securemsg.config import (
     load_config,
     overrides_from_args,
 )
-from securemsg.errors import SecureMsgError
+from securemsg.errors import ConfigError, SecureMsgError
 from securemsg.log import configure_logging
 from securemsg.runner import run
 
@@ -44,16 +45,67 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    if extra and getattr(args, "client_command", None) == "send":
-        if not any(word.startswith("-") for word in extra):
+    words = list(sys.argv[1:] if argv is None else argv)
+    _check_flags(parser, words)
+    args, extra = parser.parse_known_args(words)
+    if extra and not any(word.startswith("-") for word in extra):
+        if getattr(args, "client_command", None) == "send":
             # `send HOST:PORT --room R MESSAGE`: argparse takes HOST:PORT as the whole word
             # list and leaves MESSAGE over, because options stand between them.
             args.words += extra
             extra = []
+        elif args.command == "bench" and len(extra) == 1 and args.address is None:
+            # `bench pubsub --msgs 10 HOST`: the optional positional was passed over.
+            if args.local:
+                _subparser(parser, "bench").error("HOST[:PORT] and --local exclude each other")
+            args.address = extra.pop()
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     return args
+
+
+def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            found: argparse.ArgumentParser = action.choices[name]
+            return found
+    raise LookupError(name)
+
+
+def _check_flags(parser: argparse.ArgumentParser, words: list[str]) -> None:
+    """An option the command does not have ends with that command's usage and the closest
+    option it does have (argparse would show the top-level usage, or first complain about
+    a missing --room)."""
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    start = next((i for i, word in enumerate(words) if word in commands.choices), None)
+    if start is None:
+        return
+    sub: argparse.ArgumentParser = commands.choices[words[start]]
+    known = list(sub._option_string_actions)
+    for word in words[start + 1 :]:
+        if word == "--":
+            return
+        if not word.startswith("-") or word == "-" or _is_number(word):
+            continue
+        flag = word.split("=", 1)[0]
+        if flag in known or (flag.startswith("--") and _prefix_of_one(flag, known)):
+            continue
+        close = difflib.get_close_matches(flag, known, n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        sub.error(f"unrecognized option {flag}{hint}")
+
+
+def _prefix_of_one(flag: str, known: list[str]) -> bool:
+    """argparse takes an unambiguous abbreviation of a long option."""
+    return len([option for option in known if option.startswith(flag)]) == 1
+
+
+def _is_number(word: str) -> bool:
+    try:
+        float(word)
+    except ValueError:
+        return False
+    return True
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -121,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
             target.add_argument("--to", metavar="NAME", help="send directly to NAME")
             # argparse cannot put an optional positional before a required one when options
             # stand between them, so both are taken as one list of one or two words.
+            sub.formatter_class = _SendHelpFormatter
             sub.add_argument(
                 "words",
                 nargs="+",
@@ -155,6 +208,15 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.set_defaults(handler=_cmd_doctor)
     _add_bench_parser(commands)
     return parser
+
+
+class _SendHelpFormatter(argparse.HelpFormatter):
+    """``send`` takes one or two words; argparse would show ``A [A ...]`` for them."""
+
+    def _format_args(self, action: argparse.Action, default_metavar: str) -> str:
+        if action.dest == "words":
+            return "[HOST[:PORT]] MESSAGE"
+        return super()._format_args(action, default_metavar)
 
 
 # -- certs ------------------------------------------------------------------------------------
@@ -192,6 +254,12 @@ def _cmd_server(args: argparse.Namespace) -> int:
         return load_config(ServerConfig, path=args.config, env=os.environ, overrides=overrides)
 
     config = read_config()
+    if config.cert is None:
+        where = f"set cert and key in the [server] table of {args.config}, " if args.config else ""
+        raise ConfigError(
+            f"the server needs a certificate: pass --cert and --key, {where}or use --dev "
+            "for development certificates made in certs/"
+        )
     configure_logging(level=config.log_level, fmt=config.log_format)
     return run(_serve(config, reload_config=read_config))
 
@@ -287,7 +355,7 @@ def _add_bench_parser(commands: Any) -> None:
         "address",
         nargs="?",
         metavar="HOST[:PORT]",
-        help="the server (default: localhost:7443); put it before the options",
+        help="the server (default: localhost:7443)",
     )
     where.add_argument(
         "--local", action="store_true", help="start a local server (dev certificates, free port)"

@@ -24,7 +24,9 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
+import os
 import re
+import ssl
 import weakref
 from collections.abc import AsyncIterator, Generator
 from types import TracebackType
@@ -58,7 +60,15 @@ from securemsg.core.messages import (
     encode_body,
     is_valid_room,
 )
-from securemsg.errors import ClosedError, ConfigError, ConnectError, RejectedError, TimeoutError
+from securemsg.errors import (
+    ClosedError,
+    ConfigError,
+    ConnectError,
+    RejectedError,
+    TimeoutError,
+    TLSError,
+)
+from securemsg.tls.contexts import client_context
 
 __all__ = [
     "Client",
@@ -163,6 +173,10 @@ class Client:
         self._attempt = 0
         self._delays = backoff_delays(base=config.reconnect_base, cap=config.reconnect_cap)
         self._connected_at = 0.0
+        #: Made on the first connect and kept: loading the CAs blocks the loop (tens of ms
+        #: with the system store), and the files are the same on every reconnect.
+        self._context: ssl.SSLContext | None = None
+        self._context_files: tuple[tuple[int, int, int] | None, ...] = ()
 
     def __repr__(self) -> str:
         return f"<Client {self._name!r} {self._where} {self._state.value}>"
@@ -450,10 +464,21 @@ class Client:
                 if not should_retry(exc, welcomed=welcomed) or 0 < limit <= self._attempt:
                     raise
                 self._log.warning("reconnect_failed", attempt=self._attempt, error=str(exc))
+                if isinstance(exc, TLSError | ConfigError):
+                    self._context = None  # certificates may have been rotated: read them again
 
     async def _open(self) -> ClientConnection:
+        config = self._config
+        # Built once (loading the system CAs blocks the loop ~27 ms), again only when the
+        # certificate files changed: a renewed client certificate is used on the next connect.
+        files = _file_signature(config.ca, config.cert, config.key)
+        if self._context is None or files != self._context_files:
+            self._context = client_context(ca=config.ca, cert=config.cert, key=config.key)
+            self._context_files = files
         last_seq = self._mailbox.session.last_seq
-        return await open_connection(self._config, session=self._session, last_seq=last_seq)
+        return await open_connection(
+            config, session=self._session, last_seq=last_seq, context=self._context
+        )
 
     def _connected(self, conn: ClientConnection, *, first: bool) -> None:
         welcome = conn.welcomed.result()
@@ -528,3 +553,15 @@ def check_room(room: str) -> None:
 def _check(pattern: re.Pattern[str], value: str, what: str) -> None:
     if not isinstance(value, str) or pattern.match(value) is None:
         raise ValueError(f"invalid {what} {value!r}")
+
+
+def _file_signature(*paths: str | None) -> tuple[tuple[int, int, int] | None, ...]:
+    """What tells a changed file from the one read before: inode, size, modification time."""
+    signature: list[tuple[int, int, int] | None] = []
+    for path in paths:
+        try:
+            info = os.stat(path) if path else None
+        except OSError:
+            info = None
+        signature.append(None if info is None else (info.st_ino, info.st_size, info.st_mtime_ns))
+    return tuple(signature)

@@ -44,7 +44,12 @@ from securemsg.errors import (
     SecureMsgError,
     TLSError,
 )
-from securemsg.tls.contexts import client_context, translate_client_error
+from securemsg.tls.contexts import (
+    certificate_names,
+    client_context,
+    is_hostname_mismatch,
+    translate_client_error,
+)
 
 __all__ = [
     "ClientConnection",
@@ -61,6 +66,12 @@ _CONNECT_FAILURES: Final = (OSError, EOFError, builtins.TimeoutError, ProtocolEr
 
 
 class ConnectionOwner(Protocol):
+    #: True when :meth:`queue_ack` may have an ``ack`` to queue: checked on every write.
+    ack_wanted: bool
+
+    def queue_ack(self, conn: ClientConnection) -> None:
+        """About to write on ``conn``: queue the cumulative ``ack`` that is due, if any."""
+
     def events_received(self, conn: ClientConnection, events: list[Event]) -> None:
         """Act on what arrived; queue replies on ``conn``. Called once per read."""
 
@@ -167,6 +178,12 @@ class ClientConnection(asyncio.BufferedProtocol):
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
 
+    def flush_soon(self) -> None:
+        """Write what is queued (and the owner's ``ack``) once this loop iteration ends."""
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
     def ping(self) -> None:
         """Ping now (with whatever else is queued): the server's held acks come back with
         the pong instead of up to ACK_DELAY later."""
@@ -232,6 +249,9 @@ class ClientConnection(asyncio.BufferedProtocol):
 
     def _flush(self) -> None:
         self._flush_scheduled = False
+        owner = self._owner
+        if owner is not None and owner.ack_wanted:
+            owner.queue_ack(self)
         data = self.core.data_to_send()
         transport = self.transport
         if data and transport is not None and not transport.is_closing():
@@ -294,7 +314,8 @@ async def open_connection(
     except _CONNECT_FAILURES as exc:
         if conn is not None:
             conn.abort("connect_failed")
-        raise connect_error(exc, config) from exc
+        names = await _names_held(config) if is_hostname_mismatch(exc) else []
+        raise connect_error(exc, config, names=names) from exc
     except BaseException:  # cancelled, or a bug: no translation
         if conn is not None:
             conn.abort("cancelled")
@@ -302,15 +323,40 @@ async def open_connection(
     return conn
 
 
-def connect_error(exc: Exception, config: ClientConfig) -> ConnectError:
+async def _names_held(config: ClientConfig) -> list[str]:
+    """The names in the certificate of a server that failed the host-name check, read over
+    a second handshake that checks the chain but not the name (best effort: [] if that
+    fails too). Only for the error message: nothing is sent on that connection."""
+    loop = asyncio.get_running_loop()
+    try:
+        context = client_context(ca=config.ca, cert=config.cert, key=config.key)
+        context.check_hostname = False
+        async with asyncio.timeout(config.connect_timeout):
+            transport, _ = await loop.create_connection(
+                asyncio.Protocol, config.host, config.port, ssl=context
+            )
+    except (OSError, SecureMsgError, builtins.TimeoutError):
+        return []
+    try:
+        return certificate_names(transport.get_extra_info("peercert"))
+    finally:
+        transport.abort()
+
+
+def connect_error(
+    exc: Exception, config: ClientConfig, *, names: list[str] | None = None
+) -> ConnectError:
     """The one place where a failed connect becomes a securemsg error, with one sentence that
-    names the server. Certificates first: ``ssl.SSLError`` is an ``OSError``."""
+    names the server (for a host-name mismatch, the ``names`` its certificate holds).
+    Certificates first: ``ssl.SSLError`` is an ``OSError``."""
     where = f"{config.host}:{config.port}"
     mutual = config.cert is not None
     if isinstance(exc, ConnectError):
         return exc
     if isinstance(exc, ssl.SSLError) and not isinstance(exc, ssl.SSLEOFError):
-        return translate_client_error(exc, host=config.host, ca=config.ca, mutual=mutual)
+        return translate_client_error(
+            exc, host=config.host, ca=config.ca, mutual=mutual, names=names or ()
+        )
     if isinstance(exc, HandshakeClosedError | ssl.SSLEOFError):
         if isinstance(exc, HandshakeClosedError) and exc.reason is not None:
             return ConnectError(f"the server at {where} said bye before welcome ({exc.reason})")

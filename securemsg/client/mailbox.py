@@ -5,8 +5,19 @@ The session numbers every request (join, leave, who, publish, direct) and keeps 
 the server answers its id; after a reconnect it says what to send again. The mailbox puts
 its frames on the live connection (queued there, one write per loop iteration), resolves
 the futures of those who wait for an answer, a reply or a flush, and hands received
-messages to the application through a bounded queue: when the queue is full the connection
-stops reading, so a slow application slows the server down instead of filling memory.
+messages to the application through a queue.
+
+A message is acknowledged once the application has taken it (``receive()``, ``async for``),
+not on arrival: a process that dies with messages in its queue leaves them with the server,
+which replays them to a resumed session. One cumulative ``ack`` rides with the connection's
+next write, so there is at most one per loop iteration (:meth:`Mailbox.queue_ack`).
+
+The queue therefore holds only unacknowledged messages, and the server bounds those per
+session (``max_pending``; half way it holds publishers back, and a session that takes
+nothing for ``slow_consumer_timeout`` while they wait is ended): an application that stops
+taking stops the flow at the server, before the client's memory matters. The client's own
+bound, :data:`MAX_RECEIVED`, is kept for servers configured with a larger window: past it
+the connection stops reading (acks still go out, as writes), and reads again at half.
 """
 
 from __future__ import annotations
@@ -25,7 +36,6 @@ from structlog.typing import FilteringBoundLogger
 from securemsg.client.connection import ClientConnection
 from securemsg.client.types import Message, MessageSkipped, Presence
 from securemsg.core.client_session import (
-    AckDue,
     Acknowledged,
     Answered,
     ClientSession,
@@ -44,11 +54,17 @@ __all__ = ["MAX_RECEIVED", "EventStream", "Mailbox", "deadline"]
 
 T = TypeVar("T")
 
-#: Received messages held for the application before the connection stops reading.
+#: Received messages held for the application before the connection stops reading. With a
+#: server's default ``max_pending`` (10,000) the session is held back long before this.
 MAX_RECEIVED: Final = 10_000
 _RESUME_RECEIVED: Final = MAX_RECEIVED // 2
 #: Events held per presence() / state_changes() iterator; the oldest are dropped past it.
 _MAX_EVENTS: Final = 1_000
+
+#: Streams someone is waiting on. The client holds its streams weakly (an iterator nobody
+#: uses must not leak), and asyncio holds tasks weakly, so a watcher task nobody kept a
+#: reference to would be garbage-collected while it waits, and miss what it waits for.
+_WAITED_ON: set[EventStream[Any]] = set()
 
 
 @contextlib.asynccontextmanager
@@ -84,7 +100,15 @@ class EventStream(Generic[T]):
         return self
 
     async def __anext__(self) -> T:
-        item = await self._queue.get()
+        queue = self._queue
+        if queue.empty():
+            _WAITED_ON.add(self)
+            try:
+                item = await queue.get()
+            finally:
+                _WAITED_ON.discard(self)
+        else:
+            item = queue.get_nowait()
         if item is None:
             self._queue.put_nowait(None)
             raise StopAsyncIteration
@@ -115,6 +139,14 @@ class _Received:
 
     def popleft(self) -> Message | None:
         return self._items.popleft()
+
+    def seq_at(self, index: int) -> int | None:
+        """The ``seq`` of the ``index``-th message waiting, None when there is none."""
+        items = self._items
+        if len(items) <= index:
+            return None
+        item = items[index]
+        return None if item is None else item.seq
 
     def put_back(self, item: Message | None) -> None:
         self._items.appendleft(item)
@@ -162,6 +194,11 @@ class Mailbox:
         self._space = asyncio.Event()
         self._space.set()
         self._received = _Received(self._loop)
+        #: Messages at the head of the queue from a session before this one: their acks
+        #: would mean nothing to the new session.
+        self._stale = 0
+        #: Something may be due for acknowledgement: checked by the connection's next write.
+        self.ack_wanted = False
         self._paused = False
         self.presence_streams: weakref.WeakSet[EventStream[Presence]] = weakref.WeakSet()
 
@@ -239,6 +276,11 @@ class Mailbox:
         message = received.popleft()
         if message is None:
             received.put_back(None)  # closed: receive() raises
+            return None
+        if not self.ack_wanted:
+            self._want_ack()
+        if self._stale:
+            self._stale -= 1
         return message
 
     async def receive(self, timeout: float | None) -> Message:
@@ -251,6 +293,10 @@ class Mailbox:
         if item is None:
             received.put_back(None)  # closed: every later receive() raises too
             raise self.closed or ClosedError("the client is closed")
+        if not self.ack_wanted:
+            self._want_ack()
+        if self._stale:
+            self._stale -= 1
         if self._paused and len(received) <= _RESUME_RECEIVED:
             self._paused = False
             if self.conn is not None:
@@ -263,6 +309,8 @@ class Mailbox:
         """``conn`` was welcomed: send what the session says comes first (rooms joined again
         for a new session, then every unanswered frame)."""
         self.conn = conn
+        if not resumed:
+            self._stale = len(self._received)  # numbering starts over behind them
         for frame in self.session.attach(resumed=resumed, rooms=rooms):
             conn.send_frame(frame)
         if self._waiters or self._flushes:
@@ -277,8 +325,6 @@ class Mailbox:
         for event in self.session.events_received(events):
             if type(event) is Message:
                 put(event)
-            elif type(event) is AckDue:
-                conn.core.send(Ack(seq=event.seq))
             elif type(event) is Acknowledged:
                 if self._waiters:
                     for ref in event.ids:
@@ -289,9 +335,31 @@ class Mailbox:
                 self._rare_event_received(conn, event)
         if not self._space.is_set() and not self.outbox.full:
             self._space.set()
+        if not self.ack_wanted:
+            # Replies and skipped messages count as taken; the write after this read checks.
+            inbox = self.session.inbox
+            if inbox.last_seq > inbox.acked:
+                self.ack_wanted = True
         if not self._paused and len(self._received) >= MAX_RECEIVED:
             self._paused = True
             conn.pause_reading()
+
+    def queue_ack(self, conn: ClientConnection) -> None:
+        """The connection is about to write: queue the cumulative ``ack`` of everything the
+        application took since the last one (one per write, so at most one per iteration)."""
+        self.ack_wanted = False
+        if conn is not self.conn:
+            return
+        seq = self.session.ack_due(self._received.seq_at(self._stale))
+        if seq is not None:
+            conn.core.send(Ack(seq=seq))
+
+    def _want_ack(self) -> None:
+        """The application took a message: have the connection write (and ack) soon."""
+        self.ack_wanted = True
+        conn = self.conn
+        if conn is not None:
+            conn.flush_soon()
 
     def _rare_event_received(self, conn: ClientConnection, event: SessionEvent) -> None:
         if type(event) is ReplyReceived:
@@ -301,7 +369,7 @@ class Mailbox:
         elif type(event) is Answered:
             self._answered(event.ref, event.names)
         elif type(event) is Refused:
-            error = RejectedError(event.code, event.message)
+            error = RejectedError(event.code, event.message, ids=(event.ref,))
             if not self._answered(event.ref, None, error):
                 self._log.warning(
                     "message_rejected", id=event.ref, code=error.code, reason=error.message

@@ -33,6 +33,7 @@ from types import TracebackType
 from typing import Any, Final, Generic, TypeVar
 
 import msgspec
+import structlog
 
 from securemsg.client import client as aio
 from securemsg.client.client import check_room
@@ -337,7 +338,9 @@ class SyncClient:
         return _SyncStream[Presence](self._thread, stream)
 
     def close(self, timeout: float = 5.0) -> None:
-        """Flush, say bye and close within ``timeout``, then stop the loop thread."""
+        """Flush, say bye and close within ``timeout``, then stop the loop thread. Then
+        raises what failed after a ``publish()`` was handed over and no later call raised
+        (a message over the server's ``max_frame``, say): it was not sent."""
         _open_clients.discard(self)
         try:
             if self._thread.alive:
@@ -346,6 +349,7 @@ class SyncClient:
             pass
         finally:
             self._thread.stop(_GRACE)
+        self._handover.raise_failure()
 
     async def _close(self, timeout: float) -> None:
         loop = asyncio.get_running_loop()
@@ -365,7 +369,13 @@ class SyncClient:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.close()
+        try:
+            self.close()
+        except Exception as failure:
+            if exc is None:
+                raise
+            # The error that ended the block stays the one raised; this one rides along.
+            exc.add_note(f"close() also found: {type(failure).__name__}: {failure}")
 
 
 async def _call(function: Any) -> Any:
@@ -415,4 +425,9 @@ def connect(
 @atexit.register
 def _close_at_exit() -> None:
     for client in list(_open_clients):
-        client.close(_EXIT_TIMEOUT)
+        try:
+            client.close(_EXIT_TIMEOUT)
+        except Exception as failure:  # at exit nobody can catch it: say so, close the rest
+            structlog.get_logger("securemsg.client.sync").error(
+                "publish_failed", error=f"{type(failure).__name__}: {failure}"
+            )

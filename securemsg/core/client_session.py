@@ -18,17 +18,23 @@ asyncio :class:`~securemsg.client.mailbox.Mailbox`) calls it and acts on what it
   (:mod:`securemsg.core.connection`) and returns what they mean, in order: each new
   :class:`~securemsg.core.messages.Message` for the application (a replayed one is dropped
   by its ``seq``; a reply to one of our request tokens becomes :class:`ReplyReceived`),
-  :class:`Acknowledged`, :class:`Answered` and :class:`Refused` for answers by id,
-  :class:`FlushCompleted`, and last :class:`AckDue`: one cumulative ``ack`` per read. What
-  the session has no rule for (``presence``, ``bye``, an ``error`` without ``ref``, a pong, a
-  rejected frame) is passed on as it came.
+  :class:`Acknowledged`, :class:`Answered` and :class:`Refused` for answers by id, and
+  :class:`FlushCompleted`. What the session has no rule for (``presence``, ``bye``, an
+  ``error`` without ``ref``, a pong, a rejected frame) is passed on as it came.
+- :meth:`ClientSession.ack_due` says what to acknowledge: an ``ack`` means *delivered to
+  the application*, so it is cumulative up to the oldest message the application has not
+  taken yet (the driver, which holds the received messages, says which that is). A reply
+  that answers a request, a dropped reply and a skipped undecodable message never wait for
+  the application: they count as taken on arrival. ``hello`` resumes from what was
+  acknowledged (:attr:`ClientSession.last_seq`), so the server keeps what the application
+  has not taken until it has, across connections; the replay overlap is dropped by ``seq``.
 - :meth:`ClientSession.flush` marks what a flush waits for: every request in the outbox
   now. Answers count it down; a refusal counts too (a resend would be refused again, so the
   request leaves the outbox) but is remembered, and :meth:`Flush.error` reports it.
 
 A delivered message is its own event, not wrapped: the receive path runs per message and a
-wrapper would cost an allocation each. Nothing here depends on time: ack pacing is per read
-and every deadline belongs to the driver.
+wrapper would cost an allocation each. Nothing here depends on time: the driver paces acks
+(at most one per loop iteration) and owns every deadline.
 """
 
 from __future__ import annotations
@@ -62,7 +68,6 @@ from securemsg.core.messages import (
 from securemsg.errors import RejectedError
 
 __all__ = [
-    "AckDue",
     "Acknowledged",
     "Answered",
     "ClientSession",
@@ -120,13 +125,6 @@ class FlushCompleted:
     flush: Flush
 
 
-@dataclass(frozen=True, slots=True)
-class AckDue:
-    """Send ``ack`` {``seq``} now: cumulative, for every message received up to ``seq``."""
-
-    seq: int
-
-
 SessionEvent = (
     Message
     | ReplyReceived
@@ -134,7 +132,6 @@ SessionEvent = (
     | Answered
     | Refused
     | FlushCompleted
-    | AckDue
     | Presence
     | Bye
     | Error
@@ -148,13 +145,15 @@ class Flush:
     """One flush in progress: ``remaining`` requests with ids up to ``mark`` are unanswered;
     ``refused`` of the ``total`` it waits for were refused so far."""
 
-    __slots__ = ("mark", "reasons", "refused", "remaining", "total")
+    __slots__ = ("mark", "reasons", "refused", "refused_ids", "remaining", "total")
 
     def __init__(self, mark: int, total: int) -> None:
         self.mark = mark
         self.total = total
         self.remaining = total
         self.refused = 0
+        #: The ids refused, in order: the caller may want to know which to publish again.
+        self.refused_ids: list[str] = []
         #: code -> (how many, the server's first message for it); up to _MAX_REASONS codes.
         self.reasons: dict[str, tuple[int, str]] = {}
 
@@ -163,6 +162,7 @@ class Flush:
         last one was."""
         if refusal is not None:
             self.refused += 1
+            self.refused_ids.append(refusal.ref)
             reasons = self.reasons
             reason = reasons.get(refusal.code)
             if reason is not None:
@@ -174,7 +174,7 @@ class Flush:
 
     def error(self) -> RejectedError | None:
         """None when nothing was refused; otherwise the error ``flush()`` raises: the code of
-        the most frequent refusal, and how many of how many were refused."""
+        the most frequent refusal, how many of how many were refused, and their ids."""
         if not self.refused:
             return None
         ranked = sorted(self.reasons.items(), key=lambda item: -item[1][0])
@@ -184,7 +184,7 @@ class Flush:
             text += f": {first_message}"
         else:
             text += ": " + ", ".join(f"{count} {each}" for each, (count, _) in ranked)
-        return RejectedError(code, text)
+        return RejectedError(code, text, ids=tuple(self.refused_ids))
 
 
 class ClientSession:
@@ -225,8 +225,16 @@ class ClientSession:
 
     @property
     def last_seq(self) -> int:
-        """The highest ``seq`` received, for ``hello`` when resuming."""
-        return self.inbox.last_seq
+        """The ``seq`` for ``hello`` when resuming: the highest acknowledged (taken by the
+        application), so the server replays what was received and not yet taken. The
+        overlap is dropped as a replay."""
+        return self.inbox.acked
+
+    def ack_due(self, untaken: int | None) -> int | None:
+        """The ``seq`` to acknowledge now, or None: up to before ``untaken``, the ``seq`` of
+        the oldest message received and not yet taken by the application, or everything
+        received when there is none."""
+        return self.inbox.ack_due(untaken)
 
     # -- sending ----------------------------------------------------------------------------
 
@@ -325,9 +333,6 @@ class ClientSession:
                 append(refusal)
             else:
                 append(message)  # type: ignore[arg-type]  # presence, bye, error without ref
-        seq = self.inbox.ack_due()
-        if seq is not None:
-            append(AckDue(seq))
         return out
 
     def _answered(self, ref: str, refusal: Refused | None, out: list[SessionEvent]) -> None:

@@ -338,7 +338,7 @@ class Connection:
 class Server(Connection):
     """The server's end of one connection: expects ``hello`` first, within a deadline."""
 
-    __slots__ = ("_hello_seen", "handshake_deadline")
+    __slots__ = ("_early_pings", "_hello_seen", "handshake_deadline")
 
     def __init__(
         self,
@@ -353,6 +353,8 @@ class Server(Connection):
         self._decode = client_decoder(max_depth=max_depth, max_frame=self._decoder.max_frame)
         self.handshake_deadline = now + handshake_timeout
         self._hello_seen = False
+        #: Pings that came after hello in its read, answered right after welcome.
+        self._early_pings: list[int] = []
 
     def _check_message(self, message: ClientMessage | ClientBound) -> Event | None:
         # A client may pipeline frames right after its hello; they can arrive in the same read,
@@ -366,12 +368,24 @@ class Server(Connection):
         if type(message) is Hello:
             error = ProtocolError("bad_message", "'hello' was already received")
             return self._reject(error, fatal=False)
+        if self.state is ConnectionState.HANDSHAKE:
+            # Pipelined after hello: the pong may not go before welcome; accept() sends it.
+            if type(message) is Ping:
+                if len(self._early_pings) < _MAX_OUTSTANDING_PINGS:
+                    self._early_pings.append(message.id)
+                return None
+            if type(message) is Pong:
+                return None  # we sent no ping yet
         return MessageReceived(message)
 
     def accept(self, welcome: Welcome) -> None:
         """The driver accepted the hello: send ``welcome`` and open the connection."""
         self.send(welcome)
         self.state = ConnectionState.OPEN
+        if self._early_pings:
+            pings, self._early_pings = self._early_pings, []
+            for ping_id in pings:
+                self.send(Pong(id=ping_id))
 
     def next_deadline(self) -> float:
         if self.state is ConnectionState.HANDSHAKE:

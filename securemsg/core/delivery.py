@@ -201,7 +201,10 @@ class RecentIds:
 
 
 class Inbox:
-    """Client-side receive state: deduplication by sequence number and ack pacing."""
+    """Client-side receive state: deduplication by sequence number, and what to acknowledge.
+
+    ``last_seq`` is the highest received, ``acked`` the highest acknowledged: what the
+    application took (see :meth:`ack_due`)."""
 
     __slots__ = ("acked", "last_seq")
 
@@ -219,11 +222,17 @@ class Inbox:
         self.last_seq = seq
         return True
 
-    def ack_due(self) -> int | None:
-        """The sequence number to acknowledge now, or None when nothing new arrived."""
-        if self.last_seq > self.acked:
-            self.acked = self.last_seq
-            return self.last_seq
+    def ack_due(self, untaken: int | None = None) -> int | None:
+        """The sequence number to acknowledge now, or None when nothing new is due.
+
+        ``untaken`` is the ``seq`` of the oldest message the application has not taken yet:
+        everything before it is acknowledged, nothing from it on. Without one, everything
+        received is (what did not reach the application, replies and skipped messages, was
+        dealt with on arrival)."""
+        seq = self.last_seq if untaken is None else untaken - 1
+        if seq > self.acked:
+            self.acked = seq
+            return seq
         return None
 
     def reset(self) -> None:

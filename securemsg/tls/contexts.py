@@ -13,16 +13,19 @@ from __future__ import annotations
 
 import re
 import ssl
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Final, NoReturn, cast
+from typing import Any, Final, NoReturn, cast
 
 from securemsg.core.clienthello import ALPN_PROTOCOL
 from securemsg.errors import TLSConfigError, TLSError
 
 __all__ = [
     "ALPN_PROTOCOL",
+    "certificate_names",
     "client_context",
     "describe_server_handshake_error",
+    "is_hostname_mismatch",
     "peer_identity",
     "server_context",
     "translate_client_error",
@@ -228,15 +231,21 @@ def peer_identity(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> str | None:
 
 
 def translate_client_error(
-    exc: BaseException, *, host: str, ca: str | None, mutual: bool
+    exc: BaseException,
+    *,
+    host: str,
+    ca: str | None,
+    mutual: bool,
+    names: Sequence[str] = (),
 ) -> TLSError:
     """Turn what a failed client handshake raised into a one-sentence :class:`TLSError`.
 
     ``ca`` is the CA file the client trusts (None: the system store); ``mutual`` says
-    whether the client presented a certificate.
+    whether the client presented a certificate; ``names`` are the names the server's
+    certificate holds, when known (see :func:`certificate_names`), for a host-name mismatch.
     """
     if isinstance(exc, ssl.SSLCertVerificationError):
-        return _verification_error(exc, host=host, ca=ca)
+        return _verification_error(exc, host=host, ca=ca, names=names)
     reason = getattr(exc, "reason", None) if isinstance(exc, ssl.SSLError) else None
     if reason in _CLIENT_CERT_ALERTS:
         alert = _reason_text(exc)
@@ -277,8 +286,29 @@ def translate_client_error(
     return TLSError(f"TLS handshake with {host} failed: {_reason_text(exc)}", check="other")
 
 
+def is_hostname_mismatch(exc: BaseException) -> bool:
+    """True for a handshake that failed only because the certificate names another host."""
+    return isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_code in _HOSTNAME_CODES
+
+
+def certificate_names(peercert: dict[str, Any] | None) -> list[str]:
+    """The host names and addresses a certificate (``getpeercert()``) is valid for: its
+    subjectAltName entries, else its common name."""
+    if not peercert:
+        return []
+    names = [
+        str(value)
+        for kind, value in peercert.get("subjectAltName", ())
+        if kind in ("DNS", "IP Address")
+    ]
+    if not names:
+        for rdn in peercert.get("subject", ()):
+            names += [str(value) for key, value in rdn if key == "commonName"]
+    return names
+
+
 def _verification_error(
-    exc: ssl.SSLCertVerificationError, *, host: str, ca: str | None
+    exc: ssl.SSLCertVerificationError, *, host: str, ca: str | None, names: Sequence[str] = ()
 ) -> TLSError:
     code = exc.verify_code
     detail = exc.verify_message or _reason_text(exc)
@@ -290,9 +320,13 @@ def _verification_error(
             check="unknown_authority",
         )
     if code in _HOSTNAME_CODES:
+        if names:
+            listed = ", ".join(repr(name) for name in names)
+            advice = f"it holds {listed}: connect with one of those"
+        else:
+            advice = "connect with a name the certificate lists"
         return TLSError(
-            f"the certificate of {host} is not valid for the name {host!r} ({detail}); connect"
-            " with a name the certificate lists",
+            f"the certificate of {host} is not valid for the name {host!r} ({detail}); {advice}",
             check="hostname_mismatch",
         )
     if code in _VALIDITY_CODES:

@@ -274,16 +274,49 @@ async def test_messages_that_arrive_with_welcome_wait_for_the_mailbox() -> None:
     assert (await pair.mailbox.receive(1)).seq == 2
 
 
-async def test_duplicates_are_dropped_and_one_cumulative_ack_goes_per_read() -> None:
+async def test_duplicates_are_dropped_and_nothing_is_acknowledged_before_it_is_taken() -> None:
     pair = Pair()
     pair.open()
     pair.feed(message(1), message(2), message(2), message(3))
     pair.feed(message(3))
     await settle()
-    assert [m.seq for m in pair.sent(Ack)] == [3]
+    assert pair.sent(Ack) == []  # received is not delivered to the application
     assert [(await pair.mailbox.receive(1)).seq for _ in range(3)] == [1, 2, 3]
     with pytest.raises(TimeoutError):
         await pair.mailbox.receive(0.01)
+    assert [m.seq for m in pair.sent(Ack)] == [3]
+
+
+async def test_what_is_taken_in_one_loop_iteration_is_acknowledged_once_with_the_reply() -> None:
+    pair = Pair()
+    pair.open()
+    pair.feed(*(message(seq) for seq in range(1, 6)))
+    await settle()
+    writes = len(pair.transport.writes)
+    for _ in range(3):
+        taken = await pair.mailbox.receive(1)
+    assert taken.seq == 3
+    pair.mailbox.submit(lambda i: Publish(room="r", body=msgspec.Raw(b"1"), id=i))
+    await settle()
+    assert len(pair.transport.writes) == writes + 1  # ack and publish in one write
+    assert [m.seq for m in pair.sent(Ack)] == [3]  # 4 and 5 wait, unacknowledged
+
+
+async def test_a_reply_and_a_skipped_message_count_as_taken_but_not_past_a_waiting_one() -> None:
+    pair = Pair()
+    pair.open()
+    token, reply = pair.mailbox.request_token()
+    pair.feed(message(1, "answer", room=None, to="alice", re=token))
+    await settle()
+    assert (await reply).body == "answer"
+    assert [m.seq for m in pair.sent(Ack)] == [1]  # the reply was taken on arrival
+    undecodable = WireMessage(sender="bob", body=msgspec.Raw(b"1e400"), ts=1.0, seq=4)
+    pair.feed(message(2), message(3, "late", re=token), encode_frame_of(undecodable))
+    await settle()
+    assert [m.seq for m in pair.sent(Ack)] == [1]  # 2 waits for the application: 3, 4 too
+    assert (await pair.mailbox.receive(1)).seq == 2
+    await settle()
+    assert [m.seq for m in pair.sent(Ack)] == [1, 4]
 
 
 async def test_frames_sent_in_one_loop_iteration_go_out_in_one_write() -> None:
@@ -507,7 +540,9 @@ async def test_an_undecodable_delivery_is_acknowledged_skipped_and_reported() ->
     poison = b'{"type":"message","room":"r","from":"s","body":1e400,"ts":1.0,"seq":1}'
     pair.feed(encode_frame(poison), message(2, "after"))
     await settle()
-    assert [m.seq for m in pair.sent(Ack)] == [2]
+    assert [m.seq for m in pair.sent(Ack)] == [1]  # skipped: taken; 2 waits to be taken
     assert [(s.seq, type(s).__name__) for s in skipped] == [(1, "MessageSkipped")]
     assert (await pair.mailbox.receive(1)).body == "after"
+    await settle()
+    assert [m.seq for m in pair.sent(Ack)] == [1, 2]
     assert not pair.transport.closing

@@ -12,7 +12,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from securemsg.core.client_session import (
-    AckDue,
     Acknowledged,
     Answered,
     ClientSession,
@@ -104,13 +103,14 @@ class Link:
         return self.session.last_id
 
     def feed(self, *frames: bytes) -> list[SessionEvent]:
-        """One read of these frames; the events, with AckDue acted on as the mailbox does."""
+        """One read of these frames; the events, with every message taken at once and the
+        ack that makes due sent, as the mailbox does for an application that keeps up."""
         assert self.conn is not None
         self.now += 0.01
         events = self.session.events_received(self.conn.receive_data(b"".join(frames), self.now))
-        for event in events:
-            if type(event) is AckDue:
-                self.conn.send(Ack(seq=event.seq))
+        due = self.session.ack_due(None)
+        if due is not None:
+            self.conn.send(Ack(seq=due))
         return events
 
     def sent(self) -> list[ClientMessage]:
@@ -167,21 +167,43 @@ def test_a_new_session_joins_its_rooms_before_the_resends_and_numbers_from_one()
     assert sent[1] == Join(room="news", id="3")  # so the resent leave still comes after it
     # The new session's seq 1 is new, though the old one had delivered up to 2.
     assert [m.body for m in link.early if type(m) is Message] == ["new"]
-    assert link.session.last_seq == 1
+    assert link.session.inbox.last_seq == 1
 
 
 # -- receiving ----------------------------------------------------------------------------------
 
 
-def test_replayed_messages_are_dropped_and_one_cumulative_ack_is_due_per_read() -> None:
+def test_replayed_messages_are_dropped_and_one_cumulative_ack_covers_what_was_taken() -> None:
     link = Link()
     link.connect(resumed=True)
     events = link.feed(delivery(1), delivery(2), delivery(2), delivery(3))
     assert [m.seq for m in events if type(m) is Message] == [1, 2, 3]
-    assert events[-1] == AckDue(3)
-    assert kinds(events).count("AckDue") == 1
     assert link.feed(delivery(3)) == []  # nothing new: no ack either
     assert link.sent() == [Ack(seq=3)]
+
+
+def test_an_ack_covers_only_what_the_application_took_and_a_resume_starts_there() -> None:
+    link = Link()
+    link.connect(resumed=True)
+    session = link.session
+    events = session.events_received(link.conn.receive_data(delivery(1) + delivery(2), 1.0))  # type: ignore[union-attr]
+    assert kinds(events) == ["Message", "Message"]  # no ack on arrival
+    assert session.ack_due(1) is None  # seq 1 not taken yet: nothing is due
+    assert session.ack_due(2) == 1  # 1 taken, 2 waiting
+    assert session.last_seq == 1  # a resume asks the server for 2 again
+    assert session.ack_due(2) is None  # once
+    assert session.ack_due(None) == 2  # all taken
+    assert session.last_seq == 2
+
+
+def test_replies_and_skipped_messages_count_as_taken_on_arrival() -> None:
+    link = Link()
+    link.connect(resumed=True)
+    session = link.session
+    token = session.request_token()
+    frames = delivery(1, re=token) + delivery(2, "late", re=token) + delivery(3)
+    session.events_received(link.conn.receive_data(frames, 1.0))  # type: ignore[union-attr]
+    assert session.ack_due(3) == 2  # the reply and the dropped one are taken; 3 waits
 
 
 def test_the_first_reply_to_a_request_token_answers_it_and_never_reaches_the_application() -> None:
@@ -199,7 +221,7 @@ def test_the_first_reply_to_a_request_token_answers_it_and_never_reaches_the_app
     replies = [e for e in events if type(e) is ReplyReceived]
     assert [(r.token, r.message.body) for r in replies] == [(token, "answer")]
     assert [m.body for m in events if type(m) is Message] == ["someone else's"]
-    assert events[-1] == AckDue(4)  # dropped replies are acknowledged all the same
+    assert link.sent()[-1] == Ack(seq=4)  # dropped replies are acknowledged all the same
 
 
 def test_answers_by_ref_leave_the_outbox_and_the_rest_passes_through_in_order() -> None:
@@ -268,6 +290,7 @@ def test_a_flush_reports_the_refusals_among_what_it_waited_for() -> None:
     assert error is not None
     assert error.code == "rate_limited"
     assert str(error) == "7 of 10 messages were refused: slow down (rate_limited)"
+    assert error.ids == ("4", "5", "6", "7", "8", "9", "10")  # which ones, in order
 
 
 def test_a_flush_names_the_most_frequent_refusal_and_counts_each() -> None:
@@ -281,6 +304,7 @@ def test_a_flush_names_the_most_frequent_refusal_and_counts_each() -> None:
     error = flush.error()
     assert error is not None and error.code == "rate_limited"
     assert error.message == "3 of 4 messages were refused: 2 rate_limited, 1 not_member"
+    assert error.ids == ("1", "2", "3")
 
 
 def test_refusals_before_a_flush_was_asked_are_not_its_business() -> None:

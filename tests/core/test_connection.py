@@ -183,6 +183,18 @@ def test_the_client_takes_an_error_in_place_of_welcome_as_a_message() -> None:
     ]
 
 
+def test_a_ping_pipelined_after_hello_is_answered_right_after_welcome() -> None:
+    pair = ConnectionPair()
+    pair.client.hello(HELLO)
+    pair.client.send(Ping(id=7))
+    pair.client.send(Join(room="chat"))
+    events = pair.deliver(pair.client)
+    assert events == [MessageReceived(HELLO), MessageReceived(Join(room="chat"))]
+    assert pair.server.data_to_send() == []  # no pong before welcome
+    pair.server.accept(WELCOME)
+    assert sent_by(pair.server) == [WELCOME, Pong(id=7)]
+
+
 def test_a_second_hello_is_bad_message_but_not_fatal() -> None:
     pair = ConnectionPair().handshake()
     rejected(pair.send(pair.client, HELLO), "bad_message", fatal=False)

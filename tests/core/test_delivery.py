@@ -174,6 +174,16 @@ def test_acks_are_batched_one_for_many_messages() -> None:
     assert inbox.ack_due() == 4
 
 
+def test_an_inbox_acknowledges_up_to_before_the_oldest_message_not_taken() -> None:
+    inbox = Inbox()
+    for seq in (1, 2, 3, 4):
+        inbox.accept(seq)
+    assert inbox.ack_due(1) is None
+    assert inbox.ack_due(3) == 2
+    assert inbox.ack_due(3) is None
+    assert inbox.ack_due(None) == 4
+
+
 def test_an_inbox_reset_numbers_from_one_again() -> None:
     inbox = Inbox()
     inbox.accept(1)

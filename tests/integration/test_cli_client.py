@@ -225,6 +225,45 @@ async def test_two_piped_clients_chat_through_stdin_and_stdout_and_exit_0_at_eof
     assert out == ""
 
 
+async def test_piped_client_with_a_line_over_the_limit_says_so_in_one_sentence(
+    run: Processes, start_server: StartServer, tls_files: Any
+) -> None:
+    small = await start_server(max_frame=1000)
+    ca, where = ["--ca", str(tls_files.ca_pem)], _address(small)
+    process = await run.securemsg("client", "--room", "r", *ca, where, stdin=PIPE)
+    _, err = await _finish(process, b"fine\n" + b"y" * 2000 + b"\nnot reached\n")
+    assert process.returncode == 1
+    assert err.startswith("securemsg: stdin line 2 not sent: the message of"), err
+    assert len(err.strip().splitlines()) == 1, err
+
+
+async def test_listen_says_when_messages_may_be_missing_and_json_goes_on_after_a_restart(
+    run: Processes, start_server: StartServer, tls_files: Any, unit: float
+) -> None:
+    server = await start_server()
+    port, ca = server.port, ["--ca", str(tls_files.ca_pem)]
+    fast = ["--reconnect-base", str(unit), "--reconnect-cap", str(4 * unit)]
+    listen = ["listen", "--name", "ears", "--room", "news", "--json", *fast, *ca]
+    listener = await run.securemsg(*listen, _address(server), "--log-level", "error")
+
+    async def say(text: str) -> None:
+        async with connect("127.0.0.1", port, ca=str(tls_files.ca_pem), name="mouth") as mouth:
+            await _members(mouth, "news", {"ears"})
+            await mouth.publish("news", text, confirm=True, timeout=WAIT)
+
+    await say("before")
+    assert json.loads(await _line(listener.stdout))["body"] == "before"
+    await server.close()
+    await start_server(port=port)
+    await say("after")
+    gap = json.loads(await _line(listener.stdout))
+    assert set(gap) == {"gap"} and gap["gap"]["missing"] is None
+    assert json.loads(await _line(listener.stdout))["body"] == "after"
+    listener.kill()
+    _, err = await _finish(listener)
+    assert "messages sent meanwhile may be missing" in err
+
+
 async def test_piped_client_without_a_room_says_so(
     run: Processes, server: Any, tls_files: Any
 ) -> None:
@@ -401,6 +440,11 @@ async def _wrong_name_server(start_server: StartServer, tls_files: Any, tmp_path
         ("wrong_ca", "is not signed by the CA in"),
         ("missing_ca_file", "missing.pem (--ca) does not exist"),
         ("host_name_mismatch", "is not valid for the name '127.0.0.1'"),
+        ("host_name_mismatch", "it holds 'example.org': connect with one of those"),
+        (
+            "over_the_limit",
+            "not sent: the message of 2051 bytes exceeds the server's max_frame of 1000",
+        ),
         ("name_taken", "'probe' is in use; choose another with --name"),
         ("invalid_room", "--room 'no spaces': a room name is"),
     ],
@@ -429,7 +473,11 @@ async def test_user_mistakes_end_in_one_sentence_and_a_nonzero_exit(
         args = ["send", "--name", "probe"]
     elif mistake == "invalid_room":
         room = "no spaces"
+    elif mistake == "over_the_limit":
+        where = _address(await start_server(max_frame=1000))
     message = ["hello"] if args[0] == "send" else []
+    if mistake == "over_the_limit":
+        message = ["y" * 2000]
     process = await run.securemsg(*args, "--ca", ca, "--room", room, where, *message)
     out, err = await _finish(process)
     assert process.returncode not in (0, None)

@@ -181,6 +181,24 @@ async def test_publish_returns_before_the_ack_unless_confirm(start_server, open_
     assert alice.unacknowledged == 0
 
 
+async def test_a_refused_confirmed_publish_names_its_id_and_the_reason(
+    start_server, open_client
+) -> None:
+    server = await start_server(max_msgs_per_sec=1)
+    alice = await open_client(server.port, "alice")
+    refusals: list[RejectedError] = []
+    for n in range(10):
+        try:
+            await alice.publish("numbers", n, confirm=True, timeout=1)
+        except RejectedError as exc:
+            refusals.append(exc)
+    assert refusals, "the rate limit refused some"
+    for error in refusals:
+        assert error.code == "rate_limited" and error.message
+        assert len(error.ids) == 1 and 1 <= int(error.ids[0]) <= 10
+    assert len({error.ids for error in refusals}) == len(refusals)
+
+
 async def test_flush_waits_until_a_pipelined_stream_is_acknowledged(
     start_server, open_client
 ) -> None:
@@ -210,6 +228,8 @@ async def test_flush_raises_when_the_server_refused_messages_it_waited_for(
     assert caught.value.code == "rate_limited"
     refused = int(str(caught.value).split()[0])
     assert 30 <= refused < 40
+    ids = [int(each) for each in caught.value.ids]  # which ones: publish ids count from 1
+    assert len(ids) == refused and ids == sorted(ids) and set(ids) <= set(range(1, 41))
     assert alice.unacknowledged == 0  # refused messages leave the outbox: a resend would fail
     got = [(await bob.receive(1)).body for _ in range(40 - refused)]
     assert got == sorted(got)

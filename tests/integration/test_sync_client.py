@@ -61,20 +61,21 @@ async def test_blocking_flush_raises_when_the_server_refused_messages(
 ) -> None:
     server = await start_server(max_msgs_per_sec=5)
 
-    def program() -> tuple[str, str, int]:
+    def program() -> tuple[str, str, int, tuple[str, ...]]:
         with sync.connect("localhost", server.port, name="alice", **options) as alice:
             for n in range(40):
                 alice.publish("numbers", n)
             try:
                 alice.flush(timeout=5)
             except RejectedError as exc:
-                return exc.code, str(exc), alice.client.unacknowledged
-            return "", "flush returned normally", alice.client.unacknowledged
+                return exc.code, str(exc), alice.client.unacknowledged, exc.ids
+            return "", "flush returned normally", alice.client.unacknowledged, ()
 
-    code, text, left = await asyncio.to_thread(program)
+    code, text, left, ids = await asyncio.to_thread(program)
     assert code == "rate_limited", text
     assert "of 40 messages were refused" in text
     assert left == 0
+    assert int(text.split()[0]) == len(ids) and set(ids) <= {str(n) for n in range(1, 41)}
 
 
 async def test_one_blocking_client_shared_by_two_threads(start_server, options) -> None:
@@ -215,7 +216,9 @@ async def test_interpreter_exit_never_hangs_on_an_open_client(
 async def test_publish_without_confirm_hands_over_in_order_and_raises_bad_input_at_once(
     start_server, options
 ) -> None:
-    server = await start_server(max_frame=4096)
+    # bob takes nothing until alice's flushes return, and what he has not taken counts
+    # toward his session's window: half of it would hold alice back (flow control).
+    server = await start_server(max_frame=4096, max_pending=20_000)
 
     def program() -> tuple[list[Any], list[str]]:
         raised: list[str] = []
@@ -267,3 +270,39 @@ async def test_calls_that_send_keep_their_place_after_handed_over_publishes(
                 return [bob.receive(timeout=5).body for _ in range(202)]
 
     assert await asyncio.to_thread(program) == [*range(200), "confirmed", "direct"]
+
+
+async def test_close_raises_a_handed_over_publish_that_failed_and_nobody_was_told(
+    start_server, options
+) -> None:
+    server = await start_server()
+
+    def program() -> str:
+        try:
+            with sync.connect("localhost", server.port, name="alice", **options) as alice:
+                alice.publish("chat", "x" * (2 * 1024 * 1024))  # over max_frame, found later
+        except ValueError as exc:
+            return str(exc)
+        return "the with block ended as if it had been sent"
+
+    text = await asyncio.to_thread(program)
+    assert "max_frame" in text, text
+
+
+async def test_an_error_in_the_with_block_stays_the_error_and_carries_the_close_failure(
+    start_server, options
+) -> None:
+    server = await start_server()
+
+    def program() -> BaseException:
+        try:
+            with sync.connect("localhost", server.port, name="alice", **options) as alice:
+                alice.publish("chat", "x" * (2 * 1024 * 1024))
+                raise KeyError("the application's own")
+        except BaseException as exc:
+            return exc
+        raise AssertionError("nothing raised")
+
+    error = await asyncio.to_thread(program)
+    assert type(error) is KeyError
+    assert any("max_frame" in note for note in getattr(error, "__notes__", []))
