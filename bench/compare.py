@@ -528,6 +528,7 @@ def main_compare(args: argparse.Namespace) -> None:
             if target is not None:
                 log_run(0, "securemsg", target_scenario, target, started)
     out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
     plot = out / "benchmarks-latency.png"
     if sweep:
         draw_plot(sweep, plot)
