@@ -133,6 +133,7 @@ class ClientConfig(_Config, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     reconnect_cap: float = 30.0
     max_attempts: int = 0
     max_outbox: int = 10_000
+    max_outbox_bytes: int = 16 * _MIB
     heartbeat_interval: float | None = None
     heartbeat_timeout: float | None = None
     connect_timeout: float = 10.0
@@ -189,6 +190,7 @@ FIELD_HELP: Final[dict[str, dict[str, str]]] = {
         "reconnect_cap": "longest wait in seconds between reconnect attempts",
         "max_attempts": "reconnect attempts before giving up; 0 means never give up",
         "max_outbox": "unacknowledged sent messages kept for resending",
+        "max_outbox_bytes": "bytes of unacknowledged sent messages kept for resending",
         "heartbeat_interval": "seconds between heartbeats; none: as the server says",
         "heartbeat_timeout": "seconds of silence before reconnecting; none: as the server says",
         "connect_timeout": "seconds to connect, finish TLS and be welcomed",
@@ -208,7 +210,7 @@ _DURATIONS: Final = frozenset(
 )
 _SIZES: Final = frozenset(
     "max_pending max_pending_bytes max_outgoing_bytes max_frame max_connections dedup_window"
-    " max_outbox".split()
+    " max_outbox max_outbox_bytes".split()
 )
 _ZERO_MEANS_OFF: Final = frozenset(
     {"max_msgs_per_sec", "max_attempts", "loop_stall_threshold", "cert_expiry_warning_days"}
@@ -502,7 +504,7 @@ def _metavar(field: _Field) -> str | None:
         return "DAYS"
     if field.name in _DURATIONS or field.name in {"max_msgs_per_sec", "loop_stall_threshold"}:
         return "SECONDS" if field.name != "max_msgs_per_sec" else "RATE"
-    if field.name in {"max_outgoing_bytes", "max_frame", "max_pending_bytes"}:
+    if field.name in {"max_outgoing_bytes", "max_frame", "max_pending_bytes", "max_outbox_bytes"}:
         return "BYTES"
     if isinstance(field.info, msgspec.inspect.IntType):
         return "PORT" if field.name.endswith("port") else "N"

@@ -159,6 +159,7 @@ class Client:
         self._log = structlog.get_logger("securemsg.client.client").bind(server=self._where)
         self._mailbox = Mailbox(
             max_outbox=config.max_outbox,
+            max_outbox_bytes=config.max_outbox_bytes,
             log=self._log,
             on_skipped=lambda skipped: self._set_state(self._state, skipped),
         )

@@ -172,6 +172,7 @@ class Mailbox:
         *,
         max_outbox: int,
         log: FilteringBoundLogger,
+        max_outbox_bytes: int = 1 << 62,
         on_skipped: Callable[[MessageSkipped], None] | None = None,
     ) -> None:
         self._loop = asyncio.get_running_loop()
@@ -179,7 +180,9 @@ class Mailbox:
         #: Told of each delivered message that could not be decoded (and was skipped).
         self.on_skipped = on_skipped
         self.session = ClientSession(
-            max_outbox=max_outbox, request_prefix=f"rq-{secrets.token_hex(4)}-"
+            max_outbox=max_outbox,
+            max_outbox_bytes=max_outbox_bytes,
+            request_prefix=f"rq-{secrets.token_hex(4)}-",
         )
         #: The session's outbox (the same object), for the client's publish fast path.
         self.outbox = self.session.outbox

@@ -201,8 +201,10 @@ class ClientSession:
         "request_prefix",
     )
 
-    def __init__(self, *, max_outbox: int, request_prefix: str) -> None:
-        self.outbox = Outbox(max_outbox)
+    def __init__(
+        self, *, max_outbox: int, request_prefix: str, max_outbox_bytes: int = 1 << 62
+    ) -> None:
+        self.outbox = Outbox(max_outbox, max_outbox_bytes)
         self.inbox = Inbox()
         self._frame_limit = DEFAULT_MAX_FRAME + HEADER_SIZE - DELIVERY_HEADROOM
         #: The id the last :meth:`submit` gave.

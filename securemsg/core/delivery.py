@@ -241,21 +241,27 @@ class Inbox:
 
 
 class Outbox:
-    """Client messages (whole frames) waiting for the server's ``ack``, in send order."""
+    """Client messages (whole frames) waiting for the server's ``ack``, in send order.
 
-    __slots__ = ("_frames", "_next_id", "max_outbox")
+    Full at ``max_outbox`` messages or ``max_outbox_bytes`` bytes of frames, whichever comes
+    first; a sender waits for acks then. One message always fits an empty outbox."""
 
-    def __init__(self, max_outbox: int) -> None:
+    __slots__ = ("_frames", "_next_id", "bytes", "max_outbox", "max_outbox_bytes")
+
+    def __init__(self, max_outbox: int, max_outbox_bytes: int = 1 << 62) -> None:
         self.max_outbox = max_outbox
+        self.max_outbox_bytes = max_outbox_bytes
         self._frames: OrderedDict[str, bytes] = OrderedDict()
         self._next_id = 0
+        #: Bytes of the frames kept.
+        self.bytes = 0
 
     def __len__(self) -> int:
         return len(self._frames)
 
     @property
     def full(self) -> bool:
-        return len(self._frames) >= self.max_outbox
+        return len(self._frames) >= self.max_outbox or self.bytes >= self.max_outbox_bytes
 
     def new_id(self) -> str:
         self._next_id += 1
@@ -263,10 +269,15 @@ class Outbox:
 
     def add(self, msg_id: str, frame: bytes) -> None:
         self._frames[msg_id] = frame
+        self.bytes += len(frame)
 
     def ack(self, msg_id: str) -> bool:
         """Drop an acknowledged message; False when the id was not pending."""
-        return self._frames.pop(msg_id, None) is not None
+        frame = self._frames.pop(msg_id, None)
+        if frame is None:
+            return False
+        self.bytes -= len(frame)
+        return True
 
     def unacked(self) -> list[bytes]:
         """Every frame still waiting, in the order it was first sent, for a resend."""

@@ -394,3 +394,13 @@ def test_flushes_complete_exactly_when_what_they_waited_for_is_answered(steps: l
             resent = [decode_client(f) for f in decoder.feed(b"".join(frames))]
             assert [m.id for m in resent] == pending  # type: ignore[union-attr]
         assert len(session.outbox) == len(pending)
+
+
+def test_the_outbox_is_full_by_bytes_before_it_is_full_by_count() -> None:
+    session = ClientSession(max_outbox=1_000, max_outbox_bytes=1_000, request_prefix="rq-")
+    body = msgspec.Raw(b'"' + b"x" * 300 + b'"')
+    sent = 0
+    while not session.outbox.full:
+        session.submit(lambda msg_id: Publish(room="r", body=body, id=msg_id))
+        sent += 1
+    assert sent == 3 and session.outbox.bytes >= 1_000  # 3 frames of ~340 bytes, not 1,000
