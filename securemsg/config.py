@@ -25,7 +25,6 @@ import difflib
 import functools
 import math
 import os
-import re
 import tomllib
 from collections.abc import Collection, Mapping
 from pathlib import Path
@@ -34,7 +33,7 @@ from typing import Any, ClassVar, Final, Literal, NamedTuple, TypeVar, cast, get
 import msgspec
 
 from securemsg.core.gatekeeper import DEFAULT_MAX_DEPTH, MAX_MAX_DEPTH
-from securemsg.core.messages import NAME_PATTERN
+from securemsg.core.messages import is_valid_name
 from securemsg.errors import ConfigError
 from securemsg.log import LOG_FORMATS, LOG_LEVELS, LogFormat, LogLevel
 
@@ -215,7 +214,6 @@ _SIZES: Final = frozenset(
 _ZERO_MEANS_OFF: Final = frozenset(
     {"max_msgs_per_sec", "max_attempts", "loop_stall_threshold", "cert_expiry_warning_days"}
 )
-_NAME_RE: Final = re.compile(NAME_PATTERN)
 STORE_SYNCS: Final = get_args(StoreSync)
 
 _Problem = tuple[tuple[str, ...], str]
@@ -262,7 +260,7 @@ def _find_problem(config: ServerConfig | ClientConfig) -> _Problem | None:
         if getattr(config, name, None) not in (*allowed, None):
             return (name,), f"{name} must be {_one_of(allowed)}, got {getattr(config, name)!r}"
     if isinstance(config, ClientConfig):
-        if config.name is not None and not _NAME_RE.match(config.name):
+        if config.name is not None and not is_valid_name(config.name):
             return ("name",), (
                 f"name must be 1 to 64 letters, digits, '_', '.', '@' or '-', got {config.name!r}"
             )

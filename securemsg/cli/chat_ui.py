@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Final
 
@@ -38,7 +37,7 @@ from securemsg.client.client import (
 )
 from securemsg.client.types import MessageSkipped
 from securemsg.config import ClientConfig
-from securemsg.core.messages import NAME_PATTERN, ROOM_PATTERN, ErrorCode
+from securemsg.core.messages import ErrorCode, is_valid_name, is_valid_room
 from securemsg.errors import ClosedError, RejectedError, SecureMsgError
 from securemsg.log import configure_logging
 from securemsg.runner import run
@@ -55,8 +54,6 @@ commands:
   //text            publish "/text"
 anything else is published to the current room"""
 
-_NAME_RE: Final = re.compile(NAME_PATTERN)
-_ROOM_RE: Final = re.compile(ROOM_PATTERN)
 #: Log levels the chat raises, since it shows those events itself.
 _QUIETER: Final = {"warning": "error"}
 
@@ -132,7 +129,7 @@ class ChatUI:
         for room in dict.fromkeys(rooms):
             await self.client.join(room, timeout=self._timeout)
             self._joined(room)
-        self.current = next((room for room in rooms if _ROOM_RE.match(room)), None)
+        self.current = next((room for room in rooms if is_valid_room(room)), None)
         where = f"; in {', '.join(self.rooms)}" if self.rooms else "; /join ROOM to start"
         self.show(f"connected as {self.client.name}{where} (/help for commands)")
         states = asyncio.create_task(self._show_states(changes))
@@ -201,7 +198,7 @@ class ChatUI:
         room = check_room(argument, pattern=True, option="/join")
         await self.client.join(room, timeout=self._timeout)
         self._joined(room)
-        if _ROOM_RE.match(room):
+        if is_valid_room(room):
             self.current = room
             members = await self.client.who(room, timeout=self._timeout)
             self.show(f"joined {room}; here: {', '.join(members)}")
@@ -225,7 +222,7 @@ class ChatUI:
         with contextlib.suppress(ValueError):
             self.rooms.remove(room)
         if self.current == room:
-            self.current = next((r for r in reversed(self.rooms) if _ROOM_RE.match(r)), None)
+            self.current = next((r for r in reversed(self.rooms) if is_valid_room(r)), None)
         now = f"; now in {self.current}" if self.current else ""
         self.show(f"left {room}{now}")
         return True
@@ -235,7 +232,7 @@ class ChatUI:
         if not name or not text.strip():
             self.show("usage: /msg NAME text")
             return True
-        if not _NAME_RE.match(name):
+        if not is_valid_name(name):
             self.show(f"{name!r} is not a valid name")
             return True
         try:

@@ -17,7 +17,7 @@ import msgspec
 
 from securemsg.client.client import Client, Message, connect
 from securemsg.config import ClientConfig
-from securemsg.core.messages import NAME_PATTERN, ROOM_FILTER_PATTERN, ROOM_PATTERN, ErrorCode
+from securemsg.core.messages import ErrorCode, is_valid_name, is_valid_room, is_valid_room_filter
 from securemsg.errors import AuthError, ConfigError
 
 __all__ = [
@@ -32,9 +32,6 @@ __all__ = [
     "with_default_name",
 ]
 
-_NAME_RE: Final = re.compile(NAME_PATTERN)
-_ROOM_RE: Final = re.compile(ROOM_PATTERN)
-_FILTER_RE: Final = re.compile(ROOM_FILTER_PATTERN)
 _NOT_NAME_CHARS: Final = re.compile(r"[^A-Za-z0-9_.@-]+")
 _SUFFIX_LENGTH: Final = 5  # "-" and four hex digits
 _MAX_NAME: Final = 64
@@ -76,7 +73,7 @@ def default_name(cert: str | None = None) -> str | None:
     """
     if cert is not None:
         identity = certificate_identity(cert)
-        return identity if identity is None or _NAME_RE.match(identity) else None
+        return identity if identity is None or is_valid_name(identity) else None
     try:
         user = getpass.getuser()
     except (OSError, KeyError):  # no USER/LOGNAME and no password entry
@@ -95,7 +92,7 @@ def with_default_name(config: ClientConfig) -> ClientConfig:
 def check_room(room: str, *, pattern: bool = False, option: str = "--room") -> str:
     """``room`` if it is a valid room name (a room filter with ``pattern``), else a
     :class:`ConfigError` that says what a room name may hold."""
-    if (_FILTER_RE if pattern else _ROOM_RE).match(room) and len(room) <= 255:
+    if (is_valid_room_filter if pattern else is_valid_room)(room) and len(room) <= 255:
         return room
     rule = "letters, digits, _ and - in dot-separated parts"
     if pattern:

@@ -25,10 +25,9 @@ import asyncio
 import builtins
 import contextlib
 import os
-import re
 import ssl
 import weakref
-from collections.abc import AsyncIterator, Generator
+from collections.abc import AsyncIterator, Callable, Generator
 from types import TracebackType
 from typing import Any, Final
 
@@ -50,15 +49,15 @@ from securemsg.client.types import (
 from securemsg.config import ClientConfig, load_config
 from securemsg.core.backoff import backoff_delays
 from securemsg.core.messages import (
-    NAME_PATTERN,
-    ROOM_FILTER_PATTERN,
     Direct,
     Join,
     Leave,
     Publish,
     Who,
     encode_body,
+    is_valid_name,
     is_valid_room,
+    is_valid_room_filter,
 )
 from securemsg.errors import (
     ClosedError,
@@ -83,8 +82,6 @@ __all__ = [
     "connect",
 ]
 
-_FILTER_RE: Final = re.compile(ROOM_FILTER_PATTERN)
-_NAME_RE: Final = re.compile(NAME_PATTERN)
 #: A connection that stayed up this long resets the attempt count (capped by 10 x base).
 _STABLE_AFTER: Final = 60.0
 
@@ -241,19 +238,19 @@ class Client:
     async def join(self, room: str, *, timeout: float | None = None) -> None:
         """Join ``room`` (``*`` and ``>`` wildcards allowed); returns once the server holds
         the membership. Rooms are joined again after a reconnect that did not resume."""
-        _check(_FILTER_RE, room, "room filter")
+        _check(is_valid_room_filter, room, "room filter")
         await self._mailbox.send(lambda i: Join(room=room, id=i), True, timeout, f"join {room!r}")
         self._rooms[room] = None
 
     async def leave(self, room: str, *, timeout: float | None = None) -> None:
         """Leave ``room``; :class:`RejectedError` (``not_member``) if it was not joined."""
-        _check(_FILTER_RE, room, "room filter")
+        _check(is_valid_room_filter, room, "room filter")
         self._rooms.pop(room, None)
         await self._mailbox.send(lambda i: Leave(room=room, id=i), True, timeout, f"leave {room!r}")
 
     async def who(self, room: str, *, timeout: float | None = None) -> list[str]:
         """The names of the members of ``room``, sorted."""
-        _check(_FILTER_RE, room, "room filter")
+        _check(is_valid_room_filter, room, "room filter")
         names = await self._mailbox.send(
             lambda i: Who(room=room, id=i), True, timeout, f"who {room!r}"
         )
@@ -302,7 +299,7 @@ class Client:
     ) -> None:
         """Send ``body`` to the client called ``name``; otherwise as :meth:`publish`. With
         ``confirm=True`` an unknown name raises :class:`RejectedError` (``no_such_user``)."""
-        _check(_NAME_RE, name, "name")
+        _check(is_valid_name, name, "name")
         raw = encode_body(body)
         await self._mailbox.send(
             lambda i: Direct(to=name, body=raw, id=i), confirm, timeout, f"direct to {name!r}"
@@ -551,8 +548,8 @@ def check_room(room: str) -> None:
         raise ValueError(f"invalid room {room!r}")
 
 
-def _check(pattern: re.Pattern[str], value: str, what: str) -> None:
-    if not isinstance(value, str) or pattern.match(value) is None:
+def _check(valid: Callable[[str], bool], value: str, what: str) -> None:
+    if not isinstance(value, str) or not valid(value):
         raise ValueError(f"invalid {what} {value!r}")
 
 

@@ -28,6 +28,7 @@ from securemsg.errors import ProtocolError
 __all__ = [
     "ACK_BATCH",
     "ACK_DELAY",
+    "BYE_SERVER_SHUTDOWN",
     "FATAL_CODES",
     "PROTOCOL_VERSION",
     "Ack",
@@ -63,6 +64,7 @@ __all__ = [
     "encode_frame_of",
     "is_valid_name",
     "is_valid_room",
+    "is_valid_room_filter",
 ]
 
 PROTOCOL_VERSION: Final = 2
@@ -105,10 +107,11 @@ class ErrorCode(StrEnum):
     NOT_MEMBER = "not_member"
     RATE_LIMITED = "rate_limited"
     SLOW_CONSUMER = "slow_consumer"
-    SERVER_SHUTDOWN = "server_shutdown"
-    SERVER_BUSY = "server_busy"
     SESSION_TAKEN_OVER = "session_taken_over"
 
+
+#: The ``reason`` of the ``bye`` a server sends every client when it shuts down.
+BYE_SERVER_SHUTDOWN: Final = "server_shutdown"
 
 #: Codes after which the sender closes the connection. The others answer one message and
 #: the connection carries on.
@@ -122,8 +125,6 @@ FATAL_CODES: Final = frozenset(
         ErrorCode.UNAUTHORIZED,
         ErrorCode.NAME_TAKEN,
         ErrorCode.SLOW_CONSUMER,
-        ErrorCode.SERVER_SHUTDOWN,
-        ErrorCode.SERVER_BUSY,
         ErrorCode.SESSION_TAKEN_OVER,
     }
 )
@@ -159,6 +160,8 @@ class _Validator:
 is_valid_room: Final = _Validator(ROOM_PATTERN)
 #: Is this a valid client name?
 is_valid_name: Final = _Validator(NAME_PATTERN)
+#: Is this a valid room filter (join, leave, who: ``*`` and a final ``>`` allowed)?
+is_valid_room_filter: Final = _Validator(ROOM_FILTER_PATTERN)
 
 
 def _check_room(room: str) -> None:

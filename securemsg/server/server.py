@@ -29,7 +29,7 @@ import structlog
 
 from securemsg.config import ServerConfig, read_token
 from securemsg.core.clienthello import ClientHelloInfo, alpn_acceptable, inspect_client_hello
-from securemsg.core.messages import ErrorCode
+from securemsg.core.messages import BYE_SERVER_SHUTDOWN
 from securemsg.core.server_session import ServerSession
 from securemsg.errors import ConfigError, StoreError
 from securemsg.server.broker import Broker, Link
@@ -241,7 +241,7 @@ class Server:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         connections = list(self.connections)
         for conn in connections:
-            conn.send_bye(ErrorCode.SERVER_SHUTDOWN)
+            conn.send_bye(BYE_SERVER_SHUTDOWN)
         if connections:
             _, pending = await asyncio.wait(
                 [conn.closed for conn in connections], timeout=self.config.shutdown_timeout
@@ -371,7 +371,7 @@ class Server:
             identity=conn.identity,
         )
         if self._stopping:
-            conn.send_bye(ErrorCode.SERVER_SHUTDOWN)
+            conn.send_bye(BYE_SERVER_SHUTDOWN)
 
     def _check_stalled(self) -> None:
         if self.broker.stalled:

@@ -174,8 +174,8 @@ def test_an_identity_refusal_is_an_auth_error_with_its_code(code: str) -> None:
 
 
 def test_other_refusals_of_the_hello_are_connect_errors() -> None:
-    error = connect_error(RejectedError("server_busy", "too many"), CONFIG)
-    assert type(error) is ConnectError and "too many" in str(error)
+    error = connect_error(RejectedError("unsupported_version", "too old"), CONFIG)
+    assert type(error) is ConnectError and "too old" in str(error)
 
 
 def test_eof_before_welcome_under_mutual_tls_blames_the_client_certificate() -> None:

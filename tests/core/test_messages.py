@@ -286,7 +286,7 @@ def test_fatal_codes_are_error_codes_and_per_message_codes_are_not_fatal() -> No
     assert set(FATAL_CODES) <= set(ErrorCode)
     for code in ("bad_message", "unknown_type", "no_such_user", "not_member", "rate_limited"):
         assert code not in FATAL_CODES
-    for code in ("bad_frame", "too_large", "heartbeat_timeout", "server_busy"):
+    for code in ("bad_frame", "too_large", "heartbeat_timeout", "slow_consumer"):
         assert code in FATAL_CODES
 
 
