@@ -101,6 +101,10 @@ class ServerConfig(_Config, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     max_frame: int = 1 * _MIB
     max_depth: int = DEFAULT_MAX_DEPTH
     max_connections: int = 10_000
+    max_sessions: int = 20_000
+    max_disconnected_bytes: int = 256 * _MIB
+    max_subscriptions: int = 1_000
+    max_invalid_frames: int = 100
     max_msgs_per_sec: float = 0.0
     dedup_window: int = 10_000
     shutdown_timeout: float = 5.0
@@ -156,6 +160,12 @@ FIELD_HELP: Final[dict[str, dict[str, str]]] = {
         "max_frame": "largest frame accepted, in bytes",
         "max_depth": f"arrays and objects a message body may nest, 1 to {MAX_MAX_DEPTH}",
         "max_connections": "connections served at once",
+        "max_sessions": "sessions kept, connected or not; past it the longest disconnected "
+        "one ends, and a new session is refused when none is disconnected",
+        "max_disconnected_bytes": "bytes of undelivered messages kept for all disconnected "
+        "sessions together; past it the longest disconnected ones end",
+        "max_subscriptions": "rooms and filters one session may join",
+        "max_invalid_frames": "invalid frames one connection may send before it is closed",
         "max_msgs_per_sec": "messages per second one client may send; 0 means no limit",
         "dedup_window": "recent message ids remembered per client to drop duplicates",
         "shutdown_timeout": "seconds to drain connections when shutting down",
@@ -192,8 +202,10 @@ _DURATIONS: Final = frozenset(
     " reconnect_base reconnect_cap connect_timeout".split()
 )
 _SIZES: Final = frozenset(
-    "max_pending max_pending_bytes max_outgoing_bytes max_frame max_connections dedup_window"
-    " max_outbox".split()
+    (
+        "max_pending max_pending_bytes max_outgoing_bytes max_frame max_connections dedup_window"
+        " max_outbox max_sessions max_disconnected_bytes max_subscriptions max_invalid_frames"
+    ).split()
 )
 _ZERO_MEANS_OFF: Final = frozenset({"max_msgs_per_sec", "max_attempts"})
 _NAME_RE: Final = re.compile(NAME_PATTERN)
@@ -474,7 +486,12 @@ def _metavar(field: _Field) -> str | None:
         return None  # argparse shows the choices
     if field.name in _DURATIONS or field.name == "max_msgs_per_sec":
         return "SECONDS" if field.name != "max_msgs_per_sec" else "RATE"
-    if field.name in {"max_outgoing_bytes", "max_frame", "max_pending_bytes"}:
+    if field.name in {
+        "max_outgoing_bytes",
+        "max_frame",
+        "max_pending_bytes",
+        "max_disconnected_bytes",
+    }:
         return "BYTES"
     if isinstance(field.info, msgspec.inspect.IntType):
         return "PORT" if field.name == "port" else "N"

@@ -108,6 +108,7 @@ class ErrorCode(StrEnum):
     SERVER_SHUTDOWN = "server_shutdown"
     SERVER_BUSY = "server_busy"
     SESSION_TAKEN_OVER = "session_taken_over"
+    TOO_MANY_ROOMS = "too_many_rooms"
 
 
 #: Codes after which the sender closes the connection. The others answer one message and

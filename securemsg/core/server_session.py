@@ -11,7 +11,8 @@ detaches it when the connection is gone, at which point the session may be resum
 
 Every request (``join``, ``leave``, ``publish``, ``direct``, ``who``) passes, in order:
 
-1. the rate limit: a token bucket of ``rate`` tokens a second, refilled on attach;
+1. the rate limit: a token bucket of ``rate`` tokens a second, refilled on attach (and a
+   ``join`` past ``max_subscriptions`` is refused, as it would hold memory and matching work);
 2. deduplication by id, for every request kind: a client resends what it has no answer for
    after a cut, with the same ids, so an id seen before is acknowledged again (``who``, which
    changes nothing, is answered again) and not carried out twice;
@@ -36,6 +37,7 @@ the returned events (:class:`RequestRefused`, :class:`Joined`, :class:`Left`,
 from __future__ import annotations
 
 import hmac
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
 
@@ -122,6 +124,12 @@ class Router(Protocol[L]):
 
     def join(self, session: ServerSession[L], room_filter: str) -> None: ...
 
+    def subscription_count(self, session: ServerSession[L]) -> int:
+        """How many rooms and filters ``session`` has joined (cheap: every join asks)."""
+
+    def subscriptions(self, session: ServerSession[L]) -> Collection[str]:
+        """The rooms and filters ``session`` has joined (asked only at the limit)."""
+
     def leave(self, session: ServerSession[L], room_filter: str) -> bool:
         """False when the session was not a member."""
 
@@ -178,6 +186,7 @@ class ServerSession(Generic[L]):
         "expires_at",
         "id",
         "link",
+        "max_subscriptions",
         "name",
         "rate",
         "recent",
@@ -197,6 +206,7 @@ class ServerSession(Generic[L]):
         dedup_window: int,
         max_pending_bytes: int = 1 << 62,
         rate: float = 0.0,
+        max_subscriptions: int = 1 << 62,
     ) -> None:
         self.id = sid
         self.name = name
@@ -207,6 +217,8 @@ class ServerSession(Generic[L]):
         self.expires_at: float | None = None
         #: Requests a second (0: no limit).
         self.rate = rate
+        #: Rooms and filters the session may hold: each costs memory and matching work.
+        self.max_subscriptions = max_subscriptions
         # A bucket must hold at least one token, or a rate below 1/s would refuse everything.
         self._burst = max(1.0, rate)
         self._tokens = self._burst
@@ -306,6 +318,12 @@ class ServerSession(Generic[L]):
             self.hold_ack(msg_id, now)
             return None
         if isinstance(message, Join):
+            limit = self.max_subscriptions
+            if router.subscription_count(self) >= limit and message.room not in (
+                router.subscriptions(self)
+            ):
+                text = f"a session may join at most {limit} rooms and filters; leave one first"
+                return self._refuse(msg_id, ErrorCode.TOO_MANY_ROOMS, text)
             router.join(self, message.room)
             self.hold_ack(msg_id, now)
             return Joined(message.room)

@@ -85,12 +85,14 @@ class Broker:
         max_msgs_per_sec: float = 0.0,
         token: str | None = None,
         require_identity: bool = False,
+        max_subscriptions: int = 1 << 62,
     ) -> None:
         self.max_pending = max_pending
         self.max_pending_bytes = max_pending_bytes
         self.dedup_window = dedup_window
         self.session_ttl = session_ttl
         self.max_msgs_per_sec = max_msgs_per_sec
+        self.max_subscriptions = max_subscriptions
         self.policy = HelloPolicy(
             token=token.encode() if token else None, require_identity=require_identity
         )
@@ -125,6 +127,7 @@ class Broker:
             max_pending_bytes=self.max_pending_bytes,
             dedup_window=self.dedup_window,
             rate=self.max_msgs_per_sec,
+            max_subscriptions=self.max_subscriptions,
         )
         session.attach(link, now)
         self.by_name[name] = session
@@ -171,6 +174,12 @@ class Broker:
     def join(self, session: Session, room_filter: str) -> None:
         if self.rooms.join(session, room_filter):
             self._presence(session, room_filter, "join")
+
+    def subscription_count(self, session: Session) -> int:
+        return self.rooms.subscription_count(session)
+
+    def subscriptions(self, session: Session) -> frozenset[str]:
+        return self.rooms.filters_of(session)
 
     def leave(self, session: Session, room_filter: str) -> bool:
         """False when the session was not a member."""

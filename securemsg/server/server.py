@@ -75,6 +75,7 @@ class Server:
             max_msgs_per_sec=config.max_msgs_per_sec,
             token=read_token(config),
             require_identity=config.require_client_cert,
+            max_subscriptions=config.max_subscriptions,
         )
         self.connections: set[ServerConnection] = set()
         self._pending_handshakes = 0
