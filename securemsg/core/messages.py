@@ -63,6 +63,7 @@ __all__ = [
     "encode_frame_of",
     "is_valid_name",
     "is_valid_room",
+    "shorten",
 ]
 
 PROTOCOL_VERSION: Final = 2
@@ -160,6 +161,16 @@ class _Validator:
 is_valid_room: Final = _Validator(ROOM_PATTERN)
 #: Is this a valid client name?
 is_valid_name: Final = _Validator(NAME_PATTERN)
+
+
+#: The most characters of a client's string that an error text or a log line repeats: a
+#: client must not be able to inflate the server's log, or the error echoed to it.
+SHOWN_CHARS: Final = 64
+
+
+def shorten(text: str, limit: int = SHOWN_CHARS) -> str:
+    """``text`` cut to ``limit`` characters, with an ellipsis when cut (for errors and logs)."""
+    return text if len(text) <= limit else text[:limit] + "\u2026"
 
 
 def _check_room(room: str) -> None:
@@ -444,7 +455,7 @@ def _decode(payload: bytes, decoder: msgspec.json.Decoder[Any], types: frozenset
     except msgspec.ValidationError as exc:
         raise _classify(payload, str(exc), types) from None
     except msgspec.DecodeError as exc:
-        raise ProtocolError("bad_frame", f"frame is not valid JSON: {exc}") from None
+        raise ProtocolError("bad_frame", f"frame is not valid JSON: {shorten(str(exc))}") from None
     except RecursionError:
         raise _too_deep(payload) from None
 
@@ -456,7 +467,7 @@ def _too_deep(payload: bytes) -> ProtocolError:
     return ProtocolError(
         "bad_message",
         "message nests too deep to decode",
-        ref=ref if isinstance(ref, str) else None,
+        ref=ref if isinstance(ref, str) and len(ref) <= 128 else None,
     )
 
 
@@ -482,19 +493,22 @@ def _classify(payload: bytes, detail: str, types: frozenset[str]) -> ProtocolErr
     try:
         obj = _any_decoder.decode(payload)
     except msgspec.DecodeError as exc:
-        return ProtocolError("bad_frame", f"frame is not valid JSON: {exc}")
+        return ProtocolError("bad_frame", f"frame is not valid JSON: {shorten(str(exc))}")
     except RecursionError:
         return _too_deep(payload)
     if not isinstance(obj, dict):
-        return ProtocolError("bad_frame", f"frame is not a JSON object: {detail}")
+        return ProtocolError("bad_frame", f"frame is not a JSON object: {shorten(detail)}")
     ref = obj.get("id")
-    ref = ref if isinstance(ref, str) else None
+    # An id is echoed as ref only when it could be one (MsgId: at most 128 characters).
+    ref = ref if isinstance(ref, str) and len(ref) <= 128 else None
     kind = obj.get("type")
     if not isinstance(kind, str):
         return ProtocolError("bad_message", "message has no string field 'type'", ref=ref)
     if kind not in types:
-        return ProtocolError("unknown_type", f"unknown message type {kind!r}", ref=ref)
-    return ProtocolError("bad_message", f"invalid {kind!r} message: {_explain(detail)}", ref=ref)
+        return ProtocolError("unknown_type", f"unknown message type {shorten(kind)!r}", ref=ref)
+    return ProtocolError(
+        "bad_message", f"invalid {kind!r} message: {shorten(_explain(detail), 200)}", ref=ref
+    )
 
 
 _RULES: Final = {

@@ -57,6 +57,8 @@ from securemsg.core.messages import (
     Publish,
     ServerAck,
     Who,
+    is_valid_name,
+    shorten,
 )
 from securemsg.errors import ProtocolError
 
@@ -139,14 +141,22 @@ class Router(Protocol[L]):
 
 @dataclass(frozen=True, slots=True)
 class HelloPolicy:
-    """Who may open a session: the protocol version, the shared token, and under mutual TLS
-    the name the client certificate gives."""
+    """Who may open a session: the protocol version, the shared token, and the name.
+
+    A verified client certificate binds the name whenever one was presented (with ``--ca``
+    the TLS layer verifies any certificate offered), not only under required mutual TLS:
+    otherwise a client holding alice's certificate could register as bob. Every name, claimed
+    or from a certificate, follows the one name rule (``NAME_PATTERN``): a certificate name
+    such as ``Alice Smith <ops>``, or one holding a newline, is refused, not shown raw."""
 
     token: bytes | None = field(default=None, repr=False)
     require_identity: bool = False
 
     def admit(self, hello: Hello, *, identity: str | None) -> str:
-        """The session's name, or :class:`ProtocolError` with the code to refuse with."""
+        """The session's name, or :class:`ProtocolError` with the code to refuse with.
+
+        ``identity`` is the name of the client's verified certificate, None when it
+        presented none."""
         if hello.version != PROTOCOL_VERSION:
             raise ProtocolError(
                 ErrorCode.UNSUPPORTED_VERSION,
@@ -157,15 +167,21 @@ class HelloPolicy:
             offered = (hello.token or "").encode()
             if not hmac.compare_digest(offered, self.token):
                 raise ProtocolError(ErrorCode.UNAUTHORIZED, "the token is missing or wrong")
-        if self.require_identity:
-            if identity is None:
-                raise ProtocolError(ErrorCode.UNAUTHORIZED, "a client certificate is required")
+        if identity is not None:
+            if not is_valid_name(identity):
+                raise ProtocolError(
+                    ErrorCode.UNAUTHORIZED,
+                    f"the client certificate's name {shorten(identity)!r} is not a valid name "
+                    "(names are 1 to 64 letters, digits, '_', '-', '.' or '@')",
+                )
             if hello.name is not None and hello.name != identity:
                 raise ProtocolError(
                     ErrorCode.UNAUTHORIZED,
                     f"the name {hello.name!r} differs from the certificate's {identity!r}",
                 )
             return identity
+        if self.require_identity:
+            raise ProtocolError(ErrorCode.UNAUTHORIZED, "a client certificate is required")
         if hello.name is None:
             raise ProtocolError(ErrorCode.BAD_MESSAGE, "'hello' needs a 'name'")
         return hello.name

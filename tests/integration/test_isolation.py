@@ -7,9 +7,11 @@ from typing import Any
 
 import msgspec
 import pytest
+from structlog.testing import capture_logs
 
 from securemsg.core.gatekeeper import DELIVERY_HEADROOM
-from securemsg.core.messages import Delivery, Error, Join, Publish, ServerAck
+from securemsg.core.messages import Delivery, Error, Hello, Join, Publish, ServerAck
+from securemsg.tls.contexts import client_context
 from tests.integration.conftest import StartServer
 
 POISON = {
@@ -59,3 +61,44 @@ async def test_the_largest_publish_accepted_is_delivered_within_max_frame(
     delivered = await sub.recv_type(Delivery)
     assert delivered.id == "a"
     assert len(msgspec.json.encode(delivered)) <= max_frame
+
+
+# -- identity: a presented certificate binds the name, and every name follows the rule --------
+
+
+async def test_a_verified_certificate_binds_the_name_without_required_mutual_tls(
+    start_server: StartServer, raw: Any, tls_files: Any
+) -> None:
+    server = await start_server(ca=str(tls_files.ca_pem))  # client certificates optional
+    alice_ctx = client_context(
+        ca=tls_files.ca_pem, cert=tls_files.alice_cert, key=tls_files.alice_key
+    )
+    impostor = await raw(server.port, ctx=alice_ctx)
+    impostor.send(Hello(version=2, name="bob"))
+    refusal = await impostor.recv()
+    assert isinstance(refusal, Error) and refusal.code == "unauthorized"
+    assert await impostor.closed()
+    alice = await raw(server.port, None, ctx=alice_ctx)
+    assert (await alice.hello(None)).name == "alice"
+    # Without a certificate a client still claims its name, as before.
+    assert (await (await raw(server.port)).hello("bob")).name == "bob"
+
+
+@pytest.mark.parametrize("common_name", ["Alice Smith <ops>", "eve\nbob: hi\x1b[2K"])
+async def test_a_certificate_name_outside_the_name_rule_is_refused(
+    start_server: StartServer, raw: Any, tls_files: Any, tmp_path: Any, common_name: str
+) -> None:
+    leaf = tls_files.ca.issue_cert(common_name=common_name)
+    cert, key = tmp_path / "odd.pem", tmp_path / "odd.key"
+    leaf.private_key_pem.write_to_path(str(key))
+    for index, blob in enumerate(leaf.cert_chain_pems):
+        blob.write_to_path(str(cert), append=index > 0)
+    server = await start_server(ca=str(tls_files.ca_pem), require_client_cert=True)
+    client = await raw(server.port, ctx=client_context(ca=tls_files.ca_pem, cert=cert, key=key))
+    with capture_logs() as logs:
+        client.send(Hello(version=2))
+        refusal = await client.recv()
+        assert await client.closed()
+    assert isinstance(refusal, Error) and refusal.code == "unauthorized"
+    assert "not a valid name" in refusal.message
+    assert [e["code"] for e in logs if e["event"] == "session_refused"] == ["unauthorized"]
