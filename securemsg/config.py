@@ -269,6 +269,14 @@ def _masked(config: _Config, name: str) -> Any:
     return "***" if name == "token" and value is not None else value
 
 
+def _shown(name: str, value: Any) -> str:
+    """``value`` as an error message may show it: never a token, and never long."""
+    if name == "token":
+        return "a value that is not shown (it may be a secret)"
+    text = repr(value)
+    return text if len(text) <= 200 else text[:200] + "\u2026"
+
+
 def _one_of(values: Collection[object]) -> str:
     return "one of " + ", ".join(repr(v) for v in values)
 
@@ -390,7 +398,7 @@ def load_config(
         try:
             values[name] = _typed(fields[name], value)
         except ValueError as exc:
-            raise ConfigError(f"{flag}: expected {exc}, got {value!r}") from None
+            raise ConfigError(f"{flag}: expected {exc}, got {_shown(name, value)}") from None
         sources[name] = (3, flag)
     try:
         return cls(**values)
@@ -435,7 +443,7 @@ def _read_file(cls: type[_Config], path: Path) -> dict[str, Any]:
             values[name] = _typed(fields[name], value)
         except ValueError as exc:
             raise ConfigError(
-                f"{path}: expected {exc} for {name!r} in [{cls.section}], got {value!r}"
+                f"{path}: expected {exc} for {name!r} in [{cls.section}], got {_shown(name, value)}"
             ) from None
     return values
 

@@ -68,7 +68,12 @@ class ConnectionHost(Protocol):
     def session_ended(self, session: ServerSession[Link]) -> None: ...
 
 
-__all__ = ["ConnectionHost", "ServerConnection"]
+__all__ = ["LOGGED_FAULTS", "ConnectionHost", "ServerConnection"]
+
+#: Faults of one connection (rejected frames, refused requests) logged one by one; past
+#: these they are only counted, and one ``faults_not_logged`` line at close gives the count:
+#: a client must not be able to fill the server's log (log writes block the event loop).
+LOGGED_FAULTS = 10
 
 _logger = structlog.get_logger("securemsg.server.server")
 _SLOW_CONSUMER_GRACE = 1.0  # seconds a slow consumer's close may take before we abort
@@ -79,7 +84,9 @@ class ServerConnection(asyncio.BufferedProtocol):
     __slots__ = (
         "_ack_timer",
         "_close_reason",
+        "_faults",
         "_flush_scheduled",
+        "_invalid",
         "_loop",
         "_read_buffer",
         "_reading_paused",
@@ -130,6 +137,8 @@ class ServerConnection(asyncio.BufferedProtocol):
         # Armed at the session's ack_due_at while it holds acks (see _flush).
         self._ack_timer: asyncio.TimerHandle | None = None
         self._close_reason = "peer_closed"
+        self._faults = 0  # rejected frames and refused requests, logged or not
+        self._invalid = 0  # rejected frames (max_invalid_frames closes the connection)
         self.closed = self._loop.create_future()
         self.writable = True
         # Flow control: requests read while a session they publish to is congested wait
@@ -262,6 +271,8 @@ class ServerConnection(asyncio.BufferedProtocol):
             self.broker.detach(session, self, self._loop.time())
             self.server.session_detached(session)
         core = self.core
+        if self._faults > LOGGED_FAULTS:
+            self.log.warning("faults_not_logged", count=self._faults - LOGGED_FAULTS)
         self.log.info(
             "connection_closed",
             name=self._name,
@@ -390,15 +401,29 @@ class ServerConnection(asyncio.BufferedProtocol):
 
     def _on_rejected(self, event: FrameRejected) -> None:
         error = event.error
-        self.log.warning(
-            "frame_rejected",
-            name=self._name,
-            code=error.code,
-            reason=error.message,
-            fatal=event.fatal,
-        )
+        self._faults += 1
+        if self._faults <= LOGGED_FAULTS or event.fatal:
+            self.log.warning(
+                "frame_rejected",
+                name=self._name,
+                code=error.code,
+                reason=error.message,
+                fatal=event.fatal,
+            )
         if event.fatal:
             self._close_reason = error.code
+            return
+        self._invalid += 1
+        limit = self.server.config.max_invalid_frames
+        if self._invalid >= limit:
+            # A client that keeps sending what it knows is invalid is broken or hostile.
+            reason = f"{self._invalid} invalid frames (max_invalid_frames {limit}); closing"
+            self.log.warning(
+                "frame_rejected", name=self._name, code=ErrorCode.BAD_FRAME, reason=reason,
+                fatal=True,
+            )  # fmt: skip
+            self._close_reason = ErrorCode.BAD_FRAME
+            self.core.fail(ErrorCode.BAD_FRAME, reason)
 
     def _on_message(self, message: Any, now: float, ts: float) -> None:
         session = self.session
@@ -427,11 +452,13 @@ class ServerConnection(asyncio.BufferedProtocol):
         elif isinstance(event, Left):
             self.log.info("left", name=session.name, room=event.room)
         elif isinstance(event, RequestRefused):
-            self.log.info("request_refused", name=self._name, code=event.error.code)
+            self._faults += 1
+            if self._faults <= LOGGED_FAULTS:
+                self.log.info("request_refused", name=self._name, code=event.error.code)
             self.core.send(event.error)
         elif isinstance(event, FrameRejected):  # a bad ack: answered, and the connection goes on
-            self._on_rejected(event)
             self.core.send(Error(code=event.error.code, message=event.error.message))
+            self._on_rejected(event)
 
     def _on_hello(self, hello: Hello, now: float) -> None:
         config = self.server.config

@@ -3,14 +3,26 @@ decode are refused at the publisher, with the request's id, and the room carries
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from typing import Any
 
 import msgspec
 import pytest
 from structlog.testing import capture_logs
 
+from securemsg.core.frames import encode_frame
 from securemsg.core.gatekeeper import DELIVERY_HEADROOM
-from securemsg.core.messages import Delivery, Error, Hello, Join, Publish, ServerAck
+from securemsg.core.messages import (
+    Delivery,
+    Error,
+    Hello,
+    Join,
+    Publish,
+    ServerAck,
+    encode_frame_of,
+)
+from securemsg.server.connection import LOGGED_FAULTS
 from securemsg.tls.contexts import client_context
 from tests.integration.conftest import StartServer
 
@@ -102,3 +114,50 @@ async def test_a_certificate_name_outside_the_name_rule_is_refused(
     assert isinstance(refusal, Error) and refusal.code == "unauthorized"
     assert "not a valid name" in refusal.message
     assert [e["code"] for e in logs if e["event"] == "session_refused"] == ["unauthorized"]
+
+
+# -- logs and echoes that cannot be inflated --------------------------------------------------
+
+
+async def test_a_huge_unknown_type_is_neither_logged_nor_echoed_whole(
+    start_server: StartServer, raw: Any
+) -> None:
+    # Issue 11: 20 frames of a ~1 MiB `type` made 19.1 MiB of log and 19.1 MiB echoed.
+    server = await start_server(max_frame=1 << 20)
+    client = await raw(server.port, "mallory")
+    huge = "x" * ((1 << 20) - 6000)
+    frame = encode_frame(b'{"type":"' + huge.encode() + b'","id":"' + b"i" * 5000 + b'"}')
+    with capture_logs() as logs:
+        for _ in range(20):
+            client.send_raw(frame)
+        errors = [await client.recv_type(Error, timeout=10) for _ in range(20)]
+    echoed = sum(len(encode_frame_of(error)) for error in errors)
+    logged = sum(len(repr(entry)) for entry in logs)
+    assert {error.code for error in errors} == {"unknown_type"}
+    assert echoed < 20 * 300, echoed
+    assert logged < 20 * 1000, logged
+    assert all(error.ref is None for error in errors)  # an id past 128 characters is no ref
+
+
+async def test_repeated_faults_are_logged_a_few_times_then_summed_up_and_the_connection_closed(
+    start_server: StartServer, raw: Any
+) -> None:
+    server = await start_server(max_invalid_frames=30)
+    client = await raw(server.port, "mallory")
+    with capture_logs() as logs:
+        client.send_raw(encode_frame(b'{"type":"nonsense"}') * 40)
+        errors = []
+        with contextlib.suppress(EOFError):
+            while True:
+                errors.append(await client.recv_type(Error, timeout=5))
+        await asyncio.sleep(0.05)
+    # Frames read with the 30th were answered already: the close comes after them.
+    *answered, last = errors
+    assert 30 <= len(answered) <= 40 and {e.code for e in answered} == {"unknown_type"}
+    assert last.code == "bad_frame" and "30 invalid frames" in last.message
+    rejected = [e for e in logs if e["event"] == "frame_rejected"]
+    assert len(rejected) == LOGGED_FAULTS + 1  # the first ones, and the one that closes
+    [summary] = [e for e in logs if e["event"] == "faults_not_logged"]
+    assert summary["count"] == 30 - LOGGED_FAULTS
+    [closed] = [e for e in logs if e["event"] == "connection_closed"]
+    assert closed["reason"] == "bad_frame"
