@@ -42,6 +42,7 @@ __all__ = [
     "Hello",
     "Join",
     "Leave",
+    "MemberNames",
     "Members",
     "Message",
     "Ping",
@@ -326,10 +327,26 @@ class Presence(_Base, tag="presence", frozen=True):
     event: Literal["join", "leave"]
 
 
+class MemberNames(list[str]):
+    """The names of a ``members`` frame; ``truncated`` is True when the server cut the list
+    to fit its ``max_frame`` (the first names in sorted order are kept)."""
+
+    truncated = False
+
+
 class Members(_Base, tag="members", frozen=True):
     room: str
     names: list[str]
     ref: str | None = None
+    #: The server cut ``names`` to fit ``max_frame`` (sent only when true).
+    truncated: bool = False
+
+    def __post_init__(self) -> None:
+        if self.truncated:
+            # The flag travels with the names, so that whoever gets only the list knows.
+            names = MemberNames(self.names)
+            names.truncated = True
+            msgspec.structs.force_setattr(self, "names", names)
 
 
 class Error(_Base, tag="error", frozen=True):

@@ -86,6 +86,7 @@ class Broker:
         token: str | None = None,
         require_identity: bool = False,
         max_subscriptions: int = 1 << 62,
+        max_frame: int = 1 << 20,
     ) -> None:
         self.max_pending = max_pending
         self.max_pending_bytes = max_pending_bytes
@@ -93,6 +94,7 @@ class Broker:
         self.session_ttl = session_ttl
         self.max_msgs_per_sec = max_msgs_per_sec
         self.max_subscriptions = max_subscriptions
+        self.max_frame = max_frame
         self.policy = HelloPolicy(
             token=token.encode() if token else None, require_identity=require_identity
         )
@@ -189,8 +191,23 @@ class Broker:
         return True
 
     def who(self, room_filter: str, ref: str | None) -> bytes:
+        """The ``members`` frame: the names, sorted, as many as fit ``max_frame`` (the rest
+        cut, and ``truncated`` says so: a client cannot read a larger frame)."""
         names = sorted({member.name for member in self.rooms.members(room_filter)})
-        return encode_frame_of(Members(room=room_filter, names=names, ref=ref))
+        frame = encode_frame_of(Members(room=room_filter, names=names, ref=ref))
+        if len(frame) - 4 <= self.max_frame:
+            return frame
+        empty = encode_frame_of(Members(room=room_filter, names=[], ref=ref, truncated=True))
+        room = self.max_frame - (len(empty) - 4)
+        kept = 0
+        for name in names:  # names are ASCII (the name rule): one byte a character
+            room -= len(name) + 3  # "name" and a comma
+            if room < 0:
+                break
+            kept += 1
+        return encode_frame_of(
+            Members(room=room_filter, names=names[:kept], ref=ref, truncated=True)
+        )
 
     def publish(self, session: Session, msg: Publish, ts: float) -> None:
         members = self.rooms.match(msg.room)

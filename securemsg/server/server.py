@@ -76,6 +76,7 @@ class Server:
             token=read_token(config),
             require_identity=config.require_client_cert,
             max_subscriptions=config.max_subscriptions,
+            max_frame=config.max_frame,
         )
         self.connections: set[ServerConnection] = set()
         self._pending_handshakes = 0

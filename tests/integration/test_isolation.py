@@ -161,3 +161,23 @@ async def test_repeated_faults_are_logged_a_few_times_then_summed_up_and_the_con
     assert summary["count"] == 30 - LOGGED_FAULTS
     [closed] = [e for e in logs if e["event"] == "connection_closed"]
     assert closed["reason"] == "bad_frame"
+
+
+# -- bounded answers --------------------------------------------------------------------------
+
+
+async def test_who_on_a_room_too_large_for_one_frame_is_answered_cut_and_says_so(
+    start_server: StartServer, raw: Any, open_client: Any
+) -> None:
+    server = await start_server(max_frame=4096)
+    names = [f"{index:03d}" + "n" * 61 for index in range(80)]  # ~5.4 KB of names
+    for name in names:
+        member = await raw(server.port, name)
+        member.send(Join(room="crowd", id="j"))
+        await member.recv_type(ServerAck)
+        await member.close()  # its session stays, disconnected
+    client = await open_client(server.port, "asker")
+    found = await client.who("crowd")
+    assert getattr(found, "truncated", False) is True
+    assert 40 < len(found) < 80 and found == names[: len(found)]
+    assert getattr(await client.who("nobody"), "truncated", False) is False

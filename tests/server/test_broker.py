@@ -51,6 +51,10 @@ class FakeLink:
     def close_with(self, code: str, message: str) -> None:
         self.closed_with = (code, message)
 
+    @staticmethod
+    def decode(frame: bytes) -> list[ServerMessage]:
+        return [decode_server(payload) for payload in FrameDecoder(1 << 24).feed(frame)]
+
     def received(self) -> list[ServerMessage]:
         """What was queued, decoded, and forgotten."""
         decoder = FrameDecoder()
@@ -170,6 +174,25 @@ def test_who_names_each_member_once_sorted_with_the_ref() -> None:
     link = FakeLink()
     link.queue(broker.who("chat", "7"))
     assert link.received() == [Members(room="chat", names=["alice", "carol"], ref="7")]
+
+
+def test_who_never_answers_past_max_frame_and_says_when_it_cut_the_list() -> None:
+    # Issue 11: 16,500 sessions with 64-character names made a members frame of more than
+    # 1 MiB, which the client could not read: its who stayed in the outbox for good.
+    broker = Broker(max_frame=1 << 16)
+    names = [f"{index:05d}" + "n" * 59 for index in range(1500)]  # ~100 KB of names
+    for name in names:
+        session, _, _ = open_session(broker, name)
+        broker.join(session, "crowd")
+        broker.detach(session, session.link, 0.0)  # type: ignore[arg-type]
+    frame = broker.who("crowd", "r" * 128)
+    assert len(frame) <= 1 << 16
+    [members] = FakeLink.decode(frame)
+    assert isinstance(members, Members) and members.truncated
+    assert 900 < len(members.names) < 1500 and members.names == names[: len(members.names)]
+    assert members.names.truncated  # type: ignore[attr-defined]  # what the client sees
+    assert FakeLink.decode(broker.who("nobody", None)) == [Members(room="nobody", names=[])]
+    assert b"truncated" not in broker.who("nobody", None)
 
 
 # -- the session registry ---------------------------------------------------------------------
