@@ -87,6 +87,8 @@ class Broker:
         require_identity: bool = False,
         max_subscriptions: int = 1 << 62,
         max_frame: int = 1 << 20,
+        max_sessions: int = 1 << 62,
+        max_disconnected_bytes: int = 1 << 62,
     ) -> None:
         self.max_pending = max_pending
         self.max_pending_bytes = max_pending_bytes
@@ -95,6 +97,12 @@ class Broker:
         self.max_msgs_per_sec = max_msgs_per_sec
         self.max_subscriptions = max_subscriptions
         self.max_frame = max_frame
+        self.max_sessions = max_sessions
+        self.max_disconnected_bytes = max_disconnected_bytes
+        #: Disconnected sessions, longest disconnected first, and the bytes their delivery
+        #: logs hold: past max_sessions or max_disconnected_bytes the first ones end.
+        self.disconnected: dict[Session, None] = {}
+        self.disconnected_bytes = 0
         self.policy = HelloPolicy(
             token=token.encode() if token else None, require_identity=require_identity
         )
@@ -121,6 +129,11 @@ class Broker:
             if holder.link is not None:
                 raise ProtocolError(ErrorCode.NAME_TAKEN, f"the name {name!r} is in use")
             self.end(holder, reason="taken_over")
+        if len(self.by_token) >= self.max_sessions and not self._evict_oldest("max_sessions"):
+            raise ProtocolError(
+                ErrorCode.SERVER_BUSY,
+                f"the server holds {self.max_sessions} sessions (max_sessions), all connected",
+            )
         session = ServerSession(
             sid=f"s{next(self._ids)}",
             name=name,
@@ -137,6 +150,7 @@ class Broker:
         return Opened(session, resumed=False, replay=[], took_over=False)
 
     def _resume(self, session: Session, last_seq: int, link: Link, now: float) -> Opened:
+        self._reconnected(session)
         self._stop_waiting(session)  # what the old connection held died with it
         old = session.link
         if old is not None:
@@ -157,9 +171,44 @@ class Broker:
         resends it), so it waits for nobody any more."""
         if session.detach(link, expires_at=now + self.session_ttl):
             self._stop_waiting(session)
+            self.disconnected[session] = None
+            self.disconnected_bytes += session.delivery.pending_bytes
+            self._trim_disconnected()
+
+    def _reconnected(self, session: Session) -> None:
+        """``session`` is connected again, or ended: it no longer counts as disconnected."""
+        if session in self.disconnected:
+            del self.disconnected[session]
+            self.disconnected_bytes -= session.delivery.pending_bytes
+
+    def _trim_disconnected(self) -> None:
+        # Bounded: each turn ends one session, and none left means no bytes counted.
+        while self.disconnected_bytes > self.max_disconnected_bytes:
+            if not self._evict_oldest("max_disconnected_bytes"):
+                break
+
+    def _evict_oldest(self, limit: str) -> bool:
+        """End the session disconnected longest (its client learns of the gap when it
+        comes back, as after expiry); False when no session is disconnected."""
+        if not self.disconnected:
+            return False
+        session = next(iter(self.disconnected))
+        logger.warning(
+            "session_evicted",
+            session=session.id,
+            name=session.name,
+            limit=limit,
+            pending=len(session.delivery),
+            pending_bytes=session.delivery.pending_bytes,
+        )
+        self.end(session, reason="evicted")
+        # Freed now, not when its expiry timer would have fired.
+        session.delivery.ack(session.delivery.last_seq)
+        return True
 
     def end(self, session: Session, *, reason: str) -> list[str]:
         """Forget a session: its memberships end (with presence) and it cannot resume."""
+        self._reconnected(session)
         if self.by_name.get(session.name) is session:
             del self.by_name[session.name]
         self.by_token.pop(session.token, None)
@@ -251,6 +300,10 @@ class Broker:
             return
         self.messages_routed += 1
         link = session.link
+        if link is None and session in self.disconnected:
+            self.disconnected_bytes += len(prefix)
+            self._trim_disconnected()
+            return
         # Only in order: while earlier ones wait for the connection to drain, so does this.
         if link is not None and link.writable and log.sent_seq == seq - 1:
             log.sent_seq = seq

@@ -77,6 +77,8 @@ class Server:
             require_identity=config.require_client_cert,
             max_subscriptions=config.max_subscriptions,
             max_frame=config.max_frame,
+            max_sessions=config.max_sessions,
+            max_disconnected_bytes=config.max_disconnected_bytes,
         )
         self.connections: set[ServerConnection] = set()
         self._pending_handshakes = 0

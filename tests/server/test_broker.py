@@ -272,6 +272,59 @@ def test_messages_for_a_detached_session_are_kept_for_its_resume() -> None:
     assert opened.resumed and not opened.took_over and len(opened.replay) == 1
 
 
+# -- max_sessions and max_disconnected_bytes (issue 11) ------------------------------------------
+
+
+def test_past_max_sessions_the_session_disconnected_longest_ends_for_a_new_one() -> None:
+    # Issue 11: with max_connections 100 one client made 2,000 sessions (connect, hello,
+    # drop), each kept for session_ttl and each receiving every message.
+    broker = Broker(max_sessions=3)
+    sessions = {name: open_session(broker, name)[:2] for name in ("a", "b", "c")}
+    broker.join(sessions["b"][0], "chat")
+    broker.detach(*sessions["b"], now=1.0)
+    broker.detach(*sessions["a"], now=2.0)
+    with capture_logs() as logs:
+        open_session(broker, "d")
+    assert sorted(broker.by_name) == ["a", "c", "d"] and len(broker.by_token) == 3
+    [evicted] = [e for e in logs if e["event"] == "session_evicted"]
+    assert (evicted["name"], evicted["limit"]) == ("b", "max_sessions")
+    assert broker.rooms.filters_of(sessions["b"][0]) == frozenset()
+    # b comes back: a new session, so its client learns of the gap (resumed false).
+    _, _, opened = open_session(broker, "b", token=sessions["b"][0].token)
+    assert not opened.resumed
+    assert sorted(broker.by_name) == ["b", "c", "d"]  # a, the longest disconnected, went
+
+
+def test_past_max_sessions_with_none_disconnected_a_new_session_is_refused() -> None:
+    broker = Broker(max_sessions=2)
+    open_session(broker, "a")
+    open_session(broker, "b")
+    with pytest.raises(ProtocolError) as info:
+        open_session(broker, "c")
+    assert info.value.code == "server_busy" and "max_sessions" in info.value.message
+    assert sorted(broker.by_name) == ["a", "b"]
+
+
+def test_the_bytes_held_for_disconnected_sessions_stay_within_their_budget() -> None:
+    broker = Broker(max_disconnected_bytes=1_000)
+    sender, _, _ = open_session(broker, "sender")
+    away = [open_session(broker, f"away{index}")[:2] for index in range(3)]
+    for index, (session, link) in enumerate(away):
+        broker.join(session, "chat")
+        broker.detach(session, link, now=float(index))
+    with capture_logs() as logs:
+        for index in range(10):
+            publish(broker, sender, "chat", str(index))  # ~100 bytes for each of three
+            assert broker.disconnected_bytes <= 1_000
+    assert broker.disconnected_bytes == sum(s.delivery.pending_bytes for s in broker.disconnected)
+    evicted = [e["name"] for e in logs if e["event"] == "session_evicted"]
+    assert evicted[:2] == ["away0", "away1"]  # the longest disconnected first
+    assert [s.name for s in broker.disconnected] == ["away2"]
+    # A resume takes a session's bytes off the budget; an end does too.
+    _, _, opened = open_session(broker, "away2", token=away[2][0].token)
+    assert opened.resumed and broker.disconnected_bytes == 0 and not broker.disconnected
+
+
 # -- overflow -----------------------------------------------------------------------------------
 
 
