@@ -38,6 +38,10 @@ __all__ = ["Broker", "Link", "Opened"]
 
 logger = structlog.get_logger("securemsg.server.broker")
 
+#: What one remembered request id may cost, at most: a str of up to 128 characters (49 bytes
+#: of header) and its slot in a set.
+DEDUP_ID_BYTES = 208
+
 
 class Link(Protocol):
     """What the broker needs of a live connection."""
@@ -99,9 +103,10 @@ class Broker:
         self.max_frame = max_frame
         self.max_sessions = max_sessions
         self.max_disconnected_bytes = max_disconnected_bytes
-        #: Disconnected sessions, longest disconnected first, and the bytes their delivery
-        #: logs hold: past max_sessions or max_disconnected_bytes the first ones end.
-        self.disconnected: dict[Session, None] = {}
+        #: Disconnected sessions, longest disconnected first (each with the bytes its dedup
+        #: set is counted for), and the bytes they hold (delivery logs and dedup sets): past
+        #: max_sessions or max_disconnected_bytes the first ones end.
+        self.disconnected: dict[Session, int] = {}
         self.disconnected_bytes = 0
         self.policy = HelloPolicy(
             token=token.encode() if token else None, require_identity=require_identity
@@ -171,15 +176,16 @@ class Broker:
         resends it), so it waits for nobody any more."""
         if session.detach(link, expires_at=now + self.session_ttl):
             self._stop_waiting(session)
-            self.disconnected[session] = None
-            self.disconnected_bytes += session.delivery.pending_bytes
+            # A dedup set does not change while disconnected: counted once, at its largest.
+            dedup_bytes = self.disconnected[session] = len(session.recent) * DEDUP_ID_BYTES
+            self.disconnected_bytes += session.delivery.pending_bytes + dedup_bytes
             self._trim_disconnected()
 
     def _reconnected(self, session: Session) -> None:
         """``session`` is connected again, or ended: it no longer counts as disconnected."""
-        if session in self.disconnected:
-            del self.disconnected[session]
-            self.disconnected_bytes -= session.delivery.pending_bytes
+        dedup_bytes = self.disconnected.pop(session, None)
+        if dedup_bytes is not None:
+            self.disconnected_bytes -= session.delivery.pending_bytes + dedup_bytes
 
     def _trim_disconnected(self) -> None:
         # Bounded: each turn ends one session, and none left means no bytes counted.

@@ -23,7 +23,7 @@ from securemsg.core.messages import (
 )
 from securemsg.core.server_session import ServerSession
 from securemsg.errors import ProtocolError
-from securemsg.server.broker import Broker, Link, Opened
+from securemsg.server.broker import DEDUP_ID_BYTES, Broker, Link, Opened
 
 BODY = msgspec.Raw(b'"hi"')
 
@@ -323,6 +323,21 @@ def test_the_bytes_held_for_disconnected_sessions_stay_within_their_budget() -> 
     # A resume takes a session's bytes off the budget; an end does too.
     _, _, opened = open_session(broker, "away2", token=away[2][0].token)
     assert opened.resumed and broker.disconnected_bytes == 0 and not broker.disconnected
+
+
+def test_the_dedup_sets_of_disconnected_sessions_count_in_their_budget() -> None:
+    # Issue 11: most of an idle session is its dedup set (up to 2 x dedup_window ids).
+    broker = Broker(max_disconnected_bytes=50 * DEDUP_ID_BYTES)
+    quiet, quiet_link, _ = open_session(broker, "quiet")
+    busy, busy_link, _ = open_session(broker, "busy")
+    for index in range(40):
+        quiet.recent.seen(f"q{index}")
+        busy.recent.seen(f"b{index}")
+    broker.detach(quiet, quiet_link, now=1.0)
+    assert broker.disconnected_bytes == 40 * DEDUP_ID_BYTES
+    broker.detach(busy, busy_link, now=2.0)  # 80 ids in all: the longest away goes
+    assert [s.name for s in broker.disconnected] == ["busy"]
+    assert broker.disconnected_bytes == 40 * DEDUP_ID_BYTES and "quiet" not in broker.by_name
 
 
 # -- overflow -----------------------------------------------------------------------------------
