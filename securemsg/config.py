@@ -162,8 +162,8 @@ FIELD_HELP: Final[dict[str, dict[str, str]]] = {
         "max_connections": "connections served at once",
         "max_sessions": "sessions kept, connected or not; past it the longest disconnected "
         "one ends, and a new session is refused when none is disconnected",
-        "max_disconnected_bytes": "bytes of undelivered messages kept for all disconnected "
-        "sessions together; past it the longest disconnected ones end",
+        "max_disconnected_bytes": "bytes held for all disconnected sessions together "
+        "(undelivered messages, remembered ids); past it the longest disconnected ones end",
         "max_subscriptions": "rooms and filters one session may join",
         "max_invalid_frames": "invalid frames one connection may send before it is closed",
         "max_msgs_per_sec": "messages per second one client may send; 0 means no limit",

@@ -24,6 +24,7 @@ from securemsg.core.messages import (
 )
 from securemsg.server.connection import LOGGED_FAULTS
 from securemsg.tls.contexts import client_context
+from tests.faults import record_figure
 from tests.integration.conftest import StartServer
 
 POISON = {
@@ -133,6 +134,7 @@ async def test_a_huge_unknown_type_is_neither_logged_nor_echoed_whole(
         errors = [await client.recv_type(Error, timeout=10) for _ in range(20)]
     echoed = sum(len(encode_frame_of(error)) for error in errors)
     logged = sum(len(repr(entry)) for entry in logs)
+    record_figure("20 frames with a 1 MiB unknown type", echoed_bytes=echoed, logged_bytes=logged)
     assert {error.code for error in errors} == {"unknown_type"}
     assert echoed < 20 * 300, echoed
     assert logged < 20 * 1000, logged
