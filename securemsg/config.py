@@ -103,6 +103,10 @@ class ServerConfig(_Config, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     max_frame: int = 1 * _MIB
     max_depth: int = DEFAULT_MAX_DEPTH
     max_connections: int = 10_000
+    max_sessions: int = 20_000
+    max_disconnected_bytes: int = 256 * _MIB
+    max_subscriptions: int = 1_000
+    max_invalid_frames: int = 100
     max_msgs_per_sec: float = 0.0
     dedup_window: int = 10_000
     shutdown_timeout: float = 5.0
@@ -165,6 +169,12 @@ FIELD_HELP: Final[dict[str, dict[str, str]]] = {
         "max_frame": "largest frame accepted, in bytes",
         "max_depth": f"arrays and objects a message body may nest, 1 to {MAX_MAX_DEPTH}",
         "max_connections": "connections served at once",
+        "max_sessions": "sessions kept, connected or not; past it the longest disconnected "
+        "one ends, and a new session is refused when none is disconnected",
+        "max_disconnected_bytes": "bytes held for all disconnected sessions together "
+        "(undelivered messages, remembered ids); past it the longest disconnected ones end",
+        "max_subscriptions": "rooms and filters one session may join",
+        "max_invalid_frames": "invalid frames one connection may send before it is closed",
         "max_msgs_per_sec": "messages per second one client may send; 0 means no limit",
         "dedup_window": "recent message ids remembered per client to drop duplicates",
         "shutdown_timeout": "seconds to drain connections when shutting down",
@@ -208,8 +218,11 @@ _DURATIONS: Final = frozenset(
     " reconnect_base reconnect_cap connect_timeout".split()
 )
 _SIZES: Final = frozenset(
-    "max_pending max_pending_bytes max_outgoing_bytes max_frame max_connections dedup_window"
-    " max_outbox max_outbox_bytes".split()
+    (
+        "max_pending max_pending_bytes max_outgoing_bytes max_frame max_connections dedup_window"
+        " max_outbox max_outbox_bytes max_sessions max_disconnected_bytes max_subscriptions"
+        " max_invalid_frames"
+    ).split()
 )
 _ZERO_MEANS_OFF: Final = frozenset(
     {"max_msgs_per_sec", "max_attempts", "loop_stall_threshold", "cert_expiry_warning_days"}
@@ -281,6 +294,14 @@ def _find_problem(config: ServerConfig | ClientConfig) -> _Problem | None:
 def _masked(config: _Config, name: str) -> Any:
     value = getattr(config, name)
     return "***" if name == "token" and value is not None else value
+
+
+def _shown(name: str, value: Any) -> str:
+    """``value`` as an error message may show it: never a token, and never long."""
+    if name == "token":
+        return "a value that is not shown (it may be a secret)"
+    text = repr(value)
+    return text if len(text) <= 200 else text[:200] + "\u2026"
 
 
 def _one_of(values: Collection[object]) -> str:
@@ -404,7 +425,7 @@ def load_config(
         try:
             values[name] = _typed(fields[name], value)
         except ValueError as exc:
-            raise ConfigError(f"{flag}: expected {exc}, got {value!r}") from None
+            raise ConfigError(f"{flag}: expected {exc}, got {_shown(name, value)}") from None
         sources[name] = (3, flag)
     try:
         return cls(**values)
@@ -449,7 +470,7 @@ def _read_file(cls: type[_Config], path: Path) -> dict[str, Any]:
             values[name] = _typed(fields[name], value)
         except ValueError as exc:
             raise ConfigError(
-                f"{path}: expected {exc} for {name!r} in [{cls.section}], got {value!r}"
+                f"{path}: expected {exc} for {name!r} in [{cls.section}], got {_shown(name, value)}"
             ) from None
     return values
 
@@ -502,7 +523,13 @@ def _metavar(field: _Field) -> str | None:
         return "DAYS"
     if field.name in _DURATIONS or field.name in {"max_msgs_per_sec", "loop_stall_threshold"}:
         return "SECONDS" if field.name != "max_msgs_per_sec" else "RATE"
-    if field.name in {"max_outgoing_bytes", "max_frame", "max_pending_bytes", "max_outbox_bytes"}:
+    if field.name in {
+        "max_outgoing_bytes",
+        "max_frame",
+        "max_pending_bytes",
+        "max_outbox_bytes",
+        "max_disconnected_bytes",
+    }:
         return "BYTES"
     if isinstance(field.info, msgspec.inspect.IntType):
         return "PORT" if field.name.endswith("port") else "N"

@@ -409,3 +409,16 @@ def test_fields_with_defaults_lists_every_field_with_help() -> None:
         for name, default, help_text in rows:
             assert default == getattr(defaults, name)
             assert help_text
+
+
+@pytest.mark.parametrize("value", ['["s3cr3t-value"]', "{ secret = 's3cr3t-value' }"])
+def test_a_token_of_the_wrong_type_is_not_echoed(tmp_path: Path, value: str) -> None:
+    path = tmp_path / "server.toml"
+    path.write_text(f"[server]\ntoken = {value}\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as info:
+        load_config(ServerConfig, path=path, env={})
+    assert "s3cr3t" not in str(info.value)
+    assert "'token'" in str(info.value)
+    with pytest.raises(ConfigError) as info:
+        load_config(ClientConfig, env={}, overrides={"token": ["s3cr3t-value"]})
+    assert "s3cr3t" not in str(info.value)

@@ -52,6 +52,7 @@ from securemsg.core.messages import (
     Direct,
     Join,
     Leave,
+    MemberNames,
     Publish,
     Who,
     encode_body,
@@ -249,12 +250,14 @@ class Client:
         await self._mailbox.send(lambda i: Leave(room=room, id=i), True, timeout, f"leave {room!r}")
 
     async def who(self, room: str, *, timeout: float | None = None) -> list[str]:
-        """The names of the members of ``room``, sorted."""
+        """The names of the members of ``room``, sorted. When they would not fit the
+        server's ``max_frame`` the server sends the first ones, and the list returned is a
+        :class:`~securemsg.core.messages.MemberNames` whose ``truncated`` is True."""
         _check(is_valid_room_filter, room, "room filter")
         names = await self._mailbox.send(
             lambda i: Who(room=room, id=i), True, timeout, f"who {room!r}"
         )
-        return list(names)
+        return names if type(names) is MemberNames else list(names)
 
     # -- sending --------------------------------------------------------------------------------
 

@@ -43,6 +43,7 @@ __all__ = [
     "Hello",
     "Join",
     "Leave",
+    "MemberNames",
     "Members",
     "Message",
     "Ping",
@@ -65,6 +66,7 @@ __all__ = [
     "is_valid_name",
     "is_valid_room",
     "is_valid_room_filter",
+    "shorten",
 ]
 
 PROTOCOL_VERSION: Final = 2
@@ -107,7 +109,9 @@ class ErrorCode(StrEnum):
     NOT_MEMBER = "not_member"
     RATE_LIMITED = "rate_limited"
     SLOW_CONSUMER = "slow_consumer"
+    SERVER_BUSY = "server_busy"
     SESSION_TAKEN_OVER = "session_taken_over"
+    TOO_MANY_ROOMS = "too_many_rooms"
 
 
 #: The ``reason`` of the ``bye`` a server sends every client when it shuts down.
@@ -125,6 +129,7 @@ FATAL_CODES: Final = frozenset(
         ErrorCode.UNAUTHORIZED,
         ErrorCode.NAME_TAKEN,
         ErrorCode.SLOW_CONSUMER,
+        ErrorCode.SERVER_BUSY,
         ErrorCode.SESSION_TAKEN_OVER,
     }
 )
@@ -162,6 +167,16 @@ is_valid_room: Final = _Validator(ROOM_PATTERN)
 is_valid_name: Final = _Validator(NAME_PATTERN)
 #: Is this a valid room filter (join, leave, who: ``*`` and a final ``>`` allowed)?
 is_valid_room_filter: Final = _Validator(ROOM_FILTER_PATTERN)
+
+
+#: The most characters of a client's string that an error text or a log line repeats: a
+#: client must not be able to inflate the server's log, or the error echoed to it.
+SHOWN_CHARS: Final = 64
+
+
+def shorten(text: str, limit: int = SHOWN_CHARS) -> str:
+    """``text`` cut to ``limit`` characters, with an ellipsis when cut (for errors and logs)."""
+    return text if len(text) <= limit else text[:limit] + "\u2026"
 
 
 def _check_room(room: str) -> None:
@@ -317,10 +332,26 @@ class Presence(_Base, tag="presence", frozen=True):
     event: Literal["join", "leave"]
 
 
+class MemberNames(list[str]):
+    """The names of a ``members`` frame; ``truncated`` is True when the server cut the list
+    to fit its ``max_frame`` (the first names in sorted order are kept)."""
+
+    truncated = False
+
+
 class Members(_Base, tag="members", frozen=True):
     room: str
     names: list[str]
     ref: str | None = None
+    #: The server cut ``names`` to fit ``max_frame`` (sent only when true).
+    truncated: bool = False
+
+    def __post_init__(self) -> None:
+        if self.truncated:
+            # The flag travels with the names, so that whoever gets only the list knows.
+            names = MemberNames(self.names)
+            names.truncated = True
+            msgspec.structs.force_setattr(self, "names", names)
 
 
 class Error(_Base, tag="error", frozen=True):
@@ -446,7 +477,7 @@ def _decode(payload: bytes, decoder: msgspec.json.Decoder[Any], types: frozenset
     except msgspec.ValidationError as exc:
         raise _classify(payload, str(exc), types) from None
     except msgspec.DecodeError as exc:
-        raise ProtocolError("bad_frame", f"frame is not valid JSON: {exc}") from None
+        raise ProtocolError("bad_frame", f"frame is not valid JSON: {shorten(str(exc))}") from None
     except RecursionError:
         raise _too_deep(payload) from None
 
@@ -458,7 +489,7 @@ def _too_deep(payload: bytes) -> ProtocolError:
     return ProtocolError(
         "bad_message",
         "message nests too deep to decode",
-        ref=ref if isinstance(ref, str) else None,
+        ref=ref if isinstance(ref, str) and len(ref) <= 128 else None,
     )
 
 
@@ -484,19 +515,22 @@ def _classify(payload: bytes, detail: str, types: frozenset[str]) -> ProtocolErr
     try:
         obj = _any_decoder.decode(payload)
     except msgspec.DecodeError as exc:
-        return ProtocolError("bad_frame", f"frame is not valid JSON: {exc}")
+        return ProtocolError("bad_frame", f"frame is not valid JSON: {shorten(str(exc))}")
     except RecursionError:
         return _too_deep(payload)
     if not isinstance(obj, dict):
-        return ProtocolError("bad_frame", f"frame is not a JSON object: {detail}")
+        return ProtocolError("bad_frame", f"frame is not a JSON object: {shorten(detail)}")
     ref = obj.get("id")
-    ref = ref if isinstance(ref, str) else None
+    # An id is echoed as ref only when it could be one (MsgId: at most 128 characters).
+    ref = ref if isinstance(ref, str) and len(ref) <= 128 else None
     kind = obj.get("type")
     if not isinstance(kind, str):
         return ProtocolError("bad_message", "message has no string field 'type'", ref=ref)
     if kind not in types:
-        return ProtocolError("unknown_type", f"unknown message type {kind!r}", ref=ref)
-    return ProtocolError("bad_message", f"invalid {kind!r} message: {_explain(detail)}", ref=ref)
+        return ProtocolError("unknown_type", f"unknown message type {shorten(kind)!r}", ref=ref)
+    return ProtocolError(
+        "bad_message", f"invalid {kind!r} message: {shorten(_explain(detail), 200)}", ref=ref
+    )
 
 
 _RULES: Final = {

@@ -11,7 +11,8 @@ detaches it when the connection is gone, at which point the session may be resum
 
 Every request (``join``, ``leave``, ``publish``, ``direct``, ``who``) passes, in order:
 
-1. the rate limit: a token bucket of ``rate`` tokens a second, refilled on attach;
+1. the rate limit: a token bucket of ``rate`` tokens a second, refilled on attach (and a
+   ``join`` past ``max_subscriptions`` is refused, as it would hold memory and matching work);
 2. deduplication by id, for every request kind: a client resends what it has no answer for
    after a cut, with the same ids, so an id seen before is acknowledged again (``who``, which
    changes nothing, is answered again) and not carried out twice;
@@ -36,6 +37,7 @@ the returned events (:class:`RequestRefused`, :class:`Joined`, :class:`Left`,
 from __future__ import annotations
 
 import hmac
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
 
@@ -55,6 +57,8 @@ from securemsg.core.messages import (
     Publish,
     ServerAck,
     Who,
+    is_valid_name,
+    shorten,
 )
 from securemsg.errors import ProtocolError
 
@@ -122,6 +126,12 @@ class Router(Protocol[L]):
 
     def join(self, session: ServerSession[L], room_filter: str) -> None: ...
 
+    def subscription_count(self, session: ServerSession[L]) -> int:
+        """How many rooms and filters ``session`` has joined (cheap: every join asks)."""
+
+    def subscriptions(self, session: ServerSession[L]) -> Collection[str]:
+        """The rooms and filters ``session`` has joined (asked only at the limit)."""
+
     def leave(self, session: ServerSession[L], room_filter: str) -> bool:
         """False when the session was not a member."""
 
@@ -131,14 +141,22 @@ class Router(Protocol[L]):
 
 @dataclass(frozen=True, slots=True)
 class HelloPolicy:
-    """Who may open a session: the protocol version, the shared token, and under mutual TLS
-    the name the client certificate gives."""
+    """Who may open a session: the protocol version, the shared token, and the name.
+
+    A verified client certificate binds the name whenever one was presented (with ``--ca``
+    the TLS layer verifies any certificate offered), not only under required mutual TLS:
+    otherwise a client holding alice's certificate could register as bob. Every name, claimed
+    or from a certificate, follows the one name rule (``NAME_PATTERN``): a certificate name
+    such as ``Alice Smith <ops>``, or one holding a newline, is refused, not shown raw."""
 
     token: bytes | None = field(default=None, repr=False)
     require_identity: bool = False
 
     def admit(self, hello: Hello, *, identity: str | None) -> str:
-        """The session's name, or :class:`ProtocolError` with the code to refuse with."""
+        """The session's name, or :class:`ProtocolError` with the code to refuse with.
+
+        ``identity`` is the name of the client's verified certificate, None when it
+        presented none."""
         if hello.version != PROTOCOL_VERSION:
             raise ProtocolError(
                 ErrorCode.UNSUPPORTED_VERSION,
@@ -149,15 +167,21 @@ class HelloPolicy:
             offered = (hello.token or "").encode()
             if not hmac.compare_digest(offered, self.token):
                 raise ProtocolError(ErrorCode.UNAUTHORIZED, "the token is missing or wrong")
-        if self.require_identity:
-            if identity is None:
-                raise ProtocolError(ErrorCode.UNAUTHORIZED, "a client certificate is required")
+        if identity is not None:
+            if not is_valid_name(identity):
+                raise ProtocolError(
+                    ErrorCode.UNAUTHORIZED,
+                    f"the client certificate's name {shorten(identity)!r} is not a valid name "
+                    "(names are 1 to 64 letters, digits, '_', '-', '.' or '@')",
+                )
             if hello.name is not None and hello.name != identity:
                 raise ProtocolError(
                     ErrorCode.UNAUTHORIZED,
                     f"the name {hello.name!r} differs from the certificate's {identity!r}",
                 )
             return identity
+        if self.require_identity:
+            raise ProtocolError(ErrorCode.UNAUTHORIZED, "a client certificate is required")
         if hello.name is None:
             raise ProtocolError(ErrorCode.BAD_MESSAGE, "'hello' needs a 'name'")
         return hello.name
@@ -178,6 +202,7 @@ class ServerSession(Generic[L]):
         "expires_at",
         "id",
         "link",
+        "max_subscriptions",
         "name",
         "rate",
         "recent",
@@ -197,6 +222,7 @@ class ServerSession(Generic[L]):
         dedup_window: int,
         max_pending_bytes: int = 1 << 62,
         rate: float = 0.0,
+        max_subscriptions: int = 1 << 62,
     ) -> None:
         self.id = sid
         self.name = name
@@ -207,6 +233,8 @@ class ServerSession(Generic[L]):
         self.expires_at: float | None = None
         #: Requests a second (0: no limit).
         self.rate = rate
+        #: Rooms and filters the session may hold: each costs memory and matching work.
+        self.max_subscriptions = max_subscriptions
         # A bucket must hold at least one token, or a rate below 1/s would refuse everything.
         self._burst = max(1.0, rate)
         self._tokens = self._burst
@@ -306,6 +334,12 @@ class ServerSession(Generic[L]):
             self.hold_ack(msg_id, now)
             return None
         if isinstance(message, Join):
+            limit = self.max_subscriptions
+            if router.subscription_count(self) >= limit and message.room not in (
+                router.subscriptions(self)
+            ):
+                text = f"a session may join at most {limit} rooms and filters; leave one first"
+                return self._refuse(msg_id, ErrorCode.TOO_MANY_ROOMS, text)
             router.join(self, message.room)
             self.hold_ack(msg_id, now)
             return Joined(message.room)

@@ -40,6 +40,10 @@ __all__ = ["Broker", "Link", "Opened"]
 
 logger = structlog.get_logger("securemsg.server.broker")
 
+#: What one remembered request id may cost, at most: a str of up to 128 characters (49 bytes
+#: of header) and its slot in a set.
+DEDUP_ID_BYTES = 208
+
 
 class Link(Protocol):
     """What the broker needs of a live connection."""
@@ -88,12 +92,25 @@ class Broker:
         token: str | None = None,
         require_identity: bool = False,
         store: SessionStore | None = None,
+        max_subscriptions: int = 1 << 62,
+        max_frame: int = 1 << 20,
+        max_sessions: int = 1 << 62,
+        max_disconnected_bytes: int = 1 << 62,
     ) -> None:
         self.max_pending = max_pending
         self.max_pending_bytes = max_pending_bytes
         self.dedup_window = dedup_window
         self.session_ttl = session_ttl
         self.max_msgs_per_sec = max_msgs_per_sec
+        self.max_subscriptions = max_subscriptions
+        self.max_frame = max_frame
+        self.max_sessions = max_sessions
+        self.max_disconnected_bytes = max_disconnected_bytes
+        #: Disconnected sessions, longest disconnected first (each with the bytes its dedup
+        #: set is counted for), and the bytes they hold (delivery logs and dedup sets): past
+        #: max_sessions or max_disconnected_bytes the first ones end.
+        self.disconnected: dict[Session, int] = {}
+        self.disconnected_bytes = 0
         self.policy = HelloPolicy(
             token=token.encode() if token else None, require_identity=require_identity
         )
@@ -126,6 +143,11 @@ class Broker:
             if holder.link is not None:
                 raise ProtocolError(ErrorCode.NAME_TAKEN, f"the name {name!r} is in use")
             self.end(holder, reason="taken_over")
+        if len(self.by_token) >= self.max_sessions and not self._evict_oldest("max_sessions"):
+            raise ProtocolError(
+                ErrorCode.SERVER_BUSY,
+                f"the server holds {self.max_sessions} sessions (max_sessions), all connected",
+            )
         session = ServerSession(
             sid=f"s{next(self._ids)}",
             name=name,
@@ -134,6 +156,7 @@ class Broker:
             max_pending_bytes=self.max_pending_bytes,
             dedup_window=self.dedup_window,
             rate=self.max_msgs_per_sec,
+            max_subscriptions=self.max_subscriptions,
         )
         session.attach(link, now)
         self.by_name[name] = session
@@ -142,6 +165,7 @@ class Broker:
         return Opened(session, resumed=False, replay=[], took_over=False)
 
     def _resume(self, session: Session, last_seq: int, link: Link, now: float) -> Opened:
+        self._reconnected(session)
         self._stop_waiting(session)  # what the old connection held died with it
         old = session.link
         if old is not None:
@@ -166,9 +190,45 @@ class Broker:
             self._stop_waiting(session)
             if self._durable:
                 self.store.session_detached(session.id, expires_at=wall + self.session_ttl)
+            # A dedup set does not change while disconnected: counted once, at its largest.
+            dedup_bytes = self.disconnected[session] = len(session.recent) * DEDUP_ID_BYTES
+            self.disconnected_bytes += session.delivery.pending_bytes + dedup_bytes
+            self._trim_disconnected()
+
+    def _reconnected(self, session: Session) -> None:
+        """``session`` is connected again, or ended: it no longer counts as disconnected."""
+        dedup_bytes = self.disconnected.pop(session, None)
+        if dedup_bytes is not None:
+            self.disconnected_bytes -= session.delivery.pending_bytes + dedup_bytes
+
+    def _trim_disconnected(self) -> None:
+        # Bounded: each turn ends one session, and none left means no bytes counted.
+        while self.disconnected_bytes > self.max_disconnected_bytes:
+            if not self._evict_oldest("max_disconnected_bytes"):
+                break
+
+    def _evict_oldest(self, limit: str) -> bool:
+        """End the session disconnected longest (its client learns of the gap when it
+        comes back, as after expiry); False when no session is disconnected."""
+        if not self.disconnected:
+            return False
+        session = next(iter(self.disconnected))
+        logger.warning(
+            "session_evicted",
+            session=session.id,
+            name=session.name,
+            limit=limit,
+            pending=len(session.delivery),
+            pending_bytes=session.delivery.pending_bytes,
+        )
+        self.end(session, reason="evicted")
+        # Freed now, not when its expiry timer would have fired.
+        session.delivery.ack(session.delivery.last_seq)
+        return True
 
     def end(self, session: Session, *, reason: str) -> list[str]:
         """Forget a session: its memberships end (with presence) and it cannot resume."""
+        self._reconnected(session)
         if self.by_name.get(session.name) is session:
             del self.by_name[session.name]
         self.by_token.pop(session.token, None)
@@ -189,6 +249,12 @@ class Broker:
             if self._durable:
                 self.store.joined(session.id, room_filter)
 
+    def subscription_count(self, session: Session) -> int:
+        return self.rooms.subscription_count(session)
+
+    def subscriptions(self, session: Session) -> frozenset[str]:
+        return self.rooms.filters_of(session)
+
     def leave(self, session: Session, room_filter: str) -> bool:
         """False when the session was not a member."""
         if not self.rooms.leave(session, room_filter):
@@ -199,8 +265,23 @@ class Broker:
         return True
 
     def who(self, room_filter: str, ref: str | None) -> bytes:
+        """The ``members`` frame: the names, sorted, as many as fit ``max_frame`` (the rest
+        cut, and ``truncated`` says so: a client cannot read a larger frame)."""
         names = sorted({member.name for member in self.rooms.members(room_filter)})
-        return encode_frame_of(Members(room=room_filter, names=names, ref=ref))
+        frame = encode_frame_of(Members(room=room_filter, names=names, ref=ref))
+        if len(frame) - 4 <= self.max_frame:
+            return frame
+        empty = encode_frame_of(Members(room=room_filter, names=[], ref=ref, truncated=True))
+        room = self.max_frame - (len(empty) - 4)
+        kept = 0
+        for name in names:  # names are ASCII (the name rule): one byte a character
+            room -= len(name) + 3  # "name" and a comma
+            if room < 0:
+                break
+            kept += 1
+        return encode_frame_of(
+            Members(room=room_filter, names=names[:kept], ref=ref, truncated=True)
+        )
 
     def publish(self, session: Session, msg: Publish, ts: float) -> None:
         self.messages_received += 1
@@ -255,6 +336,11 @@ class Broker:
             return 0
         self.messages_routed += 1
         link = session.link
+        if link is None and session in self.disconnected:
+            self.disconnected_bytes += len(prefix)
+            self._trim_disconnected()
+            # 0 when that ended this very session: nothing is kept (or stored) for it.
+            return seq if session in self.disconnected else 0
         # Only in order: while earlier ones wait for the connection to drain, so does this.
         if link is not None and link.writable and log.sent_seq == seq - 1:
             log.sent_seq = seq

@@ -71,9 +71,23 @@ class ConnectionHost(Protocol):
     def session_ended(self, session: ServerSession[Link]) -> None: ...
 
 
-__all__ = ["ConnectionHost", "ServerConnection"]
+__all__ = ["LOGGED_FAULTS", "ConnectionHost", "ServerConnection"]
+
+#: Faults of one connection (rejected frames, refused requests) logged one by one; past
+#: these they are only counted, and one ``faults_not_logged`` line at close gives the count:
+#: a client must not be able to fill the server's log (log writes block the event loop).
+LOGGED_FAULTS = 10
 
 _logger = structlog.get_logger("securemsg.server.server")
+#: Fairness (issue 11): a read of 256 KiB may hold thousands of tiny frames, and carrying them
+#: all out in one callback would make every other client wait. What a connection sent is fed
+#: to the core in slices, one per event-loop callback, sized so that a slice takes about
+#: _SLICE_TIME (halved when one took longer, doubled when one took under a quarter of it; a
+#: join costs ~8 times a publish). Requests held back by flow control: _BATCH per callback.
+_SLICE_MIN = 4 * 1024
+_SLICE_MAX = 256 * 1024
+_SLICE_TIME = 0.004
+_BATCH = 1024
 _SLOW_CONSUMER_GRACE = 1.0  # seconds a slow consumer's close may take before we abort
 
 
@@ -81,16 +95,22 @@ class ServerConnection(asyncio.BufferedProtocol):
     # Slots: a server holds thousands of these, mostly idle; a __dict__ would cost ~1 KB each.
     __slots__ = (
         "_ack_timer",
+        "_backlog",
         "_close_reason",
         "_durable",
+        "_faults",
         "_flush_scheduled",
+        "_invalid",
         "_loop",
         "_read_buffer",
         "_reading_paused",
         "_session_id",
         "_session_name",
+        "_slice",
         "_stash",
         "_timer_slot",
+        "_transport_reading",
+        "_turn",
         "accepted_at",
         "broker",
         "closed",
@@ -134,6 +154,8 @@ class ServerConnection(asyncio.BufferedProtocol):
         # Armed at the session's ack_due_at while it holds acks (see _flush).
         self._ack_timer: asyncio.TimerHandle | None = None
         self._close_reason = "peer_closed"
+        self._faults = 0  # rejected frames and refused requests, logged or not
+        self._invalid = 0  # rejected frames (max_invalid_frames closes the connection)
         self.closed = self._loop.create_future()
         self._durable = self.broker.store.durable
         self.writable = True
@@ -141,6 +163,11 @@ class ServerConnection(asyncio.BufferedProtocol):
         # here, in order, and reading stops until the broker says go on.
         self._reading_paused = False
         self._stash: list[MessageReceived] | None = None
+        # Fairness: bytes read and not yet fed to the core (reading stops meanwhile).
+        self._backlog: bytearray | None = None
+        self._transport_reading = True
+        self._slice = 64 * 1024
+        self._turn = 0
 
     @property
     def log(self) -> FilteringBoundLogger:
@@ -172,6 +199,69 @@ class ServerConnection(asyncio.BufferedProtocol):
         self.data_received(self._read_buffer[:nbytes].tobytes())
 
     def data_received(self, data: bytes) -> None:
+        if self._backlog is not None:  # read while pausing: after what waits already
+            self._backlog += data
+            return
+        # A transport may hand over many reads in one callback (a TLS record each): the
+        # slice is per callback, counted in _turn until the loop comes round (_turn_over).
+        turn = self._turn
+        if not turn:
+            self._loop.call_soon(self._turn_over)
+        room = self._slice - turn
+        if len(data) <= room:
+            self._turn = turn + len(data)
+            self._receive(data)
+            return
+        self._turn = self._slice
+        self._backlog = bytearray(data[room:])
+        self._update_reading()
+        self._loop.call_soon(self._read_backlog)
+        if room > 0:
+            self._receive_slice(data[:room])
+
+    def _turn_over(self) -> None:
+        self._turn = 0
+
+    def _read_backlog(self) -> None:
+        """Feed the core the next slice of what was read (one slice per callback)."""
+        backlog = self._backlog
+        if backlog is None:
+            return
+        size = self._slice
+        data = bytes(backlog[:size])
+        del backlog[:size]
+        if not backlog:
+            self._backlog = None
+            self._update_reading()
+        else:
+            self._loop.call_soon(self._read_backlog)
+        if self.core.state is not ConnectionState.CLOSED:
+            self._receive_slice(data)
+
+    def _receive_slice(self, data: bytes) -> None:
+        started = time.perf_counter()
+        self._receive(data)
+        spent = time.perf_counter() - started
+        if spent > _SLICE_TIME:
+            self._slice = max(_SLICE_MIN, self._slice // 2)
+        elif spent < _SLICE_TIME / 4:
+            self._slice = min(_SLICE_MAX, self._slice * 2)
+
+    def _update_reading(self) -> None:
+        """Read from the transport unless flow control or a backlog says wait."""
+        transport = self.transport
+        reading = not self._reading_paused and self._backlog is None
+        if reading is self._transport_reading or transport is None or transport.is_closing():
+            return
+        self._transport_reading = reading
+        if reading:
+            # The silence while we did not read was ours, not the client's.
+            self.core.last_received = self._loop.time()
+            transport.resume_reading()
+        else:
+            transport.pause_reading()
+
+    def _receive(self, data: bytes) -> None:
         core = self.core
         now = self._loop.time()
         events = core.receive_data(data, now)
@@ -230,8 +320,7 @@ class ServerConnection(asyncio.BufferedProtocol):
         self._reading_paused = True
         if self._stash is None:
             self._stash = []
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.pause_reading()
+        self._update_reading()
 
     def resume_reading(self) -> None:
         if not self._reading_paused:
@@ -250,22 +339,23 @@ class ServerConnection(asyncio.BufferedProtocol):
         for event in stash:
             done += 1
             self._on_message(event.message, now, ts)
-            if self._reading_paused or not self.core.is_active:
+            if self._reading_paused or not self.core.is_active or done == _BATCH:
                 break
         del stash[:done]
         if not self._reading_paused:
             self._stash = None if not stash else stash
             if stash:
                 self._loop.call_soon(self._carry_on)
-            elif self.transport is not None and not self.transport.is_closing():
-                # The silence while we did not read was ours, not the client's.
-                self.core.last_received = now
-                self.transport.resume_reading()
+            else:
+                self._update_reading()
         self._flush()
         if self.core.state is ConnectionState.CLOSING:
             self._close()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        backlog, self._backlog = self._backlog, None
+        if backlog and self.core.is_active:  # what was read is carried out, as it always was
+            self._receive(bytes(backlog))
         self.core.connection_lost()
         self._cancel_timer()
         self._cancel_ack_timer()
@@ -274,6 +364,8 @@ class ServerConnection(asyncio.BufferedProtocol):
             self.broker.detach(session, self, self._loop.time(), wall=time.time())
             self.server.session_detached(session)
         core = self.core
+        if self._faults > LOGGED_FAULTS:
+            self.log.warning("faults_not_logged", count=self._faults - LOGGED_FAULTS)
         self.log.info(
             "connection_closed",
             name=self._name,
@@ -416,15 +508,29 @@ class ServerConnection(asyncio.BufferedProtocol):
     def _on_rejected(self, event: FrameRejected) -> None:
         error = event.error
         self.server.refused_requests[error.code] += 1
-        self.log.warning(
-            "frame_rejected",
-            name=self._name,
-            code=error.code,
-            reason=error.message,
-            fatal=event.fatal,
-        )
+        self._faults += 1
+        if self._faults <= LOGGED_FAULTS or event.fatal:
+            self.log.warning(
+                "frame_rejected",
+                name=self._name,
+                code=error.code,
+                reason=error.message,
+                fatal=event.fatal,
+            )
         if event.fatal:
             self._close_reason = error.code
+            return
+        self._invalid += 1
+        limit = self.server.config.max_invalid_frames
+        if self._invalid >= limit:
+            # A client that keeps sending what it knows is invalid is broken or hostile.
+            reason = f"{self._invalid} invalid frames (max_invalid_frames {limit}); closing"
+            self.log.warning(
+                "frame_rejected", name=self._name, code=ErrorCode.BAD_FRAME, reason=reason,
+                fatal=True,
+            )  # fmt: skip
+            self._close_reason = ErrorCode.BAD_FRAME
+            self.core.fail(ErrorCode.BAD_FRAME, reason)
 
     def _on_message(self, message: Any, now: float, ts: float) -> None:
         session = self.session
@@ -473,11 +579,13 @@ class ServerConnection(asyncio.BufferedProtocol):
             self.log.info("left", name=session.name, room=event.room)
         elif isinstance(event, RequestRefused):
             self.server.refused_requests[event.error.code] += 1
-            self.log.info("request_refused", name=self._name, code=event.error.code)
+            self._faults += 1
+            if self._faults <= LOGGED_FAULTS:
+                self.log.info("request_refused", name=self._name, code=event.error.code)
             self.core.send(event.error)
         elif isinstance(event, FrameRejected):  # a bad ack: answered, and the connection goes on
-            self._on_rejected(event)
             self.core.send(Error(code=event.error.code, message=event.error.message))
+            self._on_rejected(event)
 
     def _on_hello(self, hello: Hello, now: float) -> None:
         config = self.server.config

@@ -85,6 +85,10 @@ class Server:
             token=read_token(config),
             require_identity=config.require_client_cert,
             store=self._make_store(config),
+            max_subscriptions=config.max_subscriptions,
+            max_frame=config.max_frame,
+            max_sessions=config.max_sessions,
+            max_disconnected_bytes=config.max_disconnected_bytes,
         )
         self.connections: set[ServerConnection] = set()
         self._pending_handshakes = 0

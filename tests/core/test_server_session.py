@@ -4,6 +4,7 @@ fake ``now`` and a small in-memory router (rooms and names, no deliveries)."""
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import msgspec
@@ -78,15 +79,29 @@ class Router:
         self.carried_out.append(f"leave {room_filter}")
         return True
 
+    def subscription_count(self, session: Session) -> int:
+        return self.rooms.subscription_count(session)
+
+    def subscriptions(self, session: Session) -> Collection[str]:
+        return self.rooms.filters_of(session)
+
     def who(self, room_filter: str, ref: str | None) -> bytes:
         self.carried_out.append(f"who {room_filter}")
         names = sorted(member.name for member in self.rooms.members(room_filter))
         return encode_frame_of(Members(room=room_filter, names=names, ref=ref))
 
 
-def new_session(*, rate: float = 0.0, max_pending: int = 100) -> Session:
+def new_session(
+    *, rate: float = 0.0, max_pending: int = 100, max_subscriptions: int = 1000
+) -> Session:
     return ServerSession(
-        sid="s1", name="alice", token="t", max_pending=max_pending, dedup_window=100, rate=rate
+        sid="s1",
+        name="alice",
+        token="t",
+        max_pending=max_pending,
+        dedup_window=100,
+        rate=rate,
+        max_subscriptions=max_subscriptions,
     )
 
 
@@ -399,3 +414,27 @@ def test_bytes_split_anywhere_give_the_same_answers() -> None:
         found += byte_by_byte.send(data=data[index : index + 1])
     assert found == expected
     assert byte_by_byte.acks() == whole.acks() == ["1", "3"]
+
+
+# -- max_subscriptions (issue 11) ---------------------------------------------------------------
+
+
+def test_a_join_past_max_subscriptions_is_refused_and_the_session_goes_on() -> None:
+    router = Router()
+    link = Link(new_session(max_subscriptions=3), router)
+    assert link.send(Join(room="a", id="1"), Join(room="b.*", id="2"), Join(room="c", id="3")) == [
+        Joined("a"),
+        Joined("b.*"),
+        Joined("c"),
+    ]
+    [refused] = link.send(Join(room="d", id="4"))
+    assert isinstance(refused, RequestRefused)
+    assert refused.error.code == "too_many_rooms"
+    assert refused.error.ref == "4"
+    assert "3" in refused.error.message
+    assert router.rooms.subscription_count(link.session) == 3
+    # Joining a room again at the limit changes nothing and is not refused.
+    assert link.send(Join(room="a", id="5")) == [Joined("a")]
+    # A leave makes room; the refused id was forgotten, so its retry is carried out.
+    link.send(Leave(room="c", id="6"))
+    assert link.send(Join(room="d", id="4")) == [Joined("d")]

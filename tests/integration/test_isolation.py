@@ -3,13 +3,28 @@ decode are refused at the publisher, with the request's id, and the room carries
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from typing import Any
 
 import msgspec
 import pytest
+from structlog.testing import capture_logs
 
+from securemsg.core.frames import encode_frame
 from securemsg.core.gatekeeper import DELIVERY_HEADROOM
-from securemsg.core.messages import Delivery, Error, Join, Publish, ServerAck
+from securemsg.core.messages import (
+    Delivery,
+    Error,
+    Hello,
+    Join,
+    Publish,
+    ServerAck,
+    encode_frame_of,
+)
+from securemsg.server.connection import LOGGED_FAULTS
+from securemsg.tls.contexts import client_context
+from tests.faults import record_figure
 from tests.integration.conftest import StartServer
 
 POISON = {
@@ -59,3 +74,112 @@ async def test_the_largest_publish_accepted_is_delivered_within_max_frame(
     delivered = await sub.recv_type(Delivery)
     assert delivered.id == "a"
     assert len(msgspec.json.encode(delivered)) <= max_frame
+
+
+# -- identity: a presented certificate binds the name, and every name follows the rule --------
+
+
+async def test_a_verified_certificate_binds_the_name_without_required_mutual_tls(
+    start_server: StartServer, raw: Any, tls_files: Any
+) -> None:
+    server = await start_server(ca=str(tls_files.ca_pem))  # client certificates optional
+    alice_ctx = client_context(
+        ca=tls_files.ca_pem, cert=tls_files.alice_cert, key=tls_files.alice_key
+    )
+    impostor = await raw(server.port, ctx=alice_ctx)
+    impostor.send(Hello(version=2, name="bob"))
+    refusal = await impostor.recv()
+    assert isinstance(refusal, Error) and refusal.code == "unauthorized"
+    assert await impostor.closed()
+    alice = await raw(server.port, None, ctx=alice_ctx)
+    assert (await alice.hello(None)).name == "alice"
+    # Without a certificate a client still claims its name, as before.
+    assert (await (await raw(server.port)).hello("bob")).name == "bob"
+
+
+@pytest.mark.parametrize("common_name", ["Alice Smith <ops>", "eve\nbob: hi\x1b[2K"])
+async def test_a_certificate_name_outside_the_name_rule_is_refused(
+    start_server: StartServer, raw: Any, tls_files: Any, tmp_path: Any, common_name: str
+) -> None:
+    leaf = tls_files.ca.issue_cert(common_name=common_name)
+    cert, key = tmp_path / "odd.pem", tmp_path / "odd.key"
+    leaf.private_key_pem.write_to_path(str(key))
+    for index, blob in enumerate(leaf.cert_chain_pems):
+        blob.write_to_path(str(cert), append=index > 0)
+    server = await start_server(ca=str(tls_files.ca_pem), require_client_cert=True)
+    client = await raw(server.port, ctx=client_context(ca=tls_files.ca_pem, cert=cert, key=key))
+    with capture_logs() as logs:
+        client.send(Hello(version=2))
+        refusal = await client.recv()
+        assert await client.closed()
+    assert isinstance(refusal, Error) and refusal.code == "unauthorized"
+    assert "not a valid name" in refusal.message
+    assert [e["code"] for e in logs if e["event"] == "session_refused"] == ["unauthorized"]
+
+
+# -- logs and echoes that cannot be inflated --------------------------------------------------
+
+
+async def test_a_huge_unknown_type_is_neither_logged_nor_echoed_whole(
+    start_server: StartServer, raw: Any
+) -> None:
+    # Issue 11: 20 frames of a ~1 MiB `type` made 19.1 MiB of log and 19.1 MiB echoed.
+    server = await start_server(max_frame=1 << 20)
+    client = await raw(server.port, "mallory")
+    huge = "x" * ((1 << 20) - 6000)
+    frame = encode_frame(b'{"type":"' + huge.encode() + b'","id":"' + b"i" * 5000 + b'"}')
+    with capture_logs() as logs:
+        for _ in range(20):
+            client.send_raw(frame)
+        errors = [await client.recv_type(Error, timeout=10) for _ in range(20)]
+    echoed = sum(len(encode_frame_of(error)) for error in errors)
+    logged = sum(len(repr(entry)) for entry in logs)
+    record_figure("20 frames with a 1 MiB unknown type", echoed_bytes=echoed, logged_bytes=logged)
+    assert {error.code for error in errors} == {"unknown_type"}
+    assert echoed < 20 * 300, echoed
+    assert logged < 20 * 1000, logged
+    assert all(error.ref is None for error in errors)  # an id past 128 characters is no ref
+
+
+async def test_repeated_faults_are_logged_a_few_times_then_summed_up_and_the_connection_closed(
+    start_server: StartServer, raw: Any
+) -> None:
+    server = await start_server(max_invalid_frames=30)
+    client = await raw(server.port, "mallory")
+    with capture_logs() as logs:
+        client.send_raw(encode_frame(b'{"type":"nonsense"}') * 40)
+        errors = []
+        with contextlib.suppress(EOFError):
+            while True:
+                errors.append(await client.recv_type(Error, timeout=5))
+        await asyncio.sleep(0.05)
+    # Frames read with the 30th were answered already: the close comes after them.
+    *answered, last = errors
+    assert 30 <= len(answered) <= 40 and {e.code for e in answered} == {"unknown_type"}
+    assert last.code == "bad_frame" and "30 invalid frames" in last.message
+    rejected = [e for e in logs if e["event"] == "frame_rejected"]
+    assert len(rejected) == LOGGED_FAULTS + 1  # the first ones, and the one that closes
+    [summary] = [e for e in logs if e["event"] == "faults_not_logged"]
+    assert summary["count"] == 30 - LOGGED_FAULTS
+    [closed] = [e for e in logs if e["event"] == "connection_closed"]
+    assert closed["reason"] == "bad_frame"
+
+
+# -- bounded answers --------------------------------------------------------------------------
+
+
+async def test_who_on_a_room_too_large_for_one_frame_is_answered_cut_and_says_so(
+    start_server: StartServer, raw: Any, open_client: Any
+) -> None:
+    server = await start_server(max_frame=4096)
+    names = [f"{index:03d}" + "n" * 61 for index in range(80)]  # ~5.4 KB of names
+    for name in names:
+        member = await raw(server.port, name)
+        member.send(Join(room="crowd", id="j"))
+        await member.recv_type(ServerAck)
+        await member.close()  # its session stays, disconnected
+    client = await open_client(server.port, "asker")
+    found = await client.who("crowd")
+    assert getattr(found, "truncated", False) is True
+    assert 40 < len(found) < 80 and found == names[: len(found)]
+    assert getattr(await client.who("nobody"), "truncated", False) is False

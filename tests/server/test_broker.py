@@ -23,7 +23,7 @@ from securemsg.core.messages import (
 )
 from securemsg.core.server_session import ServerSession
 from securemsg.errors import ProtocolError
-from securemsg.server.broker import Broker, Link, Opened
+from securemsg.server.broker import DEDUP_ID_BYTES, Broker, Link, Opened
 
 BODY = msgspec.Raw(b'"hi"')
 
@@ -50,6 +50,10 @@ class FakeLink:
 
     def close_with(self, code: str, message: str) -> None:
         self.closed_with = (code, message)
+
+    @staticmethod
+    def decode(frame: bytes) -> list[ServerMessage]:
+        return [decode_server(payload) for payload in FrameDecoder(1 << 24).feed(frame)]
 
     def received(self) -> list[ServerMessage]:
         """What was queued, decoded, and forgotten."""
@@ -172,6 +176,25 @@ def test_who_names_each_member_once_sorted_with_the_ref() -> None:
     assert link.received() == [Members(room="chat", names=["alice", "carol"], ref="7")]
 
 
+def test_who_never_answers_past_max_frame_and_says_when_it_cut_the_list() -> None:
+    # Issue 11: 16,500 sessions with 64-character names made a members frame of more than
+    # 1 MiB, which the client could not read: its who stayed in the outbox for good.
+    broker = Broker(max_frame=1 << 16)
+    names = [f"{index:05d}" + "n" * 59 for index in range(1500)]  # ~100 KB of names
+    for name in names:
+        session, _, _ = open_session(broker, name)
+        broker.join(session, "crowd")
+        broker.detach(session, session.link, 0.0)  # type: ignore[arg-type]
+    frame = broker.who("crowd", "r" * 128)
+    assert len(frame) <= 1 << 16
+    [members] = FakeLink.decode(frame)
+    assert isinstance(members, Members) and members.truncated
+    assert 900 < len(members.names) < 1500 and members.names == names[: len(members.names)]
+    assert members.names.truncated  # type: ignore[attr-defined]  # what the client sees
+    assert FakeLink.decode(broker.who("nobody", None)) == [Members(room="nobody", names=[])]
+    assert b"truncated" not in broker.who("nobody", None)
+
+
 # -- the session registry ---------------------------------------------------------------------
 
 
@@ -247,6 +270,74 @@ def test_messages_for_a_detached_session_are_kept_for_its_resume() -> None:
     assert bob_link.frames == []
     _, _, opened = open_session(broker, "bob", token=bob.token, now=2.0)
     assert opened.resumed and not opened.took_over and len(opened.replay) == 1
+
+
+# -- max_sessions and max_disconnected_bytes (issue 11) ------------------------------------------
+
+
+def test_past_max_sessions_the_session_disconnected_longest_ends_for_a_new_one() -> None:
+    # Issue 11: with max_connections 100 one client made 2,000 sessions (connect, hello,
+    # drop), each kept for session_ttl and each receiving every message.
+    broker = Broker(max_sessions=3)
+    sessions = {name: open_session(broker, name)[:2] for name in ("a", "b", "c")}
+    broker.join(sessions["b"][0], "chat")
+    broker.detach(*sessions["b"], now=1.0)
+    broker.detach(*sessions["a"], now=2.0)
+    with capture_logs() as logs:
+        open_session(broker, "d")
+    assert sorted(broker.by_name) == ["a", "c", "d"] and len(broker.by_token) == 3
+    [evicted] = [e for e in logs if e["event"] == "session_evicted"]
+    assert (evicted["name"], evicted["limit"]) == ("b", "max_sessions")
+    assert broker.rooms.filters_of(sessions["b"][0]) == frozenset()
+    # b comes back: a new session, so its client learns of the gap (resumed false).
+    _, _, opened = open_session(broker, "b", token=sessions["b"][0].token)
+    assert not opened.resumed
+    assert sorted(broker.by_name) == ["b", "c", "d"]  # a, the longest disconnected, went
+
+
+def test_past_max_sessions_with_none_disconnected_a_new_session_is_refused() -> None:
+    broker = Broker(max_sessions=2)
+    open_session(broker, "a")
+    open_session(broker, "b")
+    with pytest.raises(ProtocolError) as info:
+        open_session(broker, "c")
+    assert info.value.code == "server_busy" and "max_sessions" in info.value.message
+    assert sorted(broker.by_name) == ["a", "b"]
+
+
+def test_the_bytes_held_for_disconnected_sessions_stay_within_their_budget() -> None:
+    broker = Broker(max_disconnected_bytes=1_000)
+    sender, _, _ = open_session(broker, "sender")
+    away = [open_session(broker, f"away{index}")[:2] for index in range(3)]
+    for index, (session, link) in enumerate(away):
+        broker.join(session, "chat")
+        broker.detach(session, link, now=float(index))
+    with capture_logs() as logs:
+        for index in range(10):
+            publish(broker, sender, "chat", str(index))  # ~100 bytes for each of three
+            assert broker.disconnected_bytes <= 1_000
+    assert broker.disconnected_bytes == sum(s.delivery.pending_bytes for s in broker.disconnected)
+    evicted = [e["name"] for e in logs if e["event"] == "session_evicted"]
+    assert evicted[:2] == ["away0", "away1"]  # the longest disconnected first
+    assert [s.name for s in broker.disconnected] == ["away2"]
+    # A resume takes a session's bytes off the budget; an end does too.
+    _, _, opened = open_session(broker, "away2", token=away[2][0].token)
+    assert opened.resumed and broker.disconnected_bytes == 0 and not broker.disconnected
+
+
+def test_the_dedup_sets_of_disconnected_sessions_count_in_their_budget() -> None:
+    # Issue 11: most of an idle session is its dedup set (up to 2 x dedup_window ids).
+    broker = Broker(max_disconnected_bytes=50 * DEDUP_ID_BYTES)
+    quiet, quiet_link, _ = open_session(broker, "quiet")
+    busy, busy_link, _ = open_session(broker, "busy")
+    for index in range(40):
+        quiet.recent.seen(f"q{index}")
+        busy.recent.seen(f"b{index}")
+    broker.detach(quiet, quiet_link, now=1.0)
+    assert broker.disconnected_bytes == 40 * DEDUP_ID_BYTES
+    broker.detach(busy, busy_link, now=2.0)  # 80 ids in all: the longest away goes
+    assert [s.name for s in broker.disconnected] == ["busy"]
+    assert broker.disconnected_bytes == 40 * DEDUP_ID_BYTES and "quiet" not in broker.by_name
 
 
 # -- overflow -----------------------------------------------------------------------------------
