@@ -12,8 +12,9 @@ One input is a byte stream a hostile client could send, cut into chunks where th
 
 and checks what must always hold: only :class:`~securemsg.errors.ProtocolError` comes out
 of the decoders, with a known code; the decoder never holds more than one frame; a message that
-decodes re-encodes to one that decodes equal; the protocol core and the session never raise, only documented events come out, and every frame
-it queues for the peer is a valid server message; after a fatal rejection it is closing.
+decodes re-encodes to one that decodes equal; the protocol core and the session never raise,
+only documented events come out, and every frame queued for the peer is a valid server
+message; after a fatal rejection the core is closing.
 
 Run with atheris (coverage-guided) when it is installed, else with hypothesis::
 
