@@ -628,3 +628,22 @@ def test_a_refused_leave_resent_after_a_cut_does_not_undo_the_join_after_it() ->
     machine.bytes_reach_the_server(0, 1 << 20)  # leave refused, join carried out
     machine.connection_is_cut(0, server_knows=False)  # the refusal and the ack are lost
     settle(machine)  # the leave is resent, now carried out: out of the room the app joined
+
+
+@pytest.mark.xfail(strict=True, reason="a resend is charged to the rate limit (lead)")
+def test_a_publish_carried_out_and_resent_is_not_refused_by_the_rate_limit() -> None:
+    machine = SessionsMachine()
+    machine.broker.max_msgs_per_sec = 2.0  # a bucket of two
+    machine.clients_connect()
+    machine.app_joins_leaves_or_asks_who(1, "chat", Join)
+    settle(machine)
+    machine.app_publishes(0, "chat")
+    machine.app_publishes(0, "chat")
+    machine.bytes_reach_the_server(0, 1 << 20)
+    machine.now += 1.0  # the bucket refills
+    machine.app_publishes(0, "chat")
+    machine.bytes_reach_the_server(0, 1 << 20)  # all three routed, their acks held
+    machine.connection_is_cut(0, server_knows=True)
+    settle(machine)  # three resends into a bucket of two: the third is refused
+    assert [entry[2] for entry in machine.apps[1].received] == ["1", "2", "3"]
+    assert machine.apps[0].refused == set(), "refused, though it was delivered"
