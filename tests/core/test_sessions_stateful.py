@@ -8,8 +8,20 @@ the real :class:`Broker` (the router) and its real :class:`ServerSession` object
 ``client/mailbox.py``) and the network: arbitrary splits of both byte streams, cuts that lose
 what is in flight (the server notices at once, or later: a half-open connection, then a
 takeover), delivery frames duplicated, clock jumps (heartbeat timeouts, held-ack timers,
-session expiry), and a server that refuses (a direct to an unknown name, a leave of a room
-not joined). Both clients join, leave, publish, send directs, ask ``who`` and flush.
+session expiry), and a server that refuses (a direct to a name nobody has). Both clients
+join, leave, publish, send directs, ask ``who`` and flush.
+
+Checked all along: the application gets exactly what the broker routed to its session, in
+``seq`` order, once; no session carries out a request id twice; a sender's messages arrive in
+the order sent; every request is answered at most once. Checked once everything settles (and
+at the end of every run): every request answered, the outbox and the server's delivery logs
+empty, each session's rooms are the application's intent, every flush completed once and
+reports exactly the refusals among what it waited for.
+
+Two rules of the session are known to break these checks, and the machine steers clear of
+them (each has a strict xfail test at the end): a refused request whose refusal is lost in a
+cut is carried out when resent, after what the client sent later; and a resend is charged to
+the rate limit, so a request carried out before the cut can come back refused.
 """
 
 from __future__ import annotations
@@ -193,6 +205,7 @@ class SessionsMachine(RuleBasedStateMachine):
         self.apps = [App(n, ClientSession(max_outbox=MAX_OUTBOX, request_prefix="rq-"))
                      for n in NAMES]  # fmt: skip
         self.half_open: list[Wire] = []  # cut on the client's side only
+        self.settling = False
 
     # -- the server's driver ----------------------------------------------------------------
 
@@ -461,10 +474,13 @@ class SessionsMachine(RuleBasedStateMachine):
 
     @rule()
     def everything_settles(self) -> None:
+        self.settling = True
         settle(self)
+        self.settling = False
 
     def teardown(self) -> None:
-        settle(self)  # every run ends settled and checked
+        if not self.settling:  # not after a failed settle: its error is the one to see
+            settle(self)  # every run ends settled and checked
 
     # -- invariants -------------------------------------------------------------------------
 
@@ -534,7 +550,9 @@ def settle(machine: SessionsMachine) -> None:
         for flush, waited in app.flushes:
             assert sum(f is flush for f in app.completed) == 1, "a flush never completed"
             refused = waited & app.refused
-            assert flush.refused == len(refused), (flush.refused, refused)
+            assert flush.refused == len(refused), (
+                f"the flush counted {flush.refused} refusals; refused were {sorted(refused)}"
+            )
             assert (flush.error() is not None) == bool(refused), "a refusal passed as success"
         note(f"settled: {bool(app.received)} received, {bool(app.refused)} refused")
     for app in machine.apps:
