@@ -388,6 +388,15 @@ class SessionsMachine(RuleBasedStateMachine):
         if self.apps[who].wire is not None:
             self._client_lost(self.apps[who], server_knows=server_knows)
 
+    @rule(who=who_, server_knows=st.booleans())
+    def the_server_reads_all_and_its_answers_are_lost_in_a_cut(
+        self, who: int, server_knows: bool
+    ) -> None:
+        wire = self.apps[who].wire
+        if wire is not None and wire.server_open:
+            self._server_reads(wire, len(wire.up))
+        self.connection_is_cut(who, server_knows)
+
     @precondition(lambda self: self.half_open)
     @rule()
     def server_notices_a_dead_connection(self) -> None:
