@@ -6,13 +6,15 @@ One input is a byte stream a hostile client could send, cut into chunks where th
 1. a :class:`~securemsg.core.frames.FrameDecoder` (small ``max_frame``), then every payload to
    :func:`~securemsg.core.messages.decode_client` and
    :func:`~securemsg.core.messages.decode_server`;
-2. a :class:`securemsg.core.connection.Server` that has accepted a hello, as the server's read path
-   does, then ticks its clock.
+2. a :class:`securemsg.core.connection.Server` that has accepted a hello (``PROTOCOL_VERSION``),
+   every message after it into a real :class:`~securemsg.core.server_session.ServerSession`
+   with the broker as router, as the server's driver does, then ticks its clock.
 
 and checks what must always hold: only :class:`~securemsg.errors.ProtocolError` comes out
 of the decoders, with a known code; the decoder never holds more than one frame; a message that
-decodes re-encodes to one that decodes equal; the protocol core never raises, and every frame
-it queues for the peer is a valid server message; after a fatal rejection it is closing.
+decodes re-encodes to one that decodes equal; the protocol core and the session never raise,
+only documented events come out, and every frame queued for the peer is a valid server
+message; after a fatal rejection the core is closing.
 
 Run with atheris (coverage-guided) when it is installed, else with hypothesis::
 
@@ -41,19 +43,23 @@ USE_ATHERIS = (
 if USE_ATHERIS:
     with atheris.instrument_imports(include=["securemsg"]):
         from securemsg.core import connection as protocol
-        from securemsg.core import frames, messages
+        from securemsg.core import frames, messages, server_session
         from securemsg.errors import ProtocolError
+        from securemsg.server.broker import Broker
 else:
     from securemsg.core import connection as protocol
-    from securemsg.core import frames, messages
+    from securemsg.core import frames, messages, server_session
     from securemsg.errors import ProtocolError
+    from securemsg.server.broker import Broker
 
 MAX_FRAME = 256
 DECODE_CODES = frozenset({"bad_frame", "bad_message", "unknown_type"})
 FRAME_CODES = frozenset({"bad_frame", "too_large"})
-_HELLO = frames.encode_frame(b'{"type":"hello","version":1,"name":"fuzz"}')
+_HELLO = frames.encode_frame(
+    b'{"type":"hello","version":%d,"name":"fuzz"}' % messages.PROTOCOL_VERSION
+)
 _WELCOME = messages.Welcome(
-    version=1,
+    version=messages.PROTOCOL_VERSION,
     session="s",
     name="fuzz",
     resumed=False,
@@ -100,18 +106,55 @@ def check_decoders(pieces: list[bytes]) -> int:
     return seen
 
 
+class _Link:
+    """The broker's view of the fuzzed connection: frames go to its core."""
+
+    def __init__(self, core: protocol.Server) -> None:
+        self.core = core
+
+    def queue(self, frame: bytes) -> None:
+        self.core.send_frame(frame)
+
+    def close_with(self, code: str, message: str) -> None:
+        self.core.fail(code, message)
+
+
+_SESSION_EVENTS = (
+    server_session.RequestRefused,
+    server_session.Joined,
+    server_session.Left,
+    server_session.Answered,
+    protocol.FrameRejected,
+)
+
+
 def check_protocol(pieces: list[bytes]) -> None:
-    """The server's core after a hello: never raises, only ever queues valid frames."""
+    """The server's core after a hello, its messages into a real ServerSession (the broker
+    routing): never raises, only documented events, only ever queues valid frames."""
     core = protocol.Server(now=0.0, max_frame=MAX_FRAME, heartbeat_interval=1.0)
     events = core.receive_data(_HELLO, 0.0)
     assert len(events) == 1 and isinstance(events[0], protocol.MessageReceived)
+    broker = Broker(max_pending=8, dedup_window=8, max_msgs_per_sec=20.0)
+    link = _Link(core)
+    hello = events[0].message
+    assert isinstance(hello, messages.Hello)
+    session = broker.open(hello, identity=None, link=link, now=0.0).session
+    broker.join(session, "chat")  # so that a publish to chat comes back as a delivery
     core.accept(_WELCOME)
     now = 0.0
     for piece in pieces:
         now += 0.25
         for event in core.receive_data(piece, now):
-            if isinstance(event, protocol.FrameRejected) and event.fatal:
-                assert core.state is protocol.ConnectionState.CLOSING
+            if isinstance(event, protocol.FrameRejected):
+                if event.fatal:
+                    assert core.state is protocol.ConnectionState.CLOSING
+                continue
+            assert isinstance(event, protocol.MessageReceived | protocol.PongReceived), event
+            if isinstance(event, protocol.MessageReceived):
+                _session_receives(session, broker, link, event.message, now)
+        acks = session.acks_to_send(link, sending=core.has_data_to_send)
+        if acks is not None:
+            core.send(acks)
         core.tick(now)
         for frame in core.data_to_send():
             assert len(frame) - frames.HEADER_SIZE == int.from_bytes(frame[:4], "big")
@@ -119,6 +162,28 @@ def check_protocol(pieces: list[bytes]) -> None:
     core.tick(now + 10.0)  # long silence: a heartbeat timeout, never an exception
     for frame in core.data_to_send():
         messages.decode_server(frame[frames.HEADER_SIZE :])
+
+
+def _session_receives(
+    session: server_session.ServerSession[_Link],
+    broker: Broker,
+    link: _Link,
+    message: object,
+    now: float,
+) -> None:
+    """What the driver (server/connection.py) does with one message after the hello."""
+    if isinstance(message, messages.Bye):
+        broker.end(session, reason="bye")  # type: ignore[arg-type]
+        link.core.send_bye("client_bye")
+        return
+    event = session.receive(message, now, now, broker)  # type: ignore[arg-type]
+    assert event is None or isinstance(event, _SESSION_EVENTS), event
+    if isinstance(event, server_session.Answered):
+        link.queue(event.frame)
+    elif isinstance(event, server_session.RequestRefused):
+        link.core.send(event.error)
+    elif isinstance(event, protocol.FrameRejected):
+        link.core.send(messages.Error(code=event.error.code, message=event.error.message))
 
 
 def check(data: bytes) -> None:
@@ -149,7 +214,7 @@ def seeds() -> list[bytes]:
         b"\xff" + valid,
         b"\x55" + frame(b'{"type":"message","room":"r","from":"a","body":1,"ts":1.0,"seq":1}'),
         b"\x00" + frame(b'{"type":"publish","room":"a.*","body":1}') + b"\x00\x00\x00\x00",
-        b"\x1b" + frame(b'{"type":"hello","version":1,"name":"again"}') + b"\xff\xff\xff\xff",
+        b"\x1b" + frame(b'{"type":"hello","version":2,"name":"again"}') + b"\xff\xff\xff\xff",
         b"\x00" + frame(b"[1,2,3]") + frame(b'{"type":"ping","id":1,"x":"\xff"}'),
     ]
 

@@ -1,7 +1,7 @@
 """The fuzz target of bench/fuzz keeps working: its seeds and a short random run pass.
 
 The protocol core itself is fuzzed in ``test_frames.py``, ``test_messages.py`` (arbitrary
-bytes) and ``test_protocol_stateful.py`` (random interleavings); this only keeps the long,
+bytes) and ``test_sessions_stateful.py`` (random interleavings); this only keeps the long,
 coverage-guided target (``bench/fuzz/fuzz_core.py``) from rotting between runs by hand.
 """
 
