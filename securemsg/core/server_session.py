@@ -11,15 +11,15 @@ detaches it when the connection is gone, at which point the session may be resum
 
 Every request (``join``, ``leave``, ``publish``, ``direct``, ``who``) passes, in order:
 
-1. the rate limit: a token bucket of ``rate`` tokens a second, refilled on attach (and a
+1. deduplication by id, for every request kind: a client resends what it has no answer for
+   after a cut, with the same ids, so an id seen before is answered again the way it was
+   (acknowledged, ``who`` answered, or refused) and neither carried out twice nor charged;
+2. the rate limit: a token bucket of ``rate`` tokens a second, refilled on attach (and a
    ``join`` past ``max_subscriptions`` is refused, as it would hold memory and matching work);
-2. deduplication by id, for every request kind: a client resends what it has no answer for
-   after a cut, with the same ids, so an id seen before is acknowledged again (``who``, which
-   changes nothing, is answered again) and not carried out twice;
 3. the router (the broker: rooms, names, presence), which carries it out;
 4. the answer: an ``ack`` held back (see below), a ``members`` frame, or an ``error`` frame
-   with ``ref``. A refused request's id is forgotten, so that a retry is not taken for a
-   resend.
+   with ``ref``. A refused request is remembered by id: its resend gets the same refusal
+   (see :meth:`ServerSession._refuse`); a retry is a new request with a new id.
 
 Acks are held back: they go out with the next frame to the client, when :data:`ACK_BATCH`
 are held, or at :attr:`ServerSession.ack_due_at`, the deadline the driver arms its timer at.
@@ -39,7 +39,7 @@ from __future__ import annotations
 import hmac
 from collections.abc import Collection
 from dataclasses import dataclass, field
-from typing import Generic, Protocol, TypeVar
+from typing import Final, Generic, Protocol, TypeVar
 
 from securemsg.core.connection import FrameRejected
 from securemsg.core.delivery import DeliveryLog, RecentIds, splice_frame
@@ -79,6 +79,10 @@ L = TypeVar("L")
 
 #: Every request kind; each carries an optional id, and every one is deduplicated by it.
 Request = Join | Leave | Publish | Direct | Who
+
+
+#: Refusals a session remembers, to answer a resend the same way (see ``_refuse``).
+MAX_REFUSALS: Final = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,6 +198,7 @@ class ServerSession(Generic[L]):
     __slots__ = (
         "_acks",
         "_burst",
+        "_refusals",
         "_tokens",
         "_tokens_at",
         "ack_due_at",
@@ -240,6 +245,8 @@ class ServerSession(Generic[L]):
         self._tokens = self._burst
         self._tokens_at = 0.0
         self._acks: list[str] | None = None
+        # Refused requests by id, answered again the same way when resent (made on first use).
+        self._refusals: dict[str, Error] | None = None
         #: When the held acks must go out (None: none held); the driver's ack timer.
         self.ack_due_at: float | None = None
         #: When an ack last made progress (the slow-consumer rule reads it).
@@ -304,13 +311,17 @@ class ServerSession(Generic[L]):
                 self.acked_at = now
             return RELIEVED if relieved else None
         msg_id = message.id  # type: ignore[union-attr]  # not an Ack: a Request
-        if self.rate and not self._take_token(now):
-            text = "message rate limit exceeded; dropped"
-            return RequestRefused(Error(code=ErrorCode.RATE_LIMITED, message=text, ref=msg_id))
         if msg_id is not None and self.recent.seen(msg_id):
-            # A resend (its answer was lost in a cut): answered again, not carried out again.
+            # A resend (its answer was lost in a cut): answered again, the same way, neither
+            # carried out again nor charged to the rate limit.
+            refusals = self._refusals
+            if refusals is not None and msg_id in refusals:
+                return RequestRefused(refusals[msg_id])
             if type(message) is Who:
                 return Answered(router.who(message.room, msg_id))
+        elif self.rate and not self._take_token(now):
+            text = "message rate limit exceeded; dropped"
+            return self._refuse(msg_id, ErrorCode.RATE_LIMITED, text)
         elif type(message) is Publish:  # here, not in _carry_out: the one on the hot path
             router.publish(self, message, ts)
         else:
@@ -362,10 +373,22 @@ class ServerSession(Generic[L]):
         return False
 
     def _refuse(self, msg_id: str | None, code: str, text: str) -> RequestRefused:
+        """Refuse the request ``msg_id``, and remember it: a resend after a cut (whose
+        refusal was lost) gets the same answer, instead of being carried out later, after
+        what the client sent since. A retry by the client is a new request with a new id."""
+        error = Error(code=code, message=text, ref=msg_id)
         if msg_id is not None:
-            # Not carried out: a retry (after the user arrives, say) is not a resend.
-            self.recent.forget(msg_id)
-        return RequestRefused(Error(code=code, message=text, ref=msg_id))
+            refusals = self._refusals
+            if refusals is None:
+                refusals = self._refusals = {}
+            elif len(refusals) >= MAX_REFUSALS:
+                # Bounded: the oldest refusal is forgotten, and its id with it (a resend of
+                # it, that old, would be carried out: the window of RecentIds is as wide).
+                oldest = next(iter(refusals))
+                del refusals[oldest]
+                self.recent.forget(oldest)
+            refusals[msg_id] = error
+        return RequestRefused(error)
 
     # -- held acks --------------------------------------------------------------------------
 

@@ -561,7 +561,8 @@ class ServerConnection(asyncio.BufferedProtocol):
         msg_id: str | None = None if type(message) is Ack else message.id
         fresh = msg_id is not None and msg_id not in session.recent
         event = session.receive(message, now, ts, self.broker)
-        if fresh and msg_id is not None and msg_id in session.recent:
+        refused = type(event) is RequestRefused
+        if fresh and not refused and msg_id is not None and msg_id in session.recent:
             store.id_recorded(session.id, msg_id)
         elif type(message) is Ack:
             store.acked(session.id, session.delivery.acked)

@@ -39,7 +39,6 @@ from securemsg.core.server_session import (
     Answered,
     HelloPolicy,
     Joined,
-    Left,
     Request,
     RequestRefused,
     ServerSession,
@@ -219,7 +218,7 @@ def test_requests_without_an_id_are_carried_out_every_time() -> None:
     assert link.acks() == []
 
 
-def test_a_direct_to_nobody_is_refused_and_its_retry_is_carried_out_later() -> None:
+def test_a_direct_to_nobody_is_refused_again_when_resent_and_a_retry_is_carried_out() -> None:
     router = Router()
     session = new_session()
     link = Link(session, router)
@@ -228,12 +227,15 @@ def test_a_direct_to_nobody_is_refused_and_its_retry_is_carried_out_later() -> N
         Error(code=ErrorCode.NO_SUCH_USER, message="no user named 'bob'", ref="1")
     )
     router.names.add("bob")
-    assert link.send(Direct(to="bob", body=BODY, id="1")) == []
-    assert router.carried_out == ["direct 1"]
-    assert link.acks() == ["1"]
+    # The same id is a resend (its refusal was lost in a cut): the same answer, not carried
+    # out after whatever the client sent since. A retry is a new request, with a new id.
+    assert link.send(Direct(to="bob", body=BODY, id="1")) == [refused]
+    assert link.send(Direct(to="bob", body=BODY, id="2")) == []
+    assert router.carried_out == ["direct 2"]
+    assert link.acks() == ["2"]
 
 
-def test_leaving_a_room_one_is_not_in_is_refused_and_not_remembered() -> None:
+def test_a_refused_leave_resent_after_the_join_that_followed_it_does_not_undo_it() -> None:
     router = Router()
     session = new_session()
     link = Link(session, router)
@@ -242,9 +244,20 @@ def test_leaving_a_room_one_is_not_in_is_refused_and_not_remembered() -> None:
     assert refused.error.ref == "1"
     assert link.send(Join(room="chat", id="2"), Leave(room="chat", id="1")) == [
         Joined("chat"),
-        Left("chat"),
+        refused,
     ]
-    assert link.acks() == ["2", "1"]
+    assert link.acks() == ["2"]
+
+
+def test_a_resend_is_not_charged_to_the_rate_limit() -> None:
+    router = Router()
+    session = new_session(rate=2)
+    link = Link(session, router)
+    assert link.send(*(Publish(room="chat", body=BODY, id=str(n)) for n in (1, 2))) == []
+    assert link.send(Publish(room="chat", body=BODY, id="1")) == []  # a resend: acked again
+    [limited] = link.send(Publish(room="chat", body=BODY, id="3"))  # new: the bucket is empty
+    assert isinstance(limited, RequestRefused) and limited.error.code == "rate_limited"
+    assert link.send(Publish(room="chat", body=BODY, id="3")) == [limited]  # same answer
 
 
 # -- the rate limit ---------------------------------------------------------------------------
@@ -258,14 +271,14 @@ def test_the_rate_limit_refuses_past_the_burst_and_refills_with_time() -> None:
     assert [event.error.ref for event in events] == ["3", "4"]  # type: ignore[union-attr]
     assert {event.error.code for event in events} == {ErrorCode.RATE_LIMITED}  # type: ignore[union-attr]
     assert link.acks() == ["0", "1", "2"]
-    link.now += 1 / 3  # one token back
-    assert link.send(*[Publish(room="chat", body=BODY, id=str(i)) for i in (3, 4)]) == [
+    link.now += 1 / 3  # one token back; retries are new requests, with new ids
+    assert link.send(*[Publish(room="chat", body=BODY, id=str(i)) for i in (5, 6)]) == [
         RequestRefused(
             Error(code=ErrorCode.RATE_LIMITED, message="message rate limit exceeded; dropped",
-                  ref="4")
+                  ref="6")
         )
     ]  # fmt: skip
-    assert link.acks() == ["3"]
+    assert link.acks() == ["5"]
 
 
 def test_a_rate_below_one_a_second_still_lets_one_request_through() -> None:
@@ -435,6 +448,8 @@ def test_a_join_past_max_subscriptions_is_refused_and_the_session_goes_on() -> N
     assert router.rooms.subscription_count(link.session) == 3
     # Joining a room again at the limit changes nothing and is not refused.
     assert link.send(Join(room="a", id="5")) == [Joined("a")]
-    # A leave makes room; the refused id was forgotten, so its retry is carried out.
+    # A leave makes room; a retry (a new request, with a new id) is carried out, while a
+    # resend of the refused one is refused again, the same way.
     link.send(Leave(room="c", id="6"))
-    assert link.send(Join(room="d", id="4")) == [Joined("d")]
+    assert link.send(Join(room="d", id="4")) == [refused]
+    assert link.send(Join(room="d", id="7")) == [Joined("d")]
