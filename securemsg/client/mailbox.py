@@ -215,23 +215,33 @@ class Mailbox:
         if not answer and not self.outbox.full:
             self.submit(make)
             return None
-        async with deadline(timeout, what):
-            while self.outbox.full:
-                self._space.clear()
-                await self._space.wait()
-                self._check_open()
-            self.submit(make)
-            msg_id = self.session.last_id
-            if not answer:
-                return None
-            future: asyncio.Future[Any] = self._loop.create_future()
-            self._waiters[msg_id] = future
-            if self.conn is not None:
-                self.conn.ping()  # someone waits: ask for the ack now, not after ACK_DELAY
-            try:
-                return await future
-            finally:
-                self._waiters.pop(msg_id, None)
+        msg_id: str | None = None
+        try:
+            async with deadline(timeout, what):
+                while self.outbox.full:
+                    self._space.clear()
+                    await self._space.wait()
+                    self._check_open()
+                self.submit(make)
+                msg_id = self.session.last_id
+                if not answer:
+                    return None
+                future: asyncio.Future[Any] = self._loop.create_future()
+                self._waiters[msg_id] = future
+                if self.conn is not None:
+                    self.conn.ping()  # someone waits: ask for the ack now, not after ACK_DELAY
+                try:
+                    return await future
+                finally:
+                    self._waiters.pop(msg_id, None)
+        except TimeoutError:
+            if msg_id is not None and answer:  # the caller gave up on it: so does the outbox
+                for event in self.session.abandon(msg_id):
+                    if type(event) is FlushCompleted:
+                        self._flush_completed(event.flush)
+                if not self._space.is_set() and not self.outbox.full:
+                    self._space.set()
+            raise
 
     def submit(self, make: Make) -> None:
         """Into the outbox (ValueError past the server's max_frame), and onto the live

@@ -337,6 +337,16 @@ class ClientSession:
                 append(message)  # type: ignore[arg-type]  # presence, bye, error without ref
         return out
 
+    def abandon(self, msg_id: str) -> list[SessionEvent]:
+        """The application stopped waiting for the answer to ``msg_id`` (its timeout ran
+        out): it leaves the outbox and is not resent after a reconnect, where it could be
+        carried out long after the caller was told it failed, or block later requests
+        forever. A flush that waits for it counts it as refused (``timeout``)."""
+        out: list[SessionEvent] = []
+        refusal = Refused(msg_id, "timeout", "no answer before the caller's timeout")
+        self._answered(msg_id, refusal, out)
+        return out
+
     def _answered(self, ref: str, refusal: Refused | None, out: list[SessionEvent]) -> None:
         """The server answered the request with id ``ref``: it leaves the outbox."""
         if not self.outbox.ack(ref) or not self._flushes:

@@ -371,6 +371,19 @@ async def test_who_returns_the_names_of_its_members_answer() -> None:
     assert await asking == ["a", "b"]
 
 
+async def test_a_request_that_timed_out_leaves_the_outbox_and_is_not_resent() -> None:
+    # A who the server never answers (once: an answer too big to read) must not stay in the
+    # outbox, resent on every reconnect, nor hold a flush forever.
+    from securemsg.core.messages import Who
+
+    pair = Pair()
+    pair.open()
+    with pytest.raises(TimeoutError):
+        await pair.mailbox.send(lambda i: Who(room="r", id=i), True, 0.05, "who")
+    assert len(pair.mailbox.outbox) == 0
+    assert pair.mailbox.session.attach(resumed=True, rooms=[]) == []  # nothing to resend
+
+
 async def test_flush_waits_for_what_was_sent_before_it_only() -> None:
     pair = Pair()
     pair.open()
