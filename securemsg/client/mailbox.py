@@ -116,6 +116,11 @@ class _Received:
     def popleft(self) -> Message | None:
         return self._items.popleft()
 
+    def first_seq(self) -> int | None:
+        """The ``seq`` of the oldest message waiting, None when there is none."""
+        item = self._items[0] if self._items else None
+        return None if item is None else item.seq
+
     def put_back(self, item: Message | None) -> None:
         self._items.appendleft(item)
 
@@ -163,6 +168,11 @@ class Mailbox:
         self._space.set()
         self._received = _Received(self._loop)
         self._paused = False
+        #: The ``seq`` of the message the application took last while it has not asked for
+        #: the next one (it may still be handling it); None otherwise. See done_seq().
+        self.busy_seq: int | None = None
+        #: Called after each message the application takes (the session file), when set.
+        self.on_taken: Callable[[], None] | None = None
         self.presence_streams: weakref.WeakSet[EventStream[Presence]] = weakref.WeakSet()
 
     # -- sending ----------------------------------------------------------------------------------
@@ -233,15 +243,21 @@ class Mailbox:
 
     def take(self) -> Message | None:
         """The next message if one is waiting, without awaiting: receive()'s fast path."""
+        self.busy_seq = None  # the application asks again: done with what it took before
         received = self._received
         if not received or self._paused:
             return None  # nothing there, or a paused connection to resume: receive() does it
         message = received.popleft()
         if message is None:
             received.put_back(None)  # closed: receive() raises
+            return None
+        self.busy_seq = message.seq
+        if self.on_taken is not None:
+            self.on_taken()
         return message
 
     async def receive(self, timeout: float | None) -> Message:
+        self.busy_seq = None
         received = self._received
         if not received:
             async with deadline(timeout, "receive"):
@@ -255,7 +271,20 @@ class Mailbox:
             self._paused = False
             if self.conn is not None:
                 self.conn.resume_reading()
+        self.busy_seq = item.seq
+        if self.on_taken is not None:
+            self.on_taken()
         return item
+
+    def done_seq(self) -> int:
+        """The ``seq`` up to which the application is done with every message: before the
+        one it is handling, else before the oldest one waiting, else all received. (For an
+        application that takes one message at a time.)"""
+        if self.busy_seq is not None:
+            return self.busy_seq - 1
+        head = self._received.first_seq()
+        last = self.session.inbox.last_seq
+        return last if head is None else min(head - 1, last)
 
     # -- connections ------------------------------------------------------------------------------
 
