@@ -110,7 +110,7 @@ class SessionFile:
         """Write whenever ``fingerprint()`` changes (at most every ``interval`` seconds),
         ``snapshot()`` being what to write; :meth:`taken` compares ``done_seq()``."""
         self._fingerprint, self._snapshot, self._done_seq = fingerprint, snapshot, done_seq
-        self._written = fingerprint()
+        self._written = None  # the first tick writes: the session may be new
         self._tick()
 
     def taken(self) -> None:
