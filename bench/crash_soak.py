@@ -362,11 +362,12 @@ def main() -> int:
         print(f"{result['messages']} messages from {args.publishers} publishers, server "
               f"killed {result['server_kills']} times, published in "
               f"{result['publish_seconds']} s")  # fmt: skip
-        print("| subscriber | kills | received | lost | duplicated | repeated after a kill "
-              "(max per kill) | out of order |")  # fmt: skip
-        print("|---|---|---|---|---|---|---|")
+        print("| subscriber | kills | restarts after a failed connect | received | lost | "
+              "duplicated | repeated after a kill (max per kill) | out of order |")  # fmt: skip
+        print("|---|---|---|---|---|---|---|---|")
         for name, f in result["subscribers"].items():
-            print(f"| {name} | {f.get('kills', 0)} | {f['received']} | {f['lost']} | "
+            print(f"| {name} | {f.get('kills', 0)} | {f.get('restarts_after_failed_connect', 0)}"
+                  f" | {f['received']} | {f['lost']} | "
                   f"{f['duplicated']} | {f['repeated_after_kill']} "
                   f"({f['max_repeated_per_kill']}) | {f['out_of_order']} |")  # fmt: skip
     return 1 if bad else 0

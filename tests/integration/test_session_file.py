@@ -312,3 +312,26 @@ async def test_a_kept_session_the_server_no_longer_knows_starts_numbering_over(
     finally:
         server.kill()
     assert got == [0, 1, 2]  # seq 1, 2, 3 of the new session are not taken for replays
+
+
+def test_the_blocking_client_keeps_its_session_in_the_file_too(
+    tls_files: Any, tmp_path: Path
+) -> None:
+    from securemsg import sync
+
+    server = ServerProcess(server_args(tls_files))
+    port = server.start()
+    path = str(tmp_path / "sub.session")
+    options: dict[str, Any] = {"ca": str(tls_files.ca_pem), "connect_timeout": 10.0}
+    try:
+        with sync.connect("localhost", port, name="pub", **options) as pub:
+            with sync.connect("localhost", port, name="sub", session_file=path, **options) as sub:
+                sub.join("numbers")
+            for n in range(3):
+                pub.publish("numbers", n, confirm=True)
+        with sync.connect("localhost", port, session_file=path, **options) as successor:
+            got = [successor.receive(timeout=10).body for _ in range(3)]
+            assert successor.name == "sub"
+    finally:
+        server.kill()
+    assert got == [0, 1, 2]
