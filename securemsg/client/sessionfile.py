@@ -11,12 +11,14 @@ Theory of operation
 -------------------
 - **Done, not received.** The ``seq`` kept is the last message the application is done
   with: every message taken before its latest ``receive()`` (or ``async for`` step), and
-  the last one too once it asks for the next or closes (:meth:`Mailbox.done_seq`). A kill
-  while the application handles a message replays that message; it never skips it.
+  the last one too once it asks for the next or closes (:meth:`Mailbox.done_seq`). So the
+  file never claims a message the application had not taken; the server, which replays
+  from what the client acknowledged (what the application took), is the one that decides
+  where a successor starts, and the file only has to stay behind it.
 - **Bounded repeats.** The file is rewritten at least every :data:`TAKE_BOUND` messages the
   application is done with (synchronously, before it gets the next one), so a restart
   repeats at most that many messages the dead process had finished with (for ``listen``:
-  at most the last 20 lines it printed), plus the one it was handling.
+  at most the last 20 lines it printed).
 - **Bounded rate.** Anything else (the outbox, the session token, a slower consumer) is
   written by a timer at most every :data:`WRITE_INTERVAL` seconds, only when it changed,
   and once more on close. A publish not yet written nor acknowledged dies with the process:
