@@ -280,5 +280,5 @@ class Outbox:
         """Take up what another process left unacknowledged (a session file); new ids
         continue after ``next_id`` so none repeats an id the server remembers."""
         for msg_id, frame in entries:
-            self._frames[msg_id] = frame
+            self.add(msg_id, frame)
         self._next_id = max(self._next_id, next_id)
