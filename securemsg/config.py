@@ -140,6 +140,7 @@ class ClientConfig(_Config, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     heartbeat_interval: float | None = None
     heartbeat_timeout: float | None = None
     connect_timeout: float = 10.0
+    session_file: str | None = None
     log_format: LogFormat = "auto"
     log_level: LogLevel = "warning"
 
@@ -203,6 +204,8 @@ FIELD_HELP: Final[dict[str, dict[str, str]]] = {
         "heartbeat_interval": "seconds between heartbeats; none: as the server says",
         "heartbeat_timeout": "seconds of silence before reconnecting; none: as the server says",
         "connect_timeout": "seconds to connect, finish TLS and be welcomed",
+        "session_file": "file that keeps the session across restarts of the process; one "
+        "process per file",
         "log_format": "log format on stderr: auto (JSON unless a terminal), json or console",
         "log_level": "lowest level logged: debug, info, warning, error or critical",
     },
@@ -533,7 +536,7 @@ def _metavar(field: _Field) -> str | None:
         return "BYTES"
     if isinstance(field.info, msgspec.inspect.IntType):
         return "PORT" if field.name.endswith("port") else "N"
-    if field.name in {"cert", "key", "ca", "token_file", "store"}:
+    if field.name in {"cert", "key", "ca", "token_file", "store", "session_file"}:
         return "PATH"
     if field.name == "metrics_host":
         return "HOST"

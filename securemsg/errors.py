@@ -10,7 +10,7 @@
     │   ├── TLSError           the TLS handshake failed (has .check: which verification failed)
     │   └── AuthError          the server refused who we are (has .code: unauthorized, name_taken)
     ├── RejectedError          the server refused requests (has .code, .ids: which ones)
-    ├── StoreError             the session store file cannot be used or written (names it)
+    ├── StoreError             a session store or client session file cannot be used (names it)
     ├── TimeoutError           a bounded wait ran out (also a builtin TimeoutError)
     └── ClosedError            the client or connection is closed
 
@@ -99,8 +99,9 @@ class RejectedError(SecureMsgError):
 
 
 class StoreError(SecureMsgError):
-    """The server's session store cannot be opened, read or written; the message names the
-    file and says why in one sentence. The file is left as it was."""
+    """The server's session store, or a client's session file, cannot be opened, read or
+    written (or the session file is in use by another process); the message names the file
+    and says why in one sentence. The file is left as it was."""
 
 
 class TimeoutError(SecureMsgError, builtins.TimeoutError):

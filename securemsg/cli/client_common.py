@@ -16,6 +16,7 @@ from typing import Any, Final
 import msgspec
 
 from securemsg.client.client import Client, Message, connect
+from securemsg.client.sessionfile import saved_name
 from securemsg.config import ClientConfig
 from securemsg.core.messages import ErrorCode, is_valid_name, is_valid_room, is_valid_room_filter
 from securemsg.errors import AuthError, ConfigError
@@ -83,10 +84,12 @@ def default_name(cert: str | None = None) -> str | None:
 
 
 def with_default_name(config: ClientConfig) -> ClientConfig:
-    """``config`` with ``name`` filled in by :func:`default_name` when it is not set."""
+    """``config`` with ``name`` filled in when it is not set: the name kept in the session
+    file (so a restarted process resumes), else :func:`default_name`."""
     if config.name is not None:
         return config
-    return msgspec.structs.replace(config, name=default_name(config.cert))
+    kept = saved_name(config.session_file) if config.session_file is not None else None
+    return msgspec.structs.replace(config, name=kept or default_name(config.cert))
 
 
 def check_room(room: str, *, pattern: bool = False, option: str = "--room") -> str:

@@ -36,6 +36,7 @@ import structlog
 
 from securemsg.client.connection import ClientConnection, open_connection, should_retry
 from securemsg.client.mailbox import EventStream, Mailbox, deadline
+from securemsg.client.sessionfile import SessionFile, keep, open_session_file
 from securemsg.client.types import (
     ClientState,
     Closed,
@@ -65,6 +66,7 @@ from securemsg.errors import (
     ConfigError,
     ConnectError,
     RejectedError,
+    StoreError,
     TimeoutError,
     TLSError,
 )
@@ -176,6 +178,12 @@ class Client:
         #: with the system store), and the files are the same on every reconnect.
         self._context: ssl.SSLContext | None = None
         self._context_files: tuple[tuple[int, int, int] | None, ...] = ()
+        self._file: SessionFile | None = None
+        if config.session_file is not None:
+            self._file, self._name, self._session = open_session_file(
+                config.session_file, name=config.name, mailbox=self._mailbox
+            )
+            self._config = msgspec.structs.replace(config, name=self._name)
 
     def __repr__(self) -> str:
         return f"<Client {self._name!r} {self._where} {self._state.value}>"
@@ -401,9 +409,11 @@ class Client:
             if task is not None and not task.done():
                 task.cancel()
                 await asyncio.wait([task])
+            mailbox.busy_seq = None  # closing: done with the message taken last
             conn = mailbox.conn
             if conn is not None:
-                conn.say_bye()
+                # With a session file the server keeps the session for the next process.
+                conn.say_bye(end_session=self._file is None)
                 with contextlib.suppress(builtins.TimeoutError):
                     async with asyncio.timeout_at(end):
                         await asyncio.shield(conn.closed)
@@ -425,13 +435,20 @@ class Client:
 
     async def _start(self, *, retry: bool) -> None:
         try:
-            conn = await self._open()
-        except ConnectError as exc:
-            if not retry or not should_retry(exc, welcomed=False):
-                raise
-            self._log.warning("connect_failed", error=str(exc))
-            conn = await self._reconnect(welcomed=False)
+            try:
+                conn = await self._open()
+            except ConnectError as exc:
+                if not retry or not should_retry(exc, welcomed=False):
+                    raise
+                self._log.warning("connect_failed", error=str(exc))
+                conn = await self._reconnect(welcomed=False)
+        except BaseException:
+            if self._file is not None:
+                self._file.release()
+            raise
         self._connected(conn, first=True)
+        if self._file is not None:
+            keep(self._file, self._mailbox, lambda: (self._name, self._session))
         self._task = self._loop.create_task(self._run(conn), name=f"securemsg {self._where}")
 
     async def _run(self, conn: ClientConnection) -> None:
@@ -483,7 +500,11 @@ class Client:
 
     def _connected(self, conn: ClientConnection, *, first: bool) -> None:
         welcome = conn.welcomed.result()
-        resumed = welcome.resumed or first
+        # A first connect has nothing to join or renumber, unless a session file gave it a
+        # session the server no longer knows.
+        resumed = welcome.resumed or (first and self._session is None)
+        if first and not resumed:
+            self._log.warning("session_not_resumed", session_file=self._config.session_file)
         self._session, self._name = welcome.session, welcome.name
         self._mailbox.session.max_frame = welcome.max_frame
         self._mailbox.attach(conn, resumed=resumed, rooms=list(self._rooms))
@@ -534,6 +555,11 @@ class Client:
             self._log.warning("closed_with_unacknowledged", count=unacked)
         text = "the client is closed" + (f": {failure}" if failure else "")
         self._mailbox.close(ClosedError(text))
+        if self._file is not None:
+            try:
+                self._file.close()
+            except StoreError as exc:
+                self._log.error("session_file_write_failed", error=str(exc))
         self._set_state(ClientState.CLOSED, Closed(failure))
         for stream in self._state_streams:
             stream.end()

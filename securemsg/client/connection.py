@@ -204,12 +204,15 @@ class ClientConnection(asyncio.BufferedProtocol):
             self.core.last_received = self._loop.time()
             self.transport.resume_reading()
 
-    def say_bye(self, reason: str = "client_closed") -> None:
-        """End the session (no resume) and close once the bye is written."""
+    def say_bye(self, reason: str = "client_closed", *, end_session: bool = True) -> None:
+        """End the session (no resume) and close once the bye is written. Without
+        ``end_session`` close without a bye: the server keeps the session to be resumed
+        (a client with a session file)."""
         if self.transport is None or self.transport.is_closing():
             return
         self.reason = self.reason or reason
-        self.core.send_bye(reason)
+        if end_session:
+            self.core.send_bye(reason)
         self._flush()
         self.transport.close()
 

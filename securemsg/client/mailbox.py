@@ -203,6 +203,11 @@ class Mailbox:
         #: Something may be due for acknowledgement: checked by the connection's next write.
         self.ack_wanted = False
         self._paused = False
+        #: The ``seq`` of the message the application took last while it has not asked for
+        #: the next one (it may still be handling it); None otherwise. See done_seq().
+        self.busy_seq: int | None = None
+        #: Called after each message the application takes (the session file), when set.
+        self.on_taken: Callable[[], None] | None = None
         self.presence_streams: weakref.WeakSet[EventStream[Presence]] = weakref.WeakSet()
 
     # -- sending ----------------------------------------------------------------------------------
@@ -283,6 +288,7 @@ class Mailbox:
 
     def take(self) -> Message | None:
         """The next message if one is waiting, without awaiting: receive()'s fast path."""
+        self._done_with_busy()
         received = self._received
         if not received or self._paused:
             return None  # nothing there, or a paused connection to resume: receive() does it
@@ -294,9 +300,14 @@ class Mailbox:
             self._want_ack()
         if self._stale:
             self._stale -= 1
+        else:
+            self.busy_seq = message.seq
+            if self.on_taken is not None:
+                self.on_taken()
         return message
 
     async def receive(self, timeout: float | None) -> Message:
+        self._done_with_busy()
         received = self._received
         if not received:
             async with deadline(timeout, "receive"):
@@ -310,11 +321,33 @@ class Mailbox:
             self._want_ack()
         if self._stale:
             self._stale -= 1
+        else:
+            self.busy_seq = item.seq
+            if self.on_taken is not None:
+                self.on_taken()
         if self._paused and len(received) <= _RESUME_RECEIVED:
             self._paused = False
             if self.conn is not None:
                 self.conn.resume_reading()
         return item
+
+    def _done_with_busy(self) -> None:
+        """The application asks for another message: it is done with the one it took before,
+        which may now be acknowledged."""
+        if self.busy_seq is not None:
+            self.busy_seq = None
+            if not self.ack_wanted:
+                self._want_ack()
+
+    def done_seq(self) -> int:
+        """The ``seq`` up to which the application is done with every message: before the
+        one it is handling, else before the oldest one waiting, else all received. (For an
+        application that takes one message at a time.)"""
+        if self.busy_seq is not None:
+            return self.busy_seq - 1
+        head = self._received.seq_at(self._stale)
+        last = self.session.inbox.last_seq
+        return last if head is None else min(head - 1, last)
 
     # -- connections ------------------------------------------------------------------------------
 
@@ -359,11 +392,15 @@ class Mailbox:
 
     def queue_ack(self, conn: ClientConnection) -> None:
         """The connection is about to write: queue the cumulative ``ack`` of everything the
-        application took since the last one (one per write, so at most one per iteration)."""
+        application is done with since the last one (one per write, so at most one per
+        iteration)."""
         self.ack_wanted = False
         if conn is not self.conn:
             return
-        seq = self.session.ack_due(self._received.seq_at(self._stale))
+        # Up to the message the application is handling, or else the oldest it has not taken:
+        # a process killed while it handles a message gets that message again on resume.
+        busy = self.busy_seq
+        seq = self.session.ack_due(busy if busy is not None else self._received.seq_at(self._stale))
         if seq is not None:
             conn.core.send(Ack(seq=seq))
 

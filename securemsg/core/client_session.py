@@ -270,6 +270,13 @@ class ClientSession:
         joins = [self.submit(_join_of(room)) for room in rooms]
         return joins + resend
 
+    def restore(self, *, last_seq: int, next_id: int, outbox: list[tuple[str, bytes]]) -> None:
+        """Take the session up where another process left it (a session file): messages
+        up to ``last_seq`` were dealt with, ``outbox`` is to be resent."""
+        self.inbox.restore(last_seq)
+        self.outbox.restore(next_id=next_id, entries=outbox)
+        self.last_id = str(self.outbox.next_id)
+
     def request_token(self) -> str:
         """A fresh ``reply_to`` token; its first reply becomes :class:`ReplyReceived`."""
         self._request_ids += 1

@@ -239,6 +239,10 @@ class Inbox:
         """A new (not resumed) session numbers from 1 again."""
         self.last_seq = self.acked = 0
 
+    def restore(self, seq: int) -> None:
+        """Take up a session whose messages up to ``seq`` were dealt with (a session file)."""
+        self.last_seq = self.acked = seq
+
 
 class Outbox:
     """Client messages (whole frames) waiting for the server's ``ack``, in send order.
@@ -282,3 +286,19 @@ class Outbox:
     def unacked(self) -> list[bytes]:
         """Every frame still waiting, in the order it was first sent, for a resend."""
         return list(self._frames.values())
+
+    @property
+    def next_id(self) -> int:
+        """The number the last :meth:`new_id` gave."""
+        return self._next_id
+
+    def entries(self) -> list[tuple[str, bytes]]:
+        """(id, frame) of every message still waiting, in send order."""
+        return list(self._frames.items())
+
+    def restore(self, *, next_id: int, entries: Iterable[tuple[str, bytes]]) -> None:
+        """Take up what another process left unacknowledged (a session file); new ids
+        continue after ``next_id`` so none repeats an id the server remembers."""
+        for msg_id, frame in entries:
+            self.add(msg_id, frame)
+        self._next_id = max(self._next_id, next_id)

@@ -299,7 +299,8 @@ async def test_what_is_taken_in_one_loop_iteration_is_acknowledged_once_with_the
     pair.mailbox.submit(lambda i: Publish(room="r", body=msgspec.Raw(b"1"), id=i))
     await settle()
     assert len(pair.transport.writes) == writes + 1  # ack and publish in one write
-    assert [m.seq for m in pair.sent(Ack)] == [3]  # 4 and 5 wait, unacknowledged
+    # 3 is in hand until the application asks for more; 4 and 5 wait, unacknowledged.
+    assert [m.seq for m in pair.sent(Ack)] == [2]
 
 
 async def test_a_reply_and_a_skipped_message_count_as_taken_but_not_past_a_waiting_one() -> None:
@@ -315,6 +316,9 @@ async def test_a_reply_and_a_skipped_message_count_as_taken_but_not_past_a_waiti
     await settle()
     assert [m.seq for m in pair.sent(Ack)] == [1]  # 2 waits for the application: 3, 4 too
     assert (await pair.mailbox.receive(1)).seq == 2
+    await settle()
+    assert [m.seq for m in pair.sent(Ack)] == [1]  # 2 is in hand
+    assert pair.mailbox.take() is None  # the application asks for more: done with 2
     await settle()
     assert [m.seq for m in pair.sent(Ack)] == [1, 4]
 
@@ -556,6 +560,7 @@ async def test_an_undecodable_delivery_is_acknowledged_skipped_and_reported() ->
     assert [m.seq for m in pair.sent(Ack)] == [1]  # skipped: taken; 2 waits to be taken
     assert [(s.seq, type(s).__name__) for s in skipped] == [(1, "MessageSkipped")]
     assert (await pair.mailbox.receive(1)).body == "after"
+    assert pair.mailbox.take() is None  # done with it
     await settle()
     assert [m.seq for m in pair.sent(Ack)] == [1, 2]
     assert not pair.transport.closing
