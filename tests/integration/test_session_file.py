@@ -15,10 +15,7 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
-import pytest
-
 from securemsg.client.sessionfile import TAKE_BOUND
-from securemsg.core.client_session import ClientSession
 from tests.faults import ServerProcess
 from tests.integration.conftest import OpenClient
 
@@ -241,11 +238,6 @@ async def test_a_corrupt_session_file_is_one_sentence_and_left_alone(
     assert session_file.read_bytes() == b'{"format":"securemsg-client-session","outbox":[["1"'
 
 
-@pytest.mark.skipif(
-    not hasattr(ClientSession, "ack_due"),
-    reason="needs acknowledgement on take (branch client-truth): acked on arrival, the "
-    "messages a closed client never took are gone from the server",
-)
 async def test_a_closed_client_leaves_what_it_did_not_take_to_its_successor(
     tls_files: Any, tmp_path: Path, open_client: OpenClient, unit: float
 ) -> None:
