@@ -17,6 +17,11 @@ and subscriber processes apart, publishers as fast as their client allows, as ``
 measures; :mod:`securemsg.bench.unpaced`) and **paced** (every client in one process,
 publishers held back by a window).
 
+One **durable** scenario (``pubsub-durable``, unpaced 1 -> 1) sets securemsg with its SQLite
+session store (``--store``) against NATS JetStream with file storage (a stream on the
+subject; publishes acknowledged by the stream, 256 in flight; a durable pull consumer acking
+each message), with securemsg's in-memory path for reference.
+
 Subcommands used internally: ``relay`` (the websockets relay server), ``client`` (one
 scenario run against nats or the relay, printing the JSON result) and ``worker`` (one
 publisher or subscriber process of an unpaced run against nats or the relay).
@@ -49,6 +54,12 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 HOST = "127.0.0.1"
 SYSTEMS = ("securemsg", "nats", "websockets")
+#: The durable scenario's systems: the session store, JetStream, and the in-memory path.
+DURABLE_SYSTEMS = ("securemsg-store", "jetstream", "securemsg")
+#: JetStream publishes in flight at once (``publish_async``), as measured in MEASURED.md.
+JS_IN_FLIGHT = 256
+#: Messages a JetStream subscriber fetches from its pull consumer at once.
+JS_FETCH = 256
 #: Seconds any one run may take before it is killed (each run also bounds itself).
 RUN_LIMIT = 240.0
 
@@ -130,6 +141,68 @@ class NatsEndpoint:
         await self.nc.close()
 
 
+class JetStreamEndpoint(NatsEndpoint):
+    """NATS JetStream: publishes acknowledged by a file-backed stream, deliveries from a
+    durable pull consumer that acks each message."""
+
+    def __init__(self, nc: Any, name: str) -> None:
+        super().__init__(nc)
+        self.js = nc.jetstream(publish_async_max_pending=JS_IN_FLIGHT)
+        self.durable = name.replace(".", "-")
+        self.acked = 0
+        self.failed: list[str] = []
+        self.fetchers: list[asyncio.Task[None]] = []
+
+    async def subscribe(self, room: str, handler: Any) -> None:
+        from nats.js.api import StorageType
+
+        stream = room.replace(".", "_")
+        # Idempotent: every subscription of the run asks for the same stream.
+        await self.js.add_stream(name=stream, subjects=[room], storage=StorageType.FILE)
+        psub = await self.js.pull_subscribe(room, durable=self.durable, stream=stream)
+        self.fetchers.append(asyncio.get_running_loop().create_task(self._fetch(psub, handler)))
+
+    async def _fetch(self, psub: Any, handler: Any) -> None:
+        import nats.errors
+
+        # Ends when close() cancels it; each fetch waits at most a second.
+        while True:
+            try:
+                msgs = await psub.fetch(batch=JS_FETCH, timeout=1)
+            except nats.errors.TimeoutError:
+                continue
+            for msg in msgs:
+                handler(msg.data)
+                await msg.ack()
+
+    async def publish(self, room: str, payload: str) -> None:
+        # Waits while JS_IN_FLIGHT publishes are unacknowledged (the client's semaphore).
+        future = await self.js.publish_async(room, payload.encode())
+        future.add_done_callback(self._on_ack)
+
+    def _on_ack(self, future: asyncio.Future[Any]) -> None:
+        error = None if future.cancelled() else future.exception()
+        if error is None and not future.cancelled():
+            self.acked += 1
+        elif len(self.failed) < 3:
+            self.failed.append(repr(error) if error else "cancelled")
+
+    async def flush(self, timeout: float) -> None:
+        """Wait until every publish is acknowledged by the stream."""
+        async with asyncio.timeout(timeout):
+            await self.js.publish_async_completed()
+        await super().flush(timeout)
+        if self.failed:
+            raise RuntimeError(f"JetStream refused publishes: {', '.join(self.failed)}")
+
+    async def close(self) -> None:
+        for task in self.fetchers:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await super().close()
+
+
 def worker_argv(system: str, port: int, ca: str) -> list[str]:
     """The command line of an unpaced run's worker process for ``system``."""
     argv = [sys.executable, __file__, "worker", "--system", system, "--port", str(port)]
@@ -139,7 +212,7 @@ def worker_argv(system: str, port: int, ca: str) -> list[str]:
     # NATS fan-out runs at 3 % delivered by the idle timeout. It upgrades to TLS with
     # start_tls, whose flow control uvloop gets wrong (MagicStack/uvloop#564, probably the
     # same cause). So its workers use asyncio's loop, as nats-py users mostly do.
-    return [*argv, "--loop", "asyncio" if system == "nats" else "uvloop"]
+    return [*argv, "--loop", "asyncio" if system in ("nats", "jetstream") else "uvloop"]
 
 
 class NatsSystem:
@@ -182,6 +255,24 @@ class NatsSystem:
             self.url, tls=self.context, tls_hostname=HOST, allow_reconnect=False
         )
         await nc.close()
+
+
+class JetStreamSystem(NatsSystem):
+    name = "jetstream"
+
+    async def connect(self, name: str) -> JetStreamEndpoint:
+        endpoint = await super().connect(name)
+        return JetStreamEndpoint(endpoint.nc, name)
+
+
+def peer_system(name: str, port: int, ca: str) -> Any:
+    """The driver of a peer (nats, jetstream, websockets) at ``port``."""
+    kinds: dict[str, Any] = {
+        "nats": NatsSystem,
+        "jetstream": JetStreamSystem,
+        "websockets": WsSystem,
+    }
+    return kinds[name](port, ca)
 
 
 class WsEndpoint:
@@ -289,7 +380,7 @@ async def client_main(args: argparse.Namespace) -> None:
 
     from securemsg.bench.run import BenchOptions, run_bench
 
-    system: Any = (NatsSystem if args.system == "nats" else WsSystem)(args.port, args.ca)
+    system = peer_system(args.system, args.port, args.ca)
     options = BenchOptions(
         scenario=args.scenario,
         host=HOST,
@@ -310,7 +401,7 @@ async def worker_main(args: argparse.Namespace) -> int:
     """One publisher or subscriber process of an unpaced run against a peer."""
     from securemsg.bench.worker import run_worker
 
-    system: Any = (NatsSystem if args.system == "nats" else WsSystem)(args.port, args.ca)
+    system = peer_system(args.system, args.port, args.ca)
     return await run_worker(system, args)
 
 
@@ -348,16 +439,23 @@ def server(system: str, pki: Pki, *, max_connections: int) -> Iterator[tuple[int
     """(port, pid) of a fresh server of ``system`` on the shared certificates."""
     port = free_port()
     log = open(pki.directory / f"{system}-{port}.log", "wb")
-    if system == "securemsg":
+    # The durable systems' files: a fresh directory per run, removed with the server.
+    store = tempfile.TemporaryDirectory(prefix=f"securemsg-compare-{system}-store-")
+    if system.startswith("securemsg"):
         argv = [sys.executable, "-m", "securemsg", "server", "--cert", pki.cert]
         argv += ["--key", pki.key, "--host", HOST, "--port", str(port), "--log-level"]
         argv += ["warning", "--max-connections", str(max_connections)]
-    elif system == "nats":
+        if system == "securemsg-store":
+            argv += ["--store", str(Path(store.name) / "sessions.db")]  # store_sync normal
+    elif system in ("nats", "jetstream"):
         config = pki.directory / f"nats-{port}.conf"
-        config.write_text(
+        text = (
             f'listen: "{HOST}:{port}"\nping_interval: "10s"\nmax_connections: {max_connections}\n'
             f'tls {{\n  cert_file: "{pki.cert}"\n  key_file: "{pki.key}"\n}}\n'
         )
+        if system == "jetstream":
+            text += f'jetstream {{\n  store_dir: "{store.name}"\n}}\n'
+        config.write_text(text)
         argv = [nats_server(), "-c", str(config)]
     else:
         argv = [sys.executable, __file__, "relay", "--port", str(port)]
@@ -374,6 +472,7 @@ def server(system: str, pki: Pki, *, max_connections: int) -> Iterator[tuple[int
             process.kill()
             process.wait()
         log.close()
+        store.cleanup()
 
 
 def nats_server() -> str:
@@ -397,6 +496,8 @@ class Scenario:
     rate: float = 0.0
     #: Separate publisher and subscriber processes, publishers unpaced (``--unpaced``).
     unpaced: bool = False
+    #: The systems compared (all three peers unless said).
+    systems: tuple[str, ...] = SYSTEMS
 
 
 #: Scenario keys of the unpaced mode (the report gives them a section of their own).
@@ -420,6 +521,14 @@ def scenarios(quick: bool) -> list[Scenario]:
             msgs=int(50_000 * scale),
             clients=20,
             unpaced=True,
+        ),
+        Scenario(
+            "pubsub-durable",
+            f"pubsub 1 -> 1, durable, {int(200_000 * scale):,} msgs",
+            "pubsub",
+            msgs=int(200_000 * scale),
+            unpaced=True,
+            systems=DURABLE_SYSTEMS,
         ),
         Scenario("pubsub", "pubsub 1 -> 1", "pubsub", msgs=int(200_000 * scale)),
         Scenario("fanout", "fanout 1 -> 100", "fanout", msgs=int(5_000 * scale), clients=100),
@@ -452,7 +561,7 @@ def run_one(system: str, scenario: Scenario, pki: Pki) -> dict[str, Any] | None:
 def _run_one(system: str, scenario: Scenario, pki: Pki) -> dict[str, Any]:
     clients = scenario.clients or 0
     with server(system, pki, max_connections=max(10_000, clients + 100)) as (port, pid):
-        if system == "securemsg":
+        if system.startswith("securemsg"):
             argv = [sys.executable, "-m", "securemsg", "bench", scenario.scenario]
             argv += [f"{HOST}:{port}", "--ca", pki.ca, "--json", "--server-pid", str(pid)]
         else:
@@ -510,7 +619,8 @@ def main_compare(args: argparse.Namespace) -> None:
         print(f"load average at the start: {os.getloadavg()}", file=sys.stderr, flush=True)
         for round_no in range(1, args.rounds + 1):
             for scenario in plan:
-                order = SYSTEMS if round_no % 2 else tuple(reversed(SYSTEMS))
+                systems = scenario.systems
+                order = systems if round_no % 2 else tuple(reversed(systems))
                 for system in order:
                     result = run_one(system, scenario, pki)
                     if result is None:
@@ -558,9 +668,10 @@ def log_run(
     rate = result["msgs_per_s"]
     figure = f"{rate:>11,.0f}/s" if rate is not None else f"{'(loss)':>13}"
     print(
-        f"[{time.monotonic() - started:6.0f}s] round {round_no} {scenario.key:<14} {system:<10}"
+        f"[{time.monotonic() - started:6.0f}s] round {round_no} {scenario.key:<14} {system:<15}"
         f" {figure} p50 {latency.get('p50', 0):>9,.0f} us"
-        f" p99 {latency.get('p99', 0):>9,.0f} us lost {result['lost']} {result['extra']}",
+        f" p99 {latency.get('p99', 0):>9,.0f} us lost {result['lost']}"
+        f" dup {result['duplicated']} disorder {result['out_of_order']} {result['extra']}",
         file=sys.stderr,
         flush=True,
     )
@@ -695,7 +806,7 @@ def main(argv: list[str] | None = None) -> None:
     relay.add_argument("--cert", required=True)
     relay.add_argument("--key", required=True)
     client = commands.add_parser("client", help="one run against nats or the relay")
-    client.add_argument("--system", choices=("nats", "websockets"), required=True)
+    client.add_argument("--system", choices=("nats", "jetstream", "websockets"), required=True)
     client.add_argument("--port", type=int, required=True)
     client.add_argument("--ca", required=True)
     client.add_argument("--scenario", required=True)
@@ -706,7 +817,7 @@ def main(argv: list[str] | None = None) -> None:
     client.add_argument("--server-pid", type=int)
     client.add_argument("--unpaced", action="store_true")
     worker = commands.add_parser("worker", help="one process of an unpaced run (nats, relay)")
-    worker.add_argument("--system", choices=("nats", "websockets"), required=True)
+    worker.add_argument("--system", choices=("nats", "jetstream", "websockets"), required=True)
     worker.add_argument("--port", type=int, required=True)
     worker.add_argument("--ca", required=True)
     worker.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")

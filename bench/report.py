@@ -16,7 +16,13 @@ LABEL = {
     "securemsg": "securemsg",
     "nats": "nats-server + nats-py",
     "websockets": "websockets relay",
+    "securemsg-store": "securemsg --store (SQLite)",
+    "jetstream": "NATS JetStream (file) + nats-py",
 }
+#: The durable scenario: the session store against JetStream and the in-memory path.
+DURABLE = "pubsub-durable"
+DURABLE_OURS = "securemsg-store"
+DURABLE_PEERS = ("jetstream", "securemsg")
 
 Runs = list[dict[str, Any]]
 Getter = Callable[[dict[str, Any]], float | None]
@@ -87,6 +93,10 @@ METRICS["pubsub-unpaced"] = [
     ("latency p99 (µs), complete runs only", _if_complete(_lat("p99")), ",.0f", False),
 ]
 METRICS["fanout-unpaced"] = METRICS["pubsub-unpaced"]
+METRICS[DURABLE] = [
+    ("acknowledged publishes/s (publisher side)", _extra("acked_per_s"), ",.0f", True),
+    *METRICS["pubsub-unpaced"],
+]
 
 #: The two ways pub/sub is measured: (scenario keys, heading, what it measures in one line).
 MODES = (
@@ -132,14 +142,21 @@ def _ratio(ours: list[float], theirs: list[float]) -> str:
     return f"{mine / peer:.2f}×"
 
 
-def _table(key: str, by_system: dict[str, Runs]) -> list[str]:
+def _table(
+    key: str,
+    by_system: dict[str, Runs],
+    *,
+    ours_key: str = "securemsg",
+    peers: tuple[str, ...] = PEERS,
+) -> list[str]:
+    present = [p for p in peers if p in by_system]
     head = "| metric | " + " | ".join(LABEL[s] for s in by_system)
-    head += " | " + " | ".join(f"securemsg / {p}" for p in PEERS if p in by_system) + " |"
-    lines = [head, "|" + "---|" * (1 + len(by_system) + sum(p in by_system for p in PEERS))]
+    head += " | " + " | ".join(f"{ours_key} / {p}" for p in present) + " |"
+    lines = [head, "|" + "---|" * (1 + len(by_system) + len(present))]
     for label, get, fmt, higher in METRICS[key]:
         cells = [_cell(_values(runs, get), fmt) for runs in by_system.values()]
-        ours = _values(by_system.get("securemsg", []), get)
-        ratios = [_ratio(ours, _values(by_system[p], get)) for p in PEERS if p in by_system]
+        ours = _values(by_system.get(ours_key, []), get)
+        ratios = [_ratio(ours, _values(by_system[p], get)) for p in present]
         if fmt == "runs":
             ratios = ["" for _ in ratios]
         better = "higher is better" if higher else "lower is better"
@@ -238,15 +255,59 @@ def _unpaced_targets(results: dict[str, dict[str, Runs]]) -> list[str]:
     return lines
 
 
-def _section(key: str, title: str, results: dict[str, dict[str, Runs]], level: str) -> list[str]:
-    out = [f"{level} {title}", "", *_table(key, results[key]), ""]
+def _durable_targets(runs: dict[str, Runs]) -> list[str]:
+    """Issue 13: the store at least 2x JetStream's acknowledged publishes and 80 % of the
+    in-memory path's pub/sub, every message delivered once and in order."""
+    store = runs.get(DURABLE_OURS, [])
+    complete = bool(store) and all(_complete(r) for r in store)
+    rows = []
+    for title, peer, get, aim in (
+        ("acknowledged publishes/s ≥ 2× JetStream", "jetstream", _extra("acked_per_s"), 2.0),
+        ("deliveries/s ≥ 0.8× securemsg in memory", "securemsg", _rate, 0.8),
+    ):
+        mine, theirs = _median(store, get), _median(runs.get(peer, []), get)
+        ratio = mine / theirs if complete and mine and theirs else None
+        measured = f"{ratio:.2f}×" if ratio else "no figure"
+        ok = ratio is not None and ratio >= aim
+        rows.append(f"| {title}, 100 % delivered | {measured} | {'met' if ok else '**missed**'} |")
+    return ["| target | measured | verdict |", "|---|---|---|", *rows]
+
+
+def _durable(title: str, results: dict[str, dict[str, Runs]]) -> list[str]:
+    out = [
+        "## Durable pub/sub: the session store, JetStream, memory",
+        "",
+        "Unpaced pub/sub 1→1 in separate processes, as above, with durable servers:"
+        " securemsg with its SQLite session store (`--store`, `store_sync = normal`: a publish"
+        " is acknowledged once committed) against nats-server with JetStream file storage"
+        " (a stream on the subject; nats-py `publish_async`, 256 publishes in flight, each"
+        " acknowledged by the stream; a durable pull consumer in the subscriber process"
+        " acking each message), and securemsg in memory for reference. Acknowledged"
+        " publishes/s: messages over the time from the first publish to the last"
+        " acknowledgement, at the publisher. Ratios are the store / peer.",
+        "",
+        "### Targets (issue 13)",
+        "",
+        *_durable_targets(results[DURABLE]),
+        "",
+        f"### {title}",
+        "",
+        *_table(DURABLE, results[DURABLE], ours_key=DURABLE_OURS, peers=DURABLE_PEERS),
+        "",
+    ]
+    return out + _notes(DURABLE, results)
+
+
+def _notes(key: str, results: dict[str, dict[str, Runs]]) -> list[str]:
     notes = sorted(
         {(LABEL[s], n) for s, runs in results[key].items() for r in runs for n in r["notes"]}
     )
-    out += [f"Note ({system}): {n}" for system, n in notes[:8]]
-    if notes:
-        out.append("")
-    return out
+    out = [f"Note ({system}): {n}" for system, n in notes[:8]]
+    return [*out, ""] if notes else out
+
+
+def _section(key: str, title: str, results: dict[str, dict[str, Runs]], level: str) -> list[str]:
+    return [f"{level} {title}", "", *_table(key, results[key]), "", *_notes(key, results)]
 
 
 def write_report(
@@ -280,7 +341,10 @@ def write_report(
         "",
     ]
     out += [f"- {key}: {value}" for key, value in machine.items()]
-    out += ["", "## Targets (issue 6)", "", *_targets(results, target), ""]
+    out.append("")
+    targets = _targets(results, target)
+    if len(targets) > 2:  # a table with rows
+        out += ["## Targets (issue 6)", "", *targets, ""]
     if any(key in results for key in ("pubsub-unpaced", "fanout-unpaced")):
         out += ["## Targets (issue 15)", "", *_unpaced_targets(results), ""]
     if failures:
@@ -294,7 +358,9 @@ def write_report(
             for key in keys:
                 if key in results:
                     out += _section(key, titles[key], results, "###")
-    grouped = {key for keys, _, _ in MODES for key in keys}
+    grouped = {DURABLE, *(key for keys, _, _ in MODES for key in keys)}
+    if DURABLE in results:
+        out += _durable(titles[DURABLE], results)
     for key, title in plan:
         if key in results and key not in grouped:
             out += _section(key, title, results, "##")
