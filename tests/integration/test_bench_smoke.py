@@ -203,6 +203,20 @@ async def test_unpaced_run_reports_loss_duplicates_and_disorder_without_a_figure
     assert "none" in format_result(result) and "FAILED" in format_result(result)
 
 
+async def test_unpaced_pubsub_through_the_session_store_counts_acknowledged_publishes(
+    start_server: StartServer, tls_files: Any, tmp_path: Path
+) -> None:
+    # The securemsg side of bench/compare.py's durable scenario (JetStream is run by hand).
+    server = await start_server(store=str(tmp_path / "sessions.db"))
+    result = await _bench(server.port, tls_files.ca_pem, "pubsub", msgs=2_000, unpaced=True)
+    _assert_consistent(result)
+    _assert_verified(result)
+    acked, published = result.extra["acked_per_s"], result.extra["published_per_s"]
+    # The last acknowledgement comes no sooner than the last publish (both rounded to 0.1).
+    assert 0 < acked <= published + 0.1
+    assert (tmp_path / "sessions.db").stat().st_size > 0
+
+
 def test_unpaced_applies_to_pubsub_and_fanout_without_a_rate() -> None:
     with pytest.raises(ConfigError, match="pubsub and fanout"):
         BenchOptions(scenario="rtt", unpaced=True)
