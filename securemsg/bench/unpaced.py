@@ -256,8 +256,9 @@ def _outcome(
         published = max(p.published_at for p in pubs) - first
         if published > 0:
             outcome.extra["published_per_s"] = round(outcome.sent / published, 1)
-        # Up to the last publisher's flush: every publish acknowledged by the server (for a
-        # durable server, committed), the rate a durable publisher can count on.
+        # Up to the last publisher's flush: for securemsg (and JetStream in bench/compare.py)
+        # every publish acknowledged (with a store, committed); NATS core and the relay
+        # acknowledge nothing, their flush is a round trip.
         acked = max(p.flushed_at for p in pubs) - first
         if acked > 0 and not any(p.error for p in pubs):
             outcome.extra["acked_per_s"] = round(outcome.sent / acked, 1)
