@@ -241,10 +241,14 @@ class SqliteStore:
         if not recipients:
             return
         batch = self._batch
-        message = self._next_message
-        self._next_message = message + 1
-        batch.messages.append((message, prefix, len(recipients)))
-        batch.refs.extend([(sid, seq, message) for sid, seq in recipients])
+        if len(recipients) == 1:
+            sid, seq = recipients[0]
+            batch.solo.append((sid, seq, prefix))
+        else:
+            message = self._next_message
+            self._next_message = message + 1
+            batch.messages.append((message, prefix, len(recipients)))
+            batch.refs.extend([(sid, seq, message) for sid, seq in recipients])
         self._changed()
 
     def acked(self, sid: str, seq: int) -> None:

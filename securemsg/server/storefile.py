@@ -62,9 +62,10 @@ CREATE TABLE recent_id (
 ) WITHOUT ROWID;
 CREATE TABLE message (id INTEGER PRIMARY KEY, prefix BLOB NOT NULL, refs INTEGER NOT NULL);
 CREATE TABLE pending (
-    sid TEXT NOT NULL, seq INTEGER NOT NULL, message INTEGER NOT NULL, PRIMARY KEY (sid, seq)
+    sid TEXT NOT NULL, seq INTEGER NOT NULL, message INTEGER, prefix BLOB,
+    PRIMARY KEY (sid, seq)
 ) WITHOUT ROWID;
-CREATE TRIGGER pending_deleted AFTER DELETE ON pending BEGIN
+CREATE TRIGGER pending_deleted AFTER DELETE ON pending WHEN old.message IS NOT NULL BEGIN
     UPDATE message SET refs = refs - 1 WHERE id = old.message;
 END;
 CREATE TRIGGER message_unreferenced AFTER UPDATE OF refs ON message WHEN new.refs <= 0 BEGIN
@@ -100,7 +101,17 @@ class Contents:
 class Batch:
     """Everything the loop handed over for one transaction, sorted by table."""
 
-    __slots__ = ("acks", "changes", "ends", "ids", "messages", "prunes", "refs", "sessions")
+    __slots__ = (
+        "acks",
+        "changes",
+        "ends",
+        "ids",
+        "messages",
+        "prunes",
+        "refs",
+        "sessions",
+        "solo",
+    )
 
     def __init__(self) -> None:
         self.sessions: list[tuple[str, str, str]] = []
@@ -108,6 +119,9 @@ class Batch:
         self.changes: list[tuple[str, tuple[object, ...]]] = []
         self.messages: list[tuple[int, bytes, int]] = []
         self.refs: list[tuple[str, int, int]] = []
+        #: Messages for one recipient: kept in the recipient's pending row, no message row
+        #: and no reference count (the common case, at half the writes).
+        self.solo: list[tuple[str, int, bytes]] = []
         self.ids: list[tuple[str, int, str]] = []
         self.prunes: list[tuple[str, int]] = []
         self.acks: dict[str, int] = {}
@@ -119,6 +133,7 @@ class Batch:
             + len(self.changes)
             + len(self.messages)
             + len(self.refs)
+            + len(self.solo)
             + len(self.ids)
             + len(self.acks)
             + len(self.ends)
@@ -141,6 +156,8 @@ def apply_batch(conn: sqlite3.Connection, batch: Batch) -> None:
         if batch.messages:
             run("INSERT INTO message (id, prefix, refs) VALUES (?, ?, ?)", batch.messages)
             run("INSERT INTO pending (sid, seq, message) VALUES (?, ?, ?)", batch.refs)
+        if batch.solo:
+            run("INSERT INTO pending (sid, seq, prefix) VALUES (?, ?, ?)", batch.solo)
         if batch.ids:
             run("INSERT OR REPLACE INTO recent_id (sid, n, msg_id) VALUES (?, ?, ?)", batch.ids)
         if batch.prunes:
@@ -250,7 +267,11 @@ def _check_contents(path: str, where: str) -> None:
             )
         problems = [row[0] for row in conn.execute("PRAGMA quick_check(3)")]
         if problems != ["ok"]:
-            raise StoreError(f"{where}: is corrupt ({problems[0]}); it was left untouched")
+            # One problem, on one line: SQLite reports some as several lines in one row,
+            # headed by "*** in database main ***".
+            lines = [line for line in problems[0].splitlines() if line and line[0] != "*"]
+            first = (lines or [problems[0]])[0].strip()
+            raise StoreError(f"{where}: is corrupt ({first}); it was left untouched")
     except sqlite3.Error as exc:
         raise _error(where, exc, "is corrupt or unreadable") from exc
     finally:
@@ -291,11 +312,11 @@ def load(conn: sqlite3.Connection) -> Contents:
     pending: dict[str, list[tuple[int, bytes]]] = {}
     prefixes: dict[int, bytes] = {}  # one bytes object per message, shared by its recipients
     rows = conn.execute(
-        "SELECT p.sid, p.seq, p.message, m.prefix FROM pending AS p"
-        " JOIN message AS m ON m.id = p.message ORDER BY p.sid, p.seq"
+        "SELECT p.sid, p.seq, p.message, coalesce(p.prefix, m.prefix) FROM pending AS p"
+        " LEFT JOIN message AS m ON m.id = p.message ORDER BY p.sid, p.seq"
     )
     for sid, seq, message, prefix in rows:
-        shared = prefixes.setdefault(message, prefix)
+        shared = prefix if message is None else prefixes.setdefault(message, prefix)
         pending.setdefault(sid, []).append((seq, shared))
     sessions = []
     for sid, name, token, acked, expires_at in conn.execute(

@@ -169,6 +169,26 @@ async def test_acks_drop_references_and_the_last_one_deletes_the_message(tmp_pat
     assert (count(path, "message"), count(path, "pending")) == (0, 0)
 
 
+async def test_a_message_for_one_recipient_is_kept_in_its_pending_row_alone(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "store.db"
+    store = SqliteStore(str(path))
+    await store.open()
+    store.session_created("s1", name="s1", token="t1")
+    store.message_accepted(b"solo", [("s1", 1)])
+    store.message_accepted(b"also", [("s1", 2)])
+    await store.close()
+    assert (count(path, "message"), count(path, "pending")) == (0, 2)  # no message row
+
+    store = SqliteStore(str(path))
+    [kept] = await store.open()
+    assert kept.pending == ((1, b"solo"), (2, b"also"))
+    store.acked("s1", 1)
+    await store.close()
+    assert count(path, "pending") == 1
+
+
 # -- group commit and the loop ---------------------------------------------------------------
 
 
