@@ -296,14 +296,7 @@ class Mailbox:
         if message is None:
             received.put_back(None)  # closed: receive() raises
             return None
-        if not self.ack_wanted:
-            self._want_ack()
-        if self._stale:
-            self._stale -= 1
-        else:
-            self.busy_seq = message.seq
-            if self.on_taken is not None:
-                self.on_taken()
+        self._taken(message)
         return message
 
     async def receive(self, timeout: float | None) -> Message:
@@ -317,19 +310,23 @@ class Mailbox:
         if item is None:
             received.put_back(None)  # closed: every later receive() raises too
             raise self.closed or ClosedError("the client is closed")
-        if not self.ack_wanted:
-            self._want_ack()
-        if self._stale:
-            self._stale -= 1
-        else:
-            self.busy_seq = item.seq
-            if self.on_taken is not None:
-                self.on_taken()
+        self._taken(item)
         if self._paused and len(received) <= _RESUME_RECEIVED:
             self._paused = False
             if self.conn is not None:
                 self.conn.resume_reading()
         return item
+
+    def _taken(self, message: Message) -> None:
+        """The application took ``message``: it is in hand until it asks for the next."""
+        if not self.ack_wanted:
+            self._want_ack()
+        if self._stale:
+            self._stale -= 1  # a previous session's: nothing to acknowledge or record
+        else:
+            self.busy_seq = message.seq
+            if self.on_taken is not None:
+                self.on_taken()
 
     def _done_with_busy(self) -> None:
         """The application asks for another message: it is done with the one it took before,

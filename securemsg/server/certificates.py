@@ -153,17 +153,23 @@ class CertificateKeeper:
             )
 
 
-def load_server_tls(config: ServerConfig) -> tuple[ssl.SSLContext, CertInfo]:
-    """The server's context and its certificate, refused unless valid now."""
-    if config.cert is None:
-        raise TLSConfigError("the server has no certificate file to reload (--cert)")
-    context = server_context(
+def server_context_for(config: ServerConfig) -> ssl.SSLContext:
+    """The server's SSL context from the TLS settings of ``config`` (``cert`` is set)."""
+    assert config.cert is not None
+    return server_context(
         cert=config.cert,
         key=config.key,
         ca=config.ca,
         require_client_cert=config.require_client_cert,
         tls13_only=config.tls13_only,
     )
+
+
+def load_server_tls(config: ServerConfig) -> tuple[ssl.SSLContext, CertInfo]:
+    """The server's context and its certificate, refused unless valid now."""
+    if config.cert is None:
+        raise TLSConfigError("the server has no certificate file to reload (--cert)")
+    context = server_context_for(config)
     info = read_cert_info(config.cert)
     if not info.valid_at():
         expired = info.days_left() < 0

@@ -33,12 +33,12 @@ from securemsg.core.messages import BYE_SERVER_SHUTDOWN
 from securemsg.core.server_session import ServerSession
 from securemsg.errors import ConfigError, StoreError
 from securemsg.server.broker import Broker, Link
-from securemsg.server.certificates import CertificateKeeper
+from securemsg.server.certificates import CertificateKeeper, server_context_for
 from securemsg.server.connection import ServerConnection
 from securemsg.server.loopwatch import LoopWatch
 from securemsg.server.store import MemoryStore, SessionStore, SqliteStore
 from securemsg.server.timerwheel import TimerWheel
-from securemsg.tls.contexts import describe_server_handshake_error, server_context
+from securemsg.tls.contexts import describe_server_handshake_error
 
 if TYPE_CHECKING:
     from securemsg.server.metrics import MetricsListener
@@ -67,13 +67,7 @@ class Server:
         if ssl_context is None:
             if config.cert is None:
                 raise ConfigError("the server needs a certificate: pass --cert (and --key)")
-            ssl_context = server_context(
-                cert=config.cert,
-                key=config.key,
-                ca=config.ca,
-                require_client_cert=config.require_client_cert,
-                tls13_only=config.tls13_only,
-            )
+            ssl_context = server_context_for(config)
         #: The context of new handshakes: a reload replaces it, open connections keep theirs.
         self.ssl_context = ssl_context
         self.broker = Broker(

@@ -167,5 +167,4 @@ async def open_client(tls_files: Any, unit: float) -> AsyncIterator[OpenClient]:
         return client
 
     yield open_
-    for client in clients:
-        await client.close(timeout=1)
+    await asyncio.gather(*(client.close(timeout=1) for client in clients))

@@ -18,7 +18,7 @@ import asyncio
 import datetime
 import socket
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 from typing import Any
 
@@ -33,27 +33,21 @@ from securemsg.core.messages import Error, Join, Ping, Pong, Publish, ServerAck
 from securemsg.errors import AuthError, ConnectError, TLSError
 from securemsg.tls.contexts import client_context
 from tests.faults import ServerProcess, peak_rss, record_figure, wait_until
+from tests.integration.conftest import OpenClient
 
 pytestmark = pytest.mark.timeout(60)
 
-OpenClient = Callable[..., Awaitable[Client]]
-
 
 @pytest.fixture
-async def open_client(tls_files: Any, unit: float) -> AsyncIterator[OpenClient]:
-    clients: list[Client] = []
+def open_client(open_client: OpenClient, unit: float) -> OpenClient:
+    """The shared clients, with more time to connect (the server may be under attack)."""
 
-    async def open_(port: int, name: str | None, **options: Any) -> Client:
-        options.setdefault("ca", str(tls_files.ca_pem))
+    def open_(port: int, name: str | None, **options: Any) -> Awaitable[Client]:
         options.setdefault("reconnect_base", 0.05)
-        options.setdefault("reconnect_cap", 2 * unit)
         options.setdefault("connect_timeout", 50 * unit)
-        client = await connect("localhost", port, name=name, **options)
-        clients.append(client)
-        return client
+        return open_client(port, name, **options)
 
-    yield open_
-    await asyncio.gather(*(client.close(timeout=1) for client in clients))
+    return open_
 
 
 _started: list[Bystanders] = []

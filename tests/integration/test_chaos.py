@@ -31,10 +31,10 @@ from securemsg.client.client import (
     Reconnected,
     Reconnecting,
     StateChange,
-    connect,
 )
 from securemsg.errors import TimeoutError
 from tests.faults import FaultProxy, ServerProcess, record_figure, wait_until
+from tests.integration.conftest import OpenClient
 
 #: Seconds each test may take (pytest-timeout); the long versions raise it.
 LIMIT = float(os.environ.get("SECUREMSG_CHAOS_TIMEOUT", 60))
@@ -49,8 +49,6 @@ STREAM_CUTS = int(os.environ.get("SECUREMSG_CHAOS_STREAM_CUTS", 20))
 RESTART_CLIENTS = int(os.environ.get("SECUREMSG_CHAOS_RESTART_CLIENTS", 50))
 SHUTDOWN_PUBLISHERS = int(os.environ.get("SECUREMSG_CHAOS_SHUTDOWN_PUBLISHERS", 20))
 
-OpenClient = Callable[..., Awaitable[Client]]
-
 
 @pytest.fixture
 def rng() -> random.Random:
@@ -59,21 +57,15 @@ def rng() -> random.Random:
 
 
 @pytest.fixture
-async def open_client(tls_files: Any, unit: float) -> AsyncIterator[OpenClient]:
-    """Clients that trust the test CA and come back fast; all closed at the end."""
-    clients: list[Client] = []
+def open_client(open_client: OpenClient, unit: float) -> OpenClient:
+    """The shared clients, coming back fast after a cut."""
 
-    async def open_(port: int, name: str, **options: Any) -> Client:
-        options.setdefault("ca", str(tls_files.ca_pem))
+    def open_(port: int, name: str | None, **options: Any) -> Awaitable[Client]:
         options.setdefault("reconnect_base", 0.02)
-        options.setdefault("reconnect_cap", 2 * unit)
         options.setdefault("connect_timeout", 20 * unit)
-        client = await connect("localhost", port, name=name, **options)
-        clients.append(client)
-        return client
+        return open_client(port, name, **options)
 
-    yield open_
-    await asyncio.gather(*(client.close(timeout=1) for client in clients))
+    return open_
 
 
 class Timeline:
