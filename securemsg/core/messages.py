@@ -116,6 +116,9 @@ class ErrorCode(StrEnum):
 
 #: The ``reason`` of the ``bye`` a server sends every client when it shuts down.
 BYE_SERVER_SHUTDOWN: Final = "server_shutdown"
+#: The ``reason`` of the ``bye`` a cluster node sends its clients when it lost the cluster
+#: (NATS): the client resumes its session on another node at once.
+BYE_NODE_UNAVAILABLE: Final = "node_unavailable"
 
 #: Codes after which the sender closes the connection. The others answer one message and
 #: the connection carries on.
@@ -279,6 +282,9 @@ class Welcome(_Base, tag="welcome", frozen=True):
     resumed: bool
     heartbeat: Heartbeat
     max_frame: int
+    #: In a cluster, the client-facing ``host:port`` of every live node (this one included),
+    #: so a client given one address learns the others. Absent from a single server.
+    nodes: list[str] | None = None
 
 
 class Delivery(_Base, tag="message", kw_only=True, frozen=True):
