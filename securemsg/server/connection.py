@@ -88,6 +88,9 @@ _SLICE_MIN = 4 * 1024
 _SLICE_MAX = 256 * 1024
 _SLICE_TIME = 0.004
 _BATCH = 1024
+#: Answers queued past this many bytes are written at once: a full write buffer then holds
+#: back the requests after them (see _receive), whatever each answer weighs.
+_ANSWERS_CHUNK = 64 * 1024
 _SLOW_CONSUMER_GRACE = 1.0  # seconds a slow consumer's close may take before we abort
 
 
@@ -100,6 +103,7 @@ class ServerConnection(asyncio.BufferedProtocol):
         "_durable",
         "_faults",
         "_flush_scheduled",
+        "_flushed_at",
         "_invalid",
         "_loop",
         "_read_buffer",
@@ -149,6 +153,7 @@ class ServerConnection(asyncio.BufferedProtocol):
         self._session_name: str | None = None  # kept after a bye ends the session
         self._session_id: str | None = None
         self._flush_scheduled = False
+        self._flushed_at = 0  # core.bytes_out at the last flush
         # The slot of our deadline in the server's timer wheel (no TimerHandle per connection).
         self._timer_slot: int | None = None
         # Armed at the session's ack_due_at while it holds acks (see _flush).
@@ -250,7 +255,12 @@ class ServerConnection(asyncio.BufferedProtocol):
     def _update_reading(self) -> None:
         """Read from the transport unless flow control or a backlog says wait."""
         transport = self.transport
-        reading = not self._reading_paused and self._backlog is None
+        reading = (
+            not self._reading_paused
+            and self.writable
+            and self._backlog is None
+            and self._stash is None
+        )
         if reading is self._transport_reading or transport is None or transport.is_closing():
             return
         self._transport_reading = reading
@@ -269,10 +279,12 @@ class ServerConnection(asyncio.BufferedProtocol):
             ts = time.time()
             for event in events:
                 if type(event) is MessageReceived:
-                    if self._stash is not None:
+                    if self._stash is not None or not self.writable:
                         self._hold(event, now, ts)
                     else:
                         self._on_message(event.message, now, ts)
+                        if core.bytes_out - self._flushed_at > _ANSWERS_CHUNK:
+                            self._flush()  # a full buffer (pause_writing) holds the rest
                 elif type(event) is FrameRejected:
                     self._on_rejected(event)
                 if not core.is_active:
@@ -282,20 +294,28 @@ class ServerConnection(asyncio.BufferedProtocol):
             self._close()
 
     def _hold(self, event: MessageReceived, now: float, ts: float) -> None:
-        """Reading is paused: keep a request for later, in order. An ack is carried out at
-        once, whatever it follows: it may be what relieves the congestion we wait for."""
+        """Reading is paused (flow control, or a write buffer the client does not empty):
+        keep a request for later, in order. An ack is carried out at once, whatever it
+        follows: it may be what relieves the congestion we wait for, and it is answered by
+        nothing."""
         if type(event.message) is Ack:
             self._on_message(event.message, now, ts)
         else:
-            self._stash.append(event)  # type: ignore[union-attr]
+            stash = self._stash
+            if stash is None:
+                stash = self._stash = []
+            stash.append(event)
 
     def eof_received(self) -> bool | None:
         return None  # let the transport close; connection_lost does the rest
 
     def pause_writing(self) -> None:
         # The peer reads slower than we write and the buffer reached max_outgoing_bytes:
-        # deliveries wait in the session's delivery log (see Broker.deliver) until it drains.
+        # deliveries wait in the session's delivery log (see Broker.deliver) until it drains,
+        # and so do its requests: their answers would otherwise pile up here without bound
+        # (a `who` of a large room is a 40-byte request and up to max_frame of answer).
         self.writable = False
+        self._update_reading()
 
     def resume_writing(self) -> None:
         self.writable = True
@@ -306,6 +326,10 @@ class ServerConnection(asyncio.BufferedProtocol):
                 self.broker.store.after_commit(self._queue_frames, frames)
             else:
                 self._queue_frames(frames)
+        if self._stash is not None:
+            self._loop.call_soon(self._carry_on)
+        else:
+            self._update_reading()
 
     def _queue_frames(self, frames: list[bytes]) -> None:
         for frame in frames:
@@ -332,17 +356,20 @@ class ServerConnection(asyncio.BufferedProtocol):
     def _carry_on(self) -> None:
         """Carry out the held requests, in order, until done or paused again."""
         stash = self._stash
-        if stash is None or self._reading_paused or not self.core.is_active:
+        if stash is None or self._reading_paused or not self.writable or not self.core.is_active:
             return
         now, ts = self._loop.time(), time.time()
         done = 0
+        core = self.core
         for event in stash:
             done += 1
             self._on_message(event.message, now, ts)
-            if self._reading_paused or not self.core.is_active or done == _BATCH:
+            if core.bytes_out - self._flushed_at > _ANSWERS_CHUNK:
+                self._flush()
+            if self._reading_paused or not self.writable or not core.is_active or done == _BATCH:
                 break
         del stash[:done]
-        if not self._reading_paused:
+        if not self._reading_paused and self.writable:
             self._stash = None if not stash else stash
             if stash:
                 self._loop.call_soon(self._carry_on)
@@ -417,6 +444,7 @@ class ServerConnection(asyncio.BufferedProtocol):
 
     def _flush(self) -> None:
         self._flush_scheduled = False
+        self._flushed_at = self.core.bytes_out
         session = self.session
         if session is not None and session.ack_due_at is not None:
             # Held acks go with any other frame (a delivery, a pong, an error): a request's

@@ -18,8 +18,12 @@ from securemsg.core.messages import (
     Error,
     Hello,
     Join,
+    Members,
+    Ping,
+    Pong,
     Publish,
     ServerAck,
+    Who,
     encode_frame_of,
 )
 from securemsg.server.connection import LOGGED_FAULTS
@@ -183,3 +187,39 @@ async def test_who_on_a_room_too_large_for_one_frame_is_answered_cut_and_says_so
     assert getattr(found, "truncated", False) is True
     assert 40 < len(found) < 80 and found == names[: len(found)]
     assert getattr(await client.who("nobody"), "truncated", False) is False
+
+
+async def test_a_client_that_never_reads_its_answers_is_held_to_max_outgoing_bytes(
+    start_server: StartServer, raw: Any
+) -> None:
+    """A ``who`` is a 40-byte request with an answer of up to ``max_frame``: a client that
+    asks and never reads must not make the server buffer its answers without bound. Its
+    requests wait (TCP pushes back on it); once it reads, every answer comes, in order."""
+    limit = 64 * 1024
+    server = await start_server(max_outgoing_bytes=limit)
+    port = server.port
+    for i in range(60):  # 60 names of 64 characters: a `members` frame of ~4 KB
+        member = await raw(port, f"{i:02d}".ljust(64, "m"))
+        member.send(Join(room="big", id="j"))
+        await member.recv_type(ServerAck)
+    greedy = await raw(port, "greedy")
+    asked = 5_000  # ~20 MB of answers, more than loopback's socket buffers hold
+    greedy.send_raw(b"".join(encode_frame_of(Who(room="big", id=str(i))) for i in range(asked)))
+    (conn,) = [c for c in server.connections if c.session and c.session.name == "greedy"]
+    bystander = await raw(port, "bystander")
+    most = 0
+    for _ in range(40):  # 2 s at most for the server to read all it will read
+        await asyncio.sleep(0.05)
+        assert conn.transport is not None
+        most = max(most, conn.transport.get_write_buffer_size())
+    record_figure("who_never_read", most_buffered=most, asked=asked)
+    # One chunk of answers past the limit, and one answer: whatever the client asked.
+    assert most <= limit + 64 * 1024 + 8 * 1024, f"{most} bytes buffered for the client"
+    bystander.send(Ping(id=1))
+    assert isinstance(await bystander.recv_type(Pong), Pong)  # the others carry on
+    answered = []
+    while len(answered) < asked:
+        frame = await greedy.recv_type(Members, timeout=10)
+        assert len(frame.names) == 60
+        answered.append(frame.ref)
+    assert answered == [str(i) for i in range(asked)]
