@@ -603,9 +603,11 @@ class ServerConnection(asyncio.BufferedProtocol):
         elif isinstance(event, Answered):
             self.queue(event.frame)
         elif isinstance(event, Joined):
-            self.log.info("joined", name=session.name, room=event.room)
+            # debug, as NATS and Mosquitto do: at info a join/leave flood was 167 bytes of
+            # log a request and doubled its cost (40,000 requests: 0.32 s -> 0.70 s).
+            self.log.debug("joined", name=session.name, room=event.room)
         elif isinstance(event, Left):
-            self.log.info("left", name=session.name, room=event.room)
+            self.log.debug("left", name=session.name, room=event.room)
         elif isinstance(event, RequestRefused):
             self.server.refused_requests[event.error.code] += 1
             self._faults += 1

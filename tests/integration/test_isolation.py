@@ -18,6 +18,7 @@ from securemsg.core.messages import (
     Error,
     Hello,
     Join,
+    Leave,
     Members,
     Ping,
     Pong,
@@ -223,3 +224,25 @@ async def test_a_client_that_never_reads_its_answers_is_held_to_max_outgoing_byt
         assert len(frame.names) == 60
         answered.append(frame.ref)
     assert answered == [str(i) for i in range(asked)]
+
+
+async def test_a_join_and_leave_flood_writes_no_log_line_at_info(
+    start_server: StartServer, raw: Any
+) -> None:
+    """Each join or leave logged at info was 167 bytes of log: a client toggling one room
+    could fill the server's disk as fast as it could send. They are logged at debug."""
+    server = await start_server()
+    client = await raw(server.port, "toggler")
+    with capture_logs() as logs:
+        client.send_raw(
+            b"".join(
+                encode_frame_of(Join(room="r", id=f"j{i}"))
+                + encode_frame_of(Leave(room="r", id=f"l{i}"))
+                for i in range(200)
+            )
+            + encode_frame_of(Who(room="r", id="end"))
+        )
+        await client.recv_type(Members)
+    toggles = [log for log in logs if log["event"] in {"joined", "left"}]
+    assert len(toggles) == 400
+    assert {log["log_level"] for log in toggles} == {"debug"}
