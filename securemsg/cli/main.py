@@ -181,6 +181,11 @@ def build_parser() -> argparse.ArgumentParser:
                 help="the server (default: localhost:7443), then the body: JSON "
                 "if it parses as JSON, else a string",
             )
+            sub.add_argument(
+                "--datagram",
+                action="store_true",
+                help="send over DTLS (UDP) to the same port: at most once, no acknowledgement",
+            )
         else:
             sub.add_argument(
                 "--room",
@@ -191,6 +196,11 @@ def build_parser() -> argparse.ArgumentParser:
             )
             sub.add_argument("--count", type=int, metavar="N", help="exit after N messages")
             sub.add_argument("--json", action="store_true", help="print one JSON object a line")
+            sub.add_argument(
+                "--datagram",
+                action="store_true",
+                help="listen over DTLS (UDP) to the same port: datagram publishes only",
+            )
         sub.set_defaults(handler=_cmd_client, client_command=name)
     doctor = commands.add_parser(
         "doctor",
@@ -295,6 +305,14 @@ def _cmd_client(args: argparse.Namespace) -> int:
         overrides.update(_parse_address(args.address))
     config = load_config(ClientConfig, path=args.config, env=os.environ, overrides=overrides)
     configure_logging(level=config.log_level, fmt=config.log_format)
+    if getattr(args, "datagram", False):
+        from securemsg.cli import datagram
+
+        if args.client_command == "send":
+            return run(datagram.run_send(config, room=args.room, to=args.to, message=args.message))
+        return run(
+            datagram.run_listen(config, rooms=args.room, count=args.count, json_output=args.json)
+        )
     from securemsg.cli import commands as chat
 
     if args.client_command == "send":
