@@ -402,11 +402,44 @@ def _add_bench_parser(commands: Any) -> None:
         "--server-loop", choices=("uvloop", "asyncio"), help="event loop of the --local server"
     )
     bench.add_argument("--json", action="store_true", help="print the result as JSON")
+    lossy = bench.add_argument_group("datagram: the impaired link (a proxy on 127.0.0.1)")
+    lossy.add_argument("--loss", type=float, default=0.0, metavar="F", help="fraction dropped")
+    lossy.add_argument(
+        "--reorder", type=float, default=0.0, metavar="F", help="fraction delivered late"
+    )
+    lossy.add_argument(
+        "--delay", type=float, default=0.0, metavar="S", help="one-way delay, seconds"
+    )
+    lossy.add_argument(
+        "--deadline", type=float, default=0.05, metavar="S", help="'on time' bound, seconds"
+    )
     bench.set_defaults(handler=_cmd_bench)
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     import msgspec
+
+    if args.scenario == "datagram":
+        from securemsg.bench.datagram import bench_datagram_main
+
+        configure_logging(level="error", fmt="auto")
+        address = _parse_address(args.address) if args.address else {}
+        return run(
+            bench_datagram_main(
+                host=address.get("host", "localhost"),
+                port=address.get("port", DEFAULT_PORT),
+                ca=args.ca,
+                local=args.local,
+                msgs=args.msgs or 2000,
+                rate=args.rate or 200.0,
+                size=args.size,
+                loss=args.loss,
+                reorder=args.reorder,
+                delay=args.delay,
+                deadline=args.deadline,
+                json_output=args.json,
+            )
+        )
 
     from securemsg.bench.run import BenchOptions, BenchResult, bench_main, format_result
 
