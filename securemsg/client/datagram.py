@@ -22,6 +22,7 @@ import asyncio
 import builtins
 import contextlib
 import itertools
+import socket
 from collections import deque
 from collections.abc import AsyncIterator
 from typing import Any, Final
@@ -71,6 +72,8 @@ __all__ = ["DatagramClient", "connect"]
 #: Seconds between two sends of a request that waits for its answer (hello, join, leave).
 RETRY_INTERVAL: Final = 0.25
 MAX_RECEIVED: Final = 10_000
+#: The UDP socket's receive buffer (capped by the kernel at net.core.rmem_max).
+RECEIVE_BUFFER: Final = 1 << 20
 _AUTH_CODES: Final = frozenset({ErrorCode.UNAUTHORIZED, ErrorCode.NAME_TAKEN})
 _FATAL: Final = frozenset(
     {ErrorCode.UNAUTHORIZED, ErrorCode.UNSUPPORTED_VERSION, ErrorCode.SESSION_TAKEN_OVER}
@@ -145,6 +148,10 @@ class DatagramClient(asyncio.DatagramProtocol):
             )
         except OSError as exc:
             raise ConnectError(f"cannot reach {self.host}:{self.port} (UDP): {exc}") from exc
+        sock = self._transport.get_extra_info("socket")
+        if sock is not None:  # a burst of messages must not overflow the kernel's queue
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
         conn = self._conn = SSL.Connection(context, None)
         conn.set_connect_state()
         conn.set_tlsext_host_name(self.host.encode("idna"))

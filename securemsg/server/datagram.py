@@ -13,6 +13,8 @@ members over their associations. Datagram members receive datagram publishes onl
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 import time
 from collections import Counter
 from typing import Any, Final, Protocol
@@ -68,6 +70,19 @@ _BYE_FRAME_OF = encode_frame_of
 _SEQ_ROOM: Final = 17
 
 
+#: What the UDP socket may queue before the loop reads it: a burst of small datagrams costs
+#: about 1 KB of kernel memory each, so the 208 KiB default drops a burst of about 250.
+#: The kernel caps it at net.core.rmem_max.
+RECEIVE_BUFFER: Final = 4 << 20
+
+
+def _widen_receive_buffer(transport: asyncio.BaseTransport) -> None:
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
+
+
 class DatagramHost(Protocol):
     config: ServerConfig
     broker: Broker
@@ -113,6 +128,7 @@ class DatagramListener(asyncio.DatagramProtocol):
         self._loop = loop = asyncio.get_running_loop()
         transport, _ = await loop.create_datagram_endpoint(lambda: self, local_addr=(host, port))
         self._transport = transport
+        _widen_receive_buffer(transport)
         self.port = transport.get_extra_info("sockname")[1]
         self._tick = loop.call_later(TICK_INTERVAL, self._on_tick)
         logger.info(

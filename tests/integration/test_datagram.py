@@ -294,3 +294,24 @@ async def test_a_client_certificate_names_the_datagram_client(
     with pytest.raises(TLSError) as refused:  # no certificate: the handshake is refused
         await dtls(server.port, name="carol", timeout=2.0)
     assert refused.value.check == "client_certificate"
+
+
+def _rmem_max() -> int:
+    try:
+        return int(Path("/proc/sys/net/core/rmem_max").read_text())
+    except (OSError, ValueError):
+        return 0
+
+
+@pytest.mark.skipif(_rmem_max() < 1 << 20, reason="the kernel caps UDP receive buffers low")
+async def test_a_burst_of_datagram_publishes_is_not_lost_on_loopback(
+    start_server: StartServer, dtls: Any
+) -> None:
+    server = await start_server()
+    sensor = await dtls(server.port, name="sensor")
+    watcher = await dtls(server.port, name="watcher")
+    await watcher.join("r")
+    for n in range(600):  # back to back, without yielding to the loop
+        await sensor.publish("r", n)
+    got = [(await watcher.receive(timeout=5)).body for _ in range(600)]
+    assert got == list(range(600))
