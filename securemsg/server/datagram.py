@@ -121,11 +121,14 @@ class DatagramListener(asyncio.DatagramProtocol):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tick: asyncio.TimerHandle | None = None
         self._refused_logged = 0.0
+        #: Done once the socket is closed (connection_lost).
+        self._lost: asyncio.Future[None] | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------
 
     async def start(self, host: str, port: int) -> int:
         self._loop = loop = asyncio.get_running_loop()
+        self._lost = loop.create_future()
         transport, _ = await loop.create_datagram_endpoint(lambda: self, local_addr=(host, port))
         self._transport = transport
         _widen_receive_buffer(transport)
@@ -140,7 +143,9 @@ class DatagramListener(asyncio.DatagramProtocol):
         )
         return self.port
 
-    def close(self) -> None:
+    async def close(self) -> None:
+        """Say ``bye`` to every association and close the socket; returns once it is
+        closed, so the port can be bound again at once (a restart in the same process)."""
         if self._tick is not None:
             self._tick.cancel()
             self._tick = None
@@ -152,6 +157,9 @@ class DatagramListener(asyncio.DatagramProtocol):
         if self._transport is not None:
             self._transport.close()
             self._transport = None
+            if self._lost is not None:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(self._lost), 1.0)
         logger.info("datagram_stopped", associations=len(self.table), **self.counts)
 
     def _send(self, datagram: bytes, address: tuple[str, int]) -> None:
@@ -187,6 +195,10 @@ class DatagramListener(asyncio.DatagramProtocol):
                 self._records(association, b"")  # application data may have come along
         else:
             self._records(association, data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._lost is not None and not self._lost.done():
+            self._lost.set_result(None)
 
     def error_received(self, exc: Exception) -> None:
         # ICMP port unreachable and the like: the association times out on its own.

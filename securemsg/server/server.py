@@ -265,7 +265,7 @@ class Server:
                 self.loop.remove_reader(sock.fileno())
             sock.close()
         if self.datagram is not None:
-            self.datagram.close()
+            await self.datagram.close()
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
