@@ -90,13 +90,15 @@ async def connect(
     key: str | None = None,
     token: str | None = None,
     timeout: float = 10.0,
+    local_address: tuple[str, int] | None = None,
 ) -> DatagramClient:
     """Open a DTLS association with the server and say ``hello``; :class:`TLSError` when
     the handshake fails (``check`` says which verification), :class:`AuthError` when the
-    server refuses the name, :class:`TimeoutError` when nothing answers within ``timeout``."""
+    server refuses the name, :class:`TimeoutError` when nothing answers within ``timeout``.
+    ``local_address`` binds the client's socket (a fixed source port, for a firewall)."""
     check = PeerCheck(host=host)
     context = client_dtls_context(ca=ca, cert=cert, key=key, check=check)
-    client = DatagramClient(host, port)
+    client = DatagramClient(host, port, local_address=local_address)
     try:
         async with asyncio.timeout(timeout):
             await client._open(context, check=check, ca=ca, mutual=cert is not None)
@@ -113,8 +115,11 @@ async def connect(
 class DatagramClient(asyncio.DatagramProtocol):
     """One DTLS association; use :func:`connect`. Safe to use from one event loop."""
 
-    def __init__(self, host: str, port: int) -> None:
+    def __init__(
+        self, host: str, port: int, *, local_address: tuple[str, int] | None = None
+    ) -> None:
         self.host, self.port = host, port
+        self.local_address = local_address
         self.name = ""
         #: Messages dropped because the application did not take them in time.
         self.dropped = 0
@@ -135,6 +140,7 @@ class DatagramClient(asyncio.DatagramProtocol):
         self._ids = itertools.count(1)
         self._closed: SecureMsgError | None = None
         self._keepalive: asyncio.Task[None] | None = None
+        self._last_received = self._loop.time()
 
     # -- opening ------------------------------------------------------------------------------
 
@@ -144,7 +150,7 @@ class DatagramClient(asyncio.DatagramProtocol):
         loop = self._loop
         try:
             self._transport, _ = await loop.create_datagram_endpoint(
-                lambda: self, remote_addr=(self.host, self.port)
+                lambda: self, remote_addr=(self.host, self.port), local_addr=self.local_address
             )
         except OSError as exc:
             raise ConnectError(f"cannot reach {self.host}:{self.port} (UDP): {exc}") from exc
@@ -190,7 +196,9 @@ class DatagramClient(asyncio.DatagramProtocol):
                     await asyncio.shield(self._welcome)
         welcome = self._welcome.result()
         self.name = welcome.name
-        self._keepalive = self._loop.create_task(self._keep_alive(welcome.heartbeat.interval))
+        self._keepalive = self._loop.create_task(
+            self._keep_alive(welcome.heartbeat.interval, welcome.heartbeat.timeout)
+        )
 
     # -- the API ------------------------------------------------------------------------------
 
@@ -300,9 +308,16 @@ class DatagramClient(asyncio.DatagramProtocol):
             self._waiters.pop(message.id, None)
         future.result()
 
-    async def _keep_alive(self, interval: float) -> None:
+    async def _keep_alive(self, interval: float, timeout: float) -> None:
+        """Ping every ``interval`` (the server's idle timeout counts silence); close with
+        :class:`ClosedError` when nothing came back for ``timeout`` (the server restarted
+        or is gone: connect again)."""
         while self._closed is None:
             await asyncio.sleep(interval)
+            silence = self._loop.time() - self._last_received
+            if silence >= timeout:
+                self._lost(ClosedError(f"no answer from the server for {silence:.0f} s"))
+                return
             self._send_frame(encode_frame(encode(Ping(id=next(self._ids)))))
 
     def _send_frame(self, frame: bytes) -> None:
@@ -372,6 +387,7 @@ class DatagramClient(asyncio.DatagramProtocol):
             self.invalid += 1
             return
         self.received += 1
+        self._last_received = self._loop.time()
         if isinstance(message, Message):
             if len(self._messages) == self._messages.maxlen:
                 self.dropped += 1

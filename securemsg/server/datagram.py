@@ -193,8 +193,21 @@ class DatagramListener(asyncio.DatagramProtocol):
             self._handshake(association)
             if association.established:
                 self._records(association, b"")  # application data may have come along
+        elif data[:1] == b"\x16" and parse_client_hello(data) is not None:
+            # A new handshake from an associated address: the peer restarted on the same
+            # port (RFC 6347, 4.2.8). Only a valid cookie replaces the old association.
+            self._new_handshake(association, data, address, key)
         else:
             self._records(association, data)
+
+    def _new_handshake(
+        self, association: Association, data: bytes, address: tuple[str, int], key: bytes
+    ) -> None:
+        hello = parse_client_hello(data)
+        if hello is not None and self.cookies.valid(key, hello.cookie, self._now()):
+            # No close_notify: it would go to the new handshake's peer.
+            self._end(association, "new_handshake", notify=False)
+        self._stranger(data, address, key)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._lost is not None and not self._lost.done():
@@ -384,12 +397,13 @@ class DatagramListener(asyncio.DatagramProtocol):
 
     # -- ending -------------------------------------------------------------------------------
 
-    def _end(self, association: Association, reason: str) -> None:
+    def _end(self, association: Association, reason: str, *, notify: bool = True) -> None:
         self.table.remove(association.key)
         self.rooms.leave_all(association)
         if association.name is not None and self.by_name.get(association.name) is association:
             del self.by_name[association.name]
-        association.close()
+        if notify:
+            association.close()
         self.counts["associations_closed"] += 1
         logger.info(
             "datagram_association_closed",

@@ -15,7 +15,7 @@ from OpenSSL import SSL
 from securemsg import datagram
 from securemsg.client.datagram import DatagramClient
 from securemsg.core.datagram import MAX_UDP_PAYLOAD
-from securemsg.errors import AuthError, TimeoutError, TLSError
+from securemsg.errors import AuthError, ClosedError, TimeoutError, TLSError
 from securemsg.server.server import Server
 from securemsg.tls.dtls import PeerCheck, client_dtls_context
 from tests.integration.conftest import OpenClient, StartServer
@@ -315,3 +315,29 @@ async def test_a_burst_of_datagram_publishes_is_not_lost_on_loopback(
         await sensor.publish("r", n)
     got = [(await watcher.receive(timeout=5)).body for _ in range(600)]
     assert got == list(range(600))
+
+
+async def test_a_client_restarted_on_the_same_source_port_gets_a_new_association(
+    start_server: StartServer, dtls: Any
+) -> None:
+    server = await start_server()
+    first = await dtls(server.port, name="sensor", local_address=("127.0.0.1", 0))
+    assert first._transport is not None
+    source = first._transport.get_extra_info("sockname")
+    first._abort()  # a crash: no bye, no close_notify; the server still holds it
+    again = await dtls(server.port, name="sensor", local_address=source, timeout=3.0)
+    assert await again.ping() < 5
+    assert server.datagram is not None
+    assert len(server.datagram.table) == 1
+
+
+async def test_a_client_whose_association_the_server_forgot_closes_after_the_silence(
+    start_server: StartServer, dtls: Any
+) -> None:
+    server = await start_server(datagram_idle_timeout=0.6)
+    watcher = await dtls(server.port, name="watcher")
+    assert server.datagram is not None
+    for association in server.datagram.table.values():  # as a restarted server would
+        server.datagram.table.remove(association.key)
+    with pytest.raises(ClosedError, match="no answer from the server"):
+        await watcher.receive(timeout=5)
