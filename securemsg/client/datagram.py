@@ -141,6 +141,7 @@ class DatagramClient(asyncio.DatagramProtocol):
         self._closed: SecureMsgError | None = None
         self._keepalive: asyncio.Task[None] | None = None
         self._last_received = self._loop.time()
+        self._closed_by_us = False
 
     # -- opening ------------------------------------------------------------------------------
 
@@ -255,13 +256,19 @@ class DatagramClient(asyncio.DatagramProtocol):
         return self._messages.popleft()
 
     async def __aiter__(self) -> AsyncIterator[Message]:
+        """The messages until :meth:`close`; :class:`ClosedError` when the association
+        ended otherwise (the server said ``bye``, or stopped answering)."""
         while True:
             try:
                 yield await self.receive()
             except ClosedError:
-                return
+                if self._closed_by_us:
+                    return
+                raise
 
     async def close(self) -> None:
+        if self._closed is None:
+            self._closed_by_us = True
         if self._closed is None and self._conn is not None:
             self._send_frame(encode_frame(encode(Bye())))
             with contextlib.suppress(SSL.Error):
