@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import ssl
 import time
 from collections import Counter
 from typing import Any, Final, Protocol
@@ -54,7 +55,7 @@ from securemsg.core.messages import (
     encode_frame_of,
 )
 from securemsg.core.rooms import RoomRegistry
-from securemsg.errors import ProtocolError
+from securemsg.errors import ProtocolError, TLSConfigError
 from securemsg.server.association import Association
 from securemsg.server.broker import Broker
 from securemsg.tls.dtls import describe_dtls_failure, server_dtls_context
@@ -86,6 +87,8 @@ def _widen_receive_buffer(transport: asyncio.BaseTransport) -> None:
 class DatagramHost(Protocol):
     config: ServerConfig
     broker: Broker
+    #: The TLS side's context; a certificate reload replaces it (and ``config``).
+    ssl_context: ssl.SSLContext
 
 
 class DatagramListener(asyncio.DatagramProtocol):
@@ -94,17 +97,13 @@ class DatagramListener(asyncio.DatagramProtocol):
     def __init__(self, host: DatagramHost) -> None:
         config = host.config
         assert config.cert is not None
+        self.host = host
         self.config = config
         self.broker = host.broker
         self.cookies = CookieJar()
-        self.context = server_dtls_context(
-            cert=config.cert,
-            key=config.key,
-            ca=config.ca,
-            require_client_cert=config.require_client_cert,
-            cookie=self._cookie,
-            cookie_valid=self._cookie_valid,
-        )
+        self.context = self._make_context(config)
+        #: The TLS context the DTLS one was made beside: a reload replaces it.
+        self._made_beside = host.ssl_context
         self.limiter = SourceLimiter(
             rate=config.datagram_source_rate, burst=config.datagram_source_rate
         )
@@ -123,6 +122,31 @@ class DatagramListener(asyncio.DatagramProtocol):
         self._refused_logged = 0.0
         #: Done once the socket is closed (connection_lost).
         self._lost: asyncio.Future[None] | None = None
+
+    def _make_context(self, config: ServerConfig) -> SSL.Context:
+        assert config.cert is not None
+        return server_dtls_context(
+            cert=config.cert,
+            key=config.key,
+            ca=config.ca,
+            require_client_cert=config.require_client_cert,
+            cookie=self._cookie,
+            cookie_valid=self._cookie_valid,
+        )
+
+    def _current_context(self) -> SSL.Context:
+        """The context of new handshakes: rebuilt when a certificate reload (SIGHUP, the
+        files changing) gave the server a new configuration; open associations keep
+        theirs."""
+        if self.host.ssl_context is not self._made_beside:
+            self._made_beside = self.host.ssl_context
+            try:
+                self.context = self._make_context(self.host.config)
+            except TLSConfigError as exc:
+                logger.error(
+                    "certificate_reload_failed", error=str(exc), kept="the old certificate"
+                )
+        return self.context
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -244,7 +268,7 @@ class DatagramListener(asyncio.DatagramProtocol):
                     max_associations=self.table.max_associations,
                 )
             return
-        conn = SSL.Connection(self.context, None)
+        conn = SSL.Connection(self._current_context(), None)
         conn.set_app_data(key)
         conn.set_accept_state()
         conn.set_ciphertext_mtu(MAX_UDP_PAYLOAD)
