@@ -87,6 +87,8 @@ def server_dtls_context(
     :mod:`securemsg.core.datagram`."""
     context = _base_context()
     context.set_options(cast("int", SSL.OP_COOKIE_EXCHANGE))
+    # No session resumption: nothing kept per handshake beyond its association.
+    context.set_session_cache_mode(SSL.SESS_CACHE_OFF)
     _load_identity(context, cert, key)
     if ca is not None:
         _load_ca(context, ca)
