@@ -24,7 +24,7 @@ from securemsg.errors import (
 )
 
 if TYPE_CHECKING:
-    from securemsg import sync
+    from securemsg import datagram, sync
     from securemsg.client.client import Client, connect
     from securemsg.client.types import (
         ClientState,
@@ -58,8 +58,8 @@ _LAZY = {
 
 
 def __getattr__(name: str) -> Any:
-    if name == "sync":
-        return importlib.import_module("securemsg.sync")
+    if name in ("sync", "datagram"):
+        return importlib.import_module(f"securemsg.{name}")
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'securemsg' has no attribute {name!r}")
@@ -92,5 +92,6 @@ __all__ = [
     "TimeoutError",
     "__version__",
     "connect",
+    "datagram",
     "sync",
 ]

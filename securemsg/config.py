@@ -114,6 +114,11 @@ class ServerConfig(_Config, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     store_sync: StoreSync = "normal"
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
+    datagram_port: int | Literal["off"] | None = None
+    datagram_source_rate: float = 20.0
+    max_associations: int = 10_000
+    datagram_handshake_timeout: float = 5.0
+    datagram_idle_timeout: float = 60.0
     loop_stall_threshold: float = 0.5
     cert_expiry_warning_days: int = 30
     log_format: LogFormat = "auto"
@@ -183,6 +188,13 @@ FIELD_HELP: Final[dict[str, dict[str, str]]] = {
         "store_sync": "when a commit is durable: normal (survives a crash) or full (power loss)",
         "metrics_port": "port of the HTTP listener for /metrics, /healthz, /readyz; none: off",
         "metrics_host": "address of the metrics and health listener",
+        "datagram_port": "UDP port of the DTLS (datagram) listener; none: the TCP port's "
+        "number; off: no datagram listener",
+        "datagram_source_rate": "datagrams a second one source address may send before it "
+        "has an association (handshakes; a burst of as many); 0 means no limit",
+        "max_associations": "DTLS associations at once, handshaking or established",
+        "datagram_handshake_timeout": "seconds a DTLS association has to finish its handshake",
+        "datagram_idle_timeout": "seconds a DTLS association may stay silent before it ends",
         "loop_stall_threshold": "seconds of event-loop lag logged as loop_stalled; 0: off",
         "cert_expiry_warning_days": "days before the certificate expires to warn in the log",
         "log_format": "log format on stderr: auto (JSON unless a terminal), json or console",
@@ -217,19 +229,27 @@ T = TypeVar("T", bound=_Config)
 
 _DURATIONS: Final = frozenset(
     "handshake_timeout heartbeat_interval heartbeat_timeout session_ttl shutdown_timeout"
-    " slow_consumer_timeout"
+    " slow_consumer_timeout datagram_handshake_timeout datagram_idle_timeout"
     " reconnect_base reconnect_cap connect_timeout".split()
 )
 _SIZES: Final = frozenset(
     (
         "max_pending max_pending_bytes max_outgoing_bytes max_frame max_connections dedup_window"
         " max_outbox max_outbox_bytes max_sessions max_disconnected_bytes max_subscriptions"
-        " max_invalid_frames"
+        " max_invalid_frames max_associations"
     ).split()
 )
 _ZERO_MEANS_OFF: Final = frozenset(
-    {"max_msgs_per_sec", "max_attempts", "loop_stall_threshold", "cert_expiry_warning_days"}
+    {
+        "max_msgs_per_sec",
+        "max_attempts",
+        "loop_stall_threshold",
+        "cert_expiry_warning_days",
+        "datagram_source_rate",
+    }
 )
+#: Ports that may also be the word ``off``.
+_PORT_OR_OFF: Final = frozenset({"datagram_port"})
 STORE_SYNCS: Final = get_args(StoreSync)
 
 _Problem = tuple[tuple[str, ...], str]
@@ -255,7 +275,11 @@ def _find_problem(config: ServerConfig | ClientConfig) -> _Problem | None:
         if name in _SIZES and value < 1:
             return (name,), f"{name} must be at least 1, got {value!r}"
         if name in _ZERO_MEANS_OFF and not (value >= 0 and math.isfinite(value)):
-            zero = "no limit" if name in {"max_msgs_per_sec", "max_attempts"} else "off"
+            zero = (
+                "no limit"
+                if name in {"max_msgs_per_sec", "max_attempts", "datagram_source_rate"}
+                else "off"
+            )
             return (name,), f"{name} must be 0 ({zero}) or more, got {value!r}"
     if isinstance(config, ServerConfig) and not 1 <= config.max_depth <= MAX_MAX_DEPTH:
         # Clients decode bodies recursively: past a few hundred levels they would fail.
@@ -265,9 +289,10 @@ def _find_problem(config: ServerConfig | ClientConfig) -> _Problem | None:
     low_port = 1 if isinstance(config, ClientConfig) else 0
     if not low_port <= config.port <= 65535:
         return ("port",), f"port must be between {low_port} and 65535, got {config.port!r}"
-    metrics_port = getattr(config, "metrics_port", None)
-    if metrics_port is not None and not 0 <= metrics_port <= 65535:
-        return ("metrics_port",), f"metrics_port must be between 0 and 65535, got {metrics_port!r}"
+    for name in ("metrics_port", "datagram_port"):
+        port = getattr(config, name, None)
+        if isinstance(port, int) and not 0 <= port <= 65535:
+            return (name,), f"{name} must be between 0 and 65535, got {port!r}"
     for name, allowed in (
         ("log_format", LOG_FORMATS),
         ("log_level", LOG_LEVELS),
@@ -342,6 +367,8 @@ def _expected(field: _Field, *, text: bool = False) -> str:
     info = field.info
     if isinstance(info, msgspec.inspect.BoolType):
         return "a boolean (1/0, true/false, yes/no or on/off)" if text else "true or false"
+    if field.name in _PORT_OR_OFF:
+        return "a port number or 'off'"
     if isinstance(info, msgspec.inspect.IntType):
         return "an integer"
     if isinstance(info, msgspec.inspect.FloatType):
@@ -362,6 +389,8 @@ def _typed(field: _Field, value: Any) -> Any:
 def _parsed(field: _Field, text: str) -> Any:
     """An environment string as the field's type, or ValueError."""
     info, stripped = field.info, text.strip()
+    if field.name in _PORT_OR_OFF and stripped == "off":
+        return "off"
     expected = _expected(field, text=True)
     if isinstance(info, msgspec.inspect.BoolType):
         if stripped.lower() in _TRUE | _FALSE:
@@ -524,8 +553,10 @@ def _metavar(field: _Field) -> str | None:
         return None  # argparse shows the choices
     if field.name == "cert_expiry_warning_days":
         return "DAYS"
-    if field.name in _DURATIONS or field.name in {"max_msgs_per_sec", "loop_stall_threshold"}:
-        return "SECONDS" if field.name != "max_msgs_per_sec" else "RATE"
+    if field.name in {"max_msgs_per_sec", "datagram_source_rate"}:
+        return "RATE"
+    if field.name in _DURATIONS or field.name == "loop_stall_threshold":
+        return "SECONDS"
     if field.name in {
         "max_outgoing_bytes",
         "max_frame",
@@ -534,6 +565,8 @@ def _metavar(field: _Field) -> str | None:
         "max_disconnected_bytes",
     }:
         return "BYTES"
+    if field.name in _PORT_OR_OFF:
+        return "PORT|off"
     if isinstance(field.info, msgspec.inspect.IntType):
         return "PORT" if field.name.endswith("port") else "N"
     if field.name in {"cert", "key", "ca", "token_file", "store", "session_file"}:
@@ -580,9 +613,12 @@ def add_config_flags(
                 help=text,
             )
             continue
-        if field.choices:
-            kind: Any = str
-            choices: list[Any] | None = list(field.choices)
+        if name in _PORT_OR_OFF:
+            kind: Any = _port_or_off
+            choices: list[Any] | None = None
+        elif field.choices:
+            kind = str
+            choices = list(field.choices)
         else:
             kind = {msgspec.inspect.IntType: int, msgspec.inspect.FloatType: float}.get(
                 type(field.info), str
@@ -597,6 +633,15 @@ def add_config_flags(
             metavar=_metavar(field),
             help=text,
         )
+
+
+def _port_or_off(text: str) -> int | str:
+    if text.strip() == "off":
+        return "off"
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number or 'off', got {text!r}") from None
 
 
 def overrides_from_args(args: argparse.Namespace, cls: type[_Config]) -> dict[str, Any]:

@@ -174,6 +174,14 @@ def test_importing_securemsg_does_not_load_the_server() -> None:
     loaded = loaded_after("import securemsg")
     assert not {m for m in loaded if m.startswith(("securemsg.server", "securemsg.cli"))}
     assert "prompt_toolkit" not in loaded
+    assert "OpenSSL" not in loaded  # pyOpenSSL is for the datagram channel only
+
+
+def test_the_tls_client_does_not_load_pyopenssl_and_the_datagram_client_not_the_server() -> None:
+    assert "OpenSSL" not in loaded_after("import securemsg.client.client, securemsg.sync")
+    loaded = loaded_after("import securemsg.datagram")
+    assert "OpenSSL" in loaded
+    assert not {m for m in loaded if m.startswith(("securemsg.server", "securemsg.cli."))}
 
 
 def test_the_server_command_loads_neither_the_client_nor_the_chat_nor_the_bench() -> None:
@@ -188,3 +196,6 @@ def test_the_server_command_loads_neither_the_client_nor_the_chat_nor_the_bench(
     assert "prompt_toolkit" not in loaded
     # Metrics are off unless --metrics-port is given: their library is not loaded then.
     assert "prometheus_client" not in loaded
+    # The DTLS listener loads pyOpenSSL when it starts (and never with datagram_port off).
+    assert "OpenSSL" not in loaded
+    assert "securemsg.server.datagram" not in loaded

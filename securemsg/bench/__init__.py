@@ -9,4 +9,4 @@ from typing import Final
 
 __all__ = ["SCENARIOS"]
 
-SCENARIOS: Final = ("pubsub", "fanout", "rtt", "connections", "handshakes")
+SCENARIOS: Final = ("pubsub", "fanout", "rtt", "connections", "handshakes", "datagram")

@@ -130,7 +130,7 @@ def format_message(message: Message) -> str:
 
 def message_record(message: Message) -> dict[str, Any]:
     """The ``--json`` form of ``message``: room, from, to, body, seq, ts (and reply_to or re
-    when set)."""
+    when set, and ``datagram: true`` for a message published over the datagram channel)."""
     record: dict[str, Any] = {
         "room": message.room,
         "from": message.sender,
@@ -143,6 +143,8 @@ def message_record(message: Message) -> dict[str, Any]:
         record["reply_to"] = message.reply_to
     if message.re is not None:
         record["re"] = message.re
+    if message.datagram:
+        record["datagram"] = True  # at most once: a gap in seq may be a loss
     return record
 
 

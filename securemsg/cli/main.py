@@ -181,6 +181,11 @@ def build_parser() -> argparse.ArgumentParser:
                 help="the server (default: localhost:7443), then the body: JSON "
                 "if it parses as JSON, else a string",
             )
+            sub.add_argument(
+                "--datagram",
+                action="store_true",
+                help="send over DTLS (UDP) to the same port: at most once, no acknowledgement",
+            )
         else:
             sub.add_argument(
                 "--room",
@@ -191,6 +196,11 @@ def build_parser() -> argparse.ArgumentParser:
             )
             sub.add_argument("--count", type=int, metavar="N", help="exit after N messages")
             sub.add_argument("--json", action="store_true", help="print one JSON object a line")
+            sub.add_argument(
+                "--datagram",
+                action="store_true",
+                help="listen over DTLS (UDP) to the same port: datagram publishes only",
+            )
         sub.set_defaults(handler=_cmd_client, client_command=name)
     doctor = commands.add_parser(
         "doctor",
@@ -295,6 +305,14 @@ def _cmd_client(args: argparse.Namespace) -> int:
         overrides.update(_parse_address(args.address))
     config = load_config(ClientConfig, path=args.config, env=os.environ, overrides=overrides)
     configure_logging(level=config.log_level, fmt=config.log_format)
+    if getattr(args, "datagram", False):
+        from securemsg.cli import datagram
+
+        if args.client_command == "send":
+            return run(datagram.run_send(config, room=args.room, to=args.to, message=args.message))
+        return run(
+            datagram.run_listen(config, rooms=args.room, count=args.count, json_output=args.json)
+        )
     from securemsg.cli import commands as chat
 
     if args.client_command == "send":
@@ -384,11 +402,44 @@ def _add_bench_parser(commands: Any) -> None:
         "--server-loop", choices=("uvloop", "asyncio"), help="event loop of the --local server"
     )
     bench.add_argument("--json", action="store_true", help="print the result as JSON")
+    lossy = bench.add_argument_group("datagram: the impaired link (a proxy on 127.0.0.1)")
+    lossy.add_argument("--loss", type=float, default=0.0, metavar="F", help="fraction dropped")
+    lossy.add_argument(
+        "--reorder", type=float, default=0.0, metavar="F", help="fraction delivered late"
+    )
+    lossy.add_argument(
+        "--delay", type=float, default=0.0, metavar="S", help="one-way delay, seconds"
+    )
+    lossy.add_argument(
+        "--deadline", type=float, default=0.05, metavar="S", help="'on time' bound, seconds"
+    )
     bench.set_defaults(handler=_cmd_bench)
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     import msgspec
+
+    if args.scenario == "datagram":
+        from securemsg.bench.datagram import bench_datagram_main
+
+        configure_logging(level="error", fmt="auto")
+        address = _parse_address(args.address) if args.address else {}
+        return run(
+            bench_datagram_main(
+                host=address.get("host", "localhost"),
+                port=address.get("port", DEFAULT_PORT),
+                ca=args.ca,
+                local=args.local,
+                msgs=args.msgs or 2000,
+                rate=args.rate or 200.0,
+                size=args.size,
+                loss=args.loss,
+                reorder=args.reorder,
+                delay=args.delay,
+                deadline=args.deadline,
+                json_output=args.json,
+            )
+        )
 
     from securemsg.bench.run import BenchOptions, BenchResult, bench_main, format_result
 

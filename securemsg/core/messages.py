@@ -298,6 +298,8 @@ class Delivery(_Base, tag="message", kw_only=True, frozen=True):
     id: str | None = None
     reply_to: str | None = None
     re: str | None = None
+    #: True for a publish that came over the datagram channel (at most once, never resent).
+    datagram: bool = False
     ts: float
     seq: int
 
@@ -319,6 +321,9 @@ class Message(msgspec.Struct, frozen=True, kw_only=True, tag="message", tag_fiel
     reply_to: str | None = None
     re: str | None = None
     id: str | None = None
+    #: True for a message published over the datagram channel: at most once, and over the
+    #: datagram channel ``seq`` counts that association's datagrams (a gap is a loss).
+    datagram: bool = False
 
 
 class ServerAck(_Base, tag="ack", frozen=True):

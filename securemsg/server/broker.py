@@ -326,6 +326,33 @@ class Broker:
             self._wait(session, target)
         return True
 
+    def publish_datagram(self, prefix: bytes, room: str) -> tuple[int, int]:
+        """A ``publish`` that came over the datagram channel (``prefix`` is its encoded
+        ``message``, tagged ``datagram``, before its ``seq``) to the sessions in ``room``:
+        at most once and never pushing back. A member that is not connected, or congested
+        (half way to its limits), misses it. Returns (delivered, missed)."""
+        self.messages_received += 1
+        delivered = missed = 0
+        recipients = []
+        for member in self.rooms.match(room):
+            log = member.delivery
+            # Never the overflow rule (which ends a session) for a message that may be lost.
+            if (
+                member.link is None
+                or log.congested
+                or log.pending_bytes + len(prefix) > log.max_pending_bytes
+            ):
+                missed += 1
+                continue
+            seq = self.deliver(member, prefix)
+            if seq:
+                delivered += 1
+                recipients.append((member.id, seq))
+        if recipients and self._durable:
+            # Numbered messages must be stored, or a restart would number others the same.
+            self.store.message_accepted(prefix, recipients)
+        return delivered, missed
+
     def deliver(self, session: Session, prefix: bytes) -> int:
         """Number ``prefix`` for ``session`` and send it if its connection can take it now;
         its sequence number, or 0 when it overflowed the session (which ended)."""

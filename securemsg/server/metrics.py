@@ -96,6 +96,7 @@ class ServerCollector(Collector):
         yield from self._traffic()
         yield from self._sessions()
         yield from self._certificate()
+        yield from self._datagram()
         if server.loopwatch is not None:
             yield _lag_histogram(server.loopwatch)
 
@@ -164,6 +165,22 @@ class ServerCollector(Collector):
             )
         yield _by_label(
             "certificate_reloads", "certificate reloads, by result", "result", server.cert_reloads
+        )
+
+    def _datagram(self) -> Iterator[Metric]:
+        listener = getattr(self.server, "datagram", None)
+        if listener is None:
+            return
+        yield _gauge(
+            "datagram_associations",
+            "DTLS associations, handshaking or established",
+            len(listener.table),
+        )
+        yield _by_label(
+            "datagram_events",
+            "the DTLS listener's counts (datagrams, cookies, drops, associations, publishes)",
+            "event",
+            listener.counts,
         )
 
 

@@ -41,6 +41,7 @@ from securemsg.server.timerwheel import TimerWheel
 from securemsg.tls.contexts import describe_server_handshake_error
 
 if TYPE_CHECKING:
+    from securemsg.server.datagram import DatagramListener
     from securemsg.server.metrics import MetricsListener
 
 __all__ = ["Server"]
@@ -112,6 +113,8 @@ class Server:
         self.closed_traffic = {"frames_in": 0, "frames_out": 0, "bytes_in": 0, "bytes_out": 0}
         self.loopwatch: LoopWatch | None = None
         self.metrics: MetricsListener | None = None
+        #: The DTLS listener (the datagram channel); None when datagram_port is off.
+        self.datagram: DatagramListener | None = None
         self._certificates: CertificateKeeper | None = None
 
     @property
@@ -186,6 +189,7 @@ class Server:
             await self.broker.store.close()  # give the file (and its lock) back
             raise
         self.port = self._sockets[0].getsockname()[1]
+        await self._start_datagram()
         for sock in self._sockets:
             self.loop.add_reader(sock.fileno(), self._accept_ready, sock)
         self._stall_check = self.loop.call_later(self._stall_period, self._check_stalled)
@@ -212,6 +216,33 @@ class Server:
         )
         self.certificates.start()
 
+    async def _start_datagram(self) -> None:
+        """The DTLS listener, on the TCP port's number unless told otherwise; pyOpenSSL is
+        loaded only here, so a server with ``datagram_port = "off"`` never loads it."""
+        port = self.config.datagram_port
+        if port == "off" or self.config.cert is None:
+            return
+        from securemsg.server.datagram import DatagramListener
+
+        listener = DatagramListener(self)
+        wanted = self.port if port is None else port
+        try:
+            try:
+                await listener.start(self.config.host, wanted)
+            except OSError:
+                if port is not None or self.config.port != 0:
+                    raise
+                await listener.start(self.config.host, 0)  # the TCP port's number was taken
+        except OSError as exc:
+            for sock in self._sockets:
+                sock.close()
+            await self.broker.store.close()
+            raise ConfigError(
+                f"cannot listen for datagrams on {self.config.host}:{wanted} (UDP):"
+                f" {exc.strerror}; choose another --datagram-port, or off"
+            ) from None
+        self.datagram = listener
+
     async def serve_forever(self) -> None:
         """Serve until :meth:`close` is called (from a signal handler, for instance)."""
         if self._loop is None:
@@ -233,6 +264,8 @@ class Server:
             with contextlib.suppress(OSError):
                 self.loop.remove_reader(sock.fileno())
             sock.close()
+        if self.datagram is not None:
+            await self.datagram.close()
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:

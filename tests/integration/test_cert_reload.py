@@ -17,6 +17,7 @@ import pytest
 import trustme
 from structlog.testing import capture_logs
 
+from securemsg import datagram
 from securemsg.config import ServerConfig
 from securemsg.core.messages import Join, ServerAck
 from securemsg.tls.contexts import client_context
@@ -248,3 +249,24 @@ async def test_a_bad_changed_file_is_reported_once_and_the_old_one_kept(
             keeper.look()
     assert [e["event"] for e in logs] == ["certificate_reload_failed"]
     await raw(server.port, "bob")  # new handshakes still work, with the old files
+
+
+async def test_a_reload_reaches_new_datagram_associations_and_keeps_open_ones(
+    start_server: Any, tls_files: Any, server_files: tuple[Path, Path], tmp_path: Path
+) -> None:
+    cert, key = server_files
+    server = await start_server(cert=str(cert), key=str(key))
+    ca = str(tls_files.ca_pem)
+    before = await datagram.connect("localhost", server.port, ca=ca, name="before")
+    try:
+        renewed = trustme.CA()  # a new CA too: only the new certificate passes it
+        renewed.cert_pem.write_to_path(str(tmp_path / "renewed-ca.pem"))
+        write_leaf(renewed.issue_cert("localhost", "127.0.0.1"), cert, key)
+        assert server.reload_tls() is True
+        after = await datagram.connect(
+            "localhost", server.port, ca=str(tmp_path / "renewed-ca.pem"), name="after"
+        )
+        await after.close()
+        assert await before.ping() < 5  # the open association keeps its keys
+    finally:
+        await before.close()

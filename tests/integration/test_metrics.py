@@ -140,3 +140,23 @@ async def test_refused_requests_and_received_messages_are_counted(
     samples = await scrape(server.metrics.port)
     assert samples["securemsg_requests_refused_total"] == {"rate_limited": 1}
     assert samples["securemsg_messages_received_total"] == 1
+
+
+async def test_metrics_count_the_datagram_channel(start_server: Any, tls_files: Any) -> None:
+    from securemsg import datagram
+
+    server = await start_server(metrics_port=0)
+    client = await datagram.connect(
+        "localhost", server.port, ca=str(tls_files.ca_pem), name="probe"
+    )
+    try:
+        await client.publish("r", 1)
+        await client.ping()
+        samples = await scrape(server.metrics.port)
+    finally:
+        await client.close()
+    assert samples["securemsg_datagram_associations"] == 1
+    events = samples["securemsg_datagram_events_total"]
+    assert events["cookies_sent"] == 1
+    assert events["associations_opened"] == 1
+    assert events["publishes"] == 1
