@@ -63,6 +63,7 @@ from securemsg.core.messages import (
 from securemsg.errors import ProtocolError
 
 __all__ = [
+    "ACK_LATER",
     "Answered",
     "HelloPolicy",
     "Joined",
@@ -80,6 +81,11 @@ L = TypeVar("L")
 #: Every request kind; each carries an optional id, and every one is deduplicated by it.
 Request = Join | Leave | Publish | Direct | Who
 
+
+#: What a router's ``publish`` or ``direct`` returns when it will
+#: acknowledge the request itself, later (a cluster node: once the request is stored, see
+#: :meth:`ServerSession.hold_ack` and :meth:`ServerSession.refuse`): no ack is held now.
+ACK_LATER: Final = 2
 
 #: Refusals a session remembers, to answer a resend the same way (see ``_refuse``).
 MAX_REFUSALS: Final = 1024
@@ -123,10 +129,11 @@ SessionEvent = RequestRefused | Joined | Left | Answered | Relieved | FrameRejec
 class Router(Protocol[L]):
     """What carries requests out across sessions (the broker)."""
 
-    def publish(self, session: ServerSession[L], msg: Publish, ts: float) -> None: ...
+    def publish(self, session: ServerSession[L], msg: Publish, ts: float) -> int | None:
+        """:data:`ACK_LATER` when the router acknowledges it later; else None."""
 
-    def direct(self, session: ServerSession[L], msg: Direct, ts: float) -> bool:
-        """False when nobody has that name."""
+    def direct(self, session: ServerSession[L], msg: Direct, ts: float) -> int:
+        """False when nobody has that name, :data:`ACK_LATER`, or True."""
 
     def join(self, session: ServerSession[L], room_filter: str) -> None: ...
 
@@ -139,8 +146,11 @@ class Router(Protocol[L]):
     def leave(self, session: ServerSession[L], room_filter: str) -> bool:
         """False when the session was not a member."""
 
-    def who(self, room_filter: str, ref: str | None) -> bytes:
-        """The ``members`` frame answering a ``who``."""
+    def who(
+        self, room_filter: str, ref: str | None, session: ServerSession[L] | None = None
+    ) -> bytes:
+        """The ``members`` frame answering ``session``'s ``who``; empty when the router
+        sends it later itself (a cluster node asks the others first)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -318,12 +328,13 @@ class ServerSession(Generic[L]):
             if refusals is not None and msg_id in refusals:
                 return RequestRefused(refusals[msg_id])
             if type(message) is Who:
-                return Answered(router.who(message.room, msg_id))
+                return Answered(router.who(message.room, msg_id, self))
         elif self.rate and not self._take_token(now):
             text = "message rate limit exceeded; dropped"
             return self._refuse(msg_id, ErrorCode.RATE_LIMITED, text)
         elif type(message) is Publish:  # here, not in _carry_out: the one on the hot path
-            router.publish(self, message, ts)
+            if router.publish(self, message, ts) == ACK_LATER:
+                return None
         else:
             return self._carry_out(message, now=now, ts=ts, router=router)  # type: ignore[arg-type]
         # Carried out, now or before: acknowledged (held back; hold_ack inlined for publish).
@@ -340,9 +351,11 @@ class ServerSession(Generic[L]):
     ) -> SessionEvent | None:
         msg_id = message.id
         if isinstance(message, Direct):
-            if not router.direct(self, message, ts):
+            done = router.direct(self, message, ts)
+            if not done:
                 return self._refuse(msg_id, ErrorCode.NO_SUCH_USER, f"no user named {message.to!r}")
-            self.hold_ack(msg_id, now)
+            if done != ACK_LATER:
+                self.hold_ack(msg_id, now)
             return None
         if isinstance(message, Join):
             limit = self.max_subscriptions
@@ -361,7 +374,7 @@ class ServerSession(Generic[L]):
             self.hold_ack(msg_id, now)
             return Left(message.room)
         assert isinstance(message, Who)
-        return Answered(router.who(message.room, msg_id))
+        return Answered(router.who(message.room, msg_id, self))
 
     def _take_token(self, now: float) -> bool:
         tokens = min(self._burst, self._tokens + (now - self._tokens_at) * self.rate)
@@ -371,6 +384,11 @@ class ServerSession(Generic[L]):
             return True
         self._tokens = tokens
         return False
+
+    def refuse(self, msg_id: str | None, code: str, text: str) -> Error:
+        """Refuse a request the router took to acknowledge later (:data:`ACK_LATER`): the
+        ``error`` frame to send; a resend is answered the same way."""
+        return self._refuse(msg_id, code, text).error
 
     def _refuse(self, msg_id: str | None, code: str, text: str) -> RequestRefused:
         """Refuse the request ``msg_id``, and remember it: a resend after a cut (whose

@@ -84,7 +84,7 @@ class Router:
     def subscriptions(self, session: Session) -> Collection[str]:
         return self.rooms.filters_of(session)
 
-    def who(self, room_filter: str, ref: str | None) -> bytes:
+    def who(self, room_filter: str, ref: str | None, session: object = None) -> bytes:
         self.carried_out.append(f"who {room_filter}")
         names = sorted(member.name for member in self.rooms.members(room_filter))
         return encode_frame_of(Members(room=room_filter, names=names, ref=ref))
