@@ -52,6 +52,7 @@ __all__ = [
     "live_nodes",
     "message_id",
     "name_key",
+    "node_token",
     "parse_subject",
     "room_subject",
     "session_key",
@@ -106,6 +107,11 @@ def name_key(name: str) -> str:
 def session_key(token: str) -> str:
     """What the cluster knows a session by: never the token itself."""
     return hashlib.sha256(token.encode()).hexdigest()
+
+
+def node_token(node: str) -> str:
+    """A node's name as one subject token and KV key."""
+    return hashlib.sha256(node.encode()).hexdigest()[:16]
 
 
 def message_id(key: str, request_id: str) -> str:

@@ -325,7 +325,7 @@ class Broker:
                     if member.delivery.congested:
                         self._wait(session, member)
 
-    def direct(self, session: Session, msg: Direct, ts: float) -> bool:
+    def direct(self, session: Session, msg: Direct, ts: float) -> int:
         """False when nobody has that name."""
         target = self.by_name.get(msg.to)
         if target is None:
