@@ -37,6 +37,10 @@ class NatsServer:
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
+    def address(self) -> tuple[str, int]:
+        return ("127.0.0.1", self.port)
+
+    @property
     def url(self) -> str:
         return f"nats://127.0.0.1:{self.port}"
 
