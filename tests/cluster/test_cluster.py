@@ -6,6 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import os
+import signal
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,6 +24,8 @@ from tests.cluster.conftest import NatsServer, StartNode
 from tests.integration.conftest import RawClient
 
 pytestmark = pytest.mark.timeout(60)
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -224,13 +231,7 @@ async def start_node_process(
     nats_url: str, tls_files: Any, log: Any
 ) -> tuple[asyncio.subprocess.Process, int]:
     """A node in its own process (to be killed with SIGKILL), and its port."""
-    import json
-    import os
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "PYTHONPATH": str(root), "SECUREMSG_CLUSTER": nats_url}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "SECUREMSG_CLUSTER": nats_url}
     with log.open("wb") as stderr:
         process = await asyncio.create_subprocess_exec(
             *(sys.executable, "-m", "securemsg", "server", "--host", "127.0.0.1", "--port", "0"),
@@ -253,8 +254,6 @@ async def start_node_process(
 async def test_a_session_moves_when_its_node_is_killed_mid_stream_nothing_lost_or_doubled(
     start_node: StartNode, raw: Any, clients: Any, nats_url: str, tls_files: Any, tmp_path: Any
 ) -> None:
-    import signal
-
     b = await start_node()  # first: it made the stream and buckets of this test
     process, port = await start_node_process(nats_url, tls_files, tmp_path / "a.log")
     try:
