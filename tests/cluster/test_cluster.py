@@ -13,10 +13,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 from securemsg.client.client import Client, connect
-from securemsg.core.messages import Ack, Bye, Delivery, Error, Join, Welcome
+from securemsg.core.messages import Ack, Bye, Delivery, Error, Join, Publish, ServerAck, Welcome
 from securemsg.errors import AuthError, RejectedError
 from securemsg.errors import TimeoutError as ClientTimeoutError
 from securemsg.tls.contexts import client_context
@@ -291,3 +292,25 @@ async def test_a_session_moves_when_its_node_is_killed_mid_stream_nothing_lost_o
     assert bodies == list(range(total)), "lost, doubled or out of order"
     assert [seq for seq, _ in got] == list(range(1, total + 1))
     assert took < 2.0, took
+
+
+async def test_a_publish_resent_to_another_node_is_stored_once(
+    start_node: StartNode, raw: Any, clients: Any
+) -> None:
+    a, b = await start_node(), await start_node()
+    sub = await clients(b.port, "sub")
+    await sub.join("feed")
+    pub = await raw(a.port, "pub")
+    publish = Publish(room="feed", body=msgspec.Raw(b"1"), id="p1")
+    pub.send(publish)
+    assert (await pub.recv_type(ServerAck)).ids == ["p1"]
+    # Its ack lost in a crash, the client resends on another node: JetStream drops the copy.
+    again = await raw(b.port, "pub", session=pub.welcome.session, last_seq=0)
+    again.send(publish, Publish(room="feed", body=msgspec.Raw(b"2"), id="p2"))
+    acked: list[str] = []
+    while len(acked) < 2:  # bounded by recv's timeout
+        acked += (await again.recv_type(ServerAck)).ids
+    assert sorted(acked) == ["p1", "p2"]
+    assert [(await sub.receive(timeout=5)).body for _ in range(2)] == [1, 2]
+    with pytest.raises(ClientTimeoutError):
+        await sub.receive(timeout=0.3)
