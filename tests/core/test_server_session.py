@@ -36,6 +36,7 @@ from securemsg.core.messages import (
 )
 from securemsg.core.rooms import RoomRegistry
 from securemsg.core.server_session import (
+    ACK_LATER,
     Answered,
     HelloPolicy,
     Joined,
@@ -453,3 +454,40 @@ def test_a_join_past_max_subscriptions_is_refused_and_the_session_goes_on() -> N
     link.send(Leave(room="c", id="6"))
     assert link.send(Join(room="d", id="4")) == [refused]
     assert link.send(Join(room="d", id="7")) == [Joined("d")]
+
+
+@dataclass
+class LaterRouter(Router):
+    """A cluster node's router: publishes and directs are acknowledged once stored."""
+
+    def publish(self, session: Session, msg: Publish, ts: float) -> int:  # type: ignore[override]
+        super().publish(session, msg, ts)
+        return ACK_LATER
+
+    def direct(self, session: Session, msg: Direct, ts: float) -> int:
+        return ACK_LATER if super().direct(session, msg, ts) else False
+
+
+def test_a_router_may_acknowledge_publishes_and_directs_later_or_refuse_them() -> None:
+    router = LaterRouter(names={"bob"})
+    session = new_session()
+    link = Link(session, router)
+    assert link.send(
+        Publish(room="r", body=BODY, id="1"),
+        Direct(to="bob", body=BODY, id="2"),
+        Direct(to="carol", body=BODY, id="3"),
+        Join(room="r", id="4"),
+    ) == [
+        RequestRefused(
+            Error(code=ErrorCode.NO_SUCH_USER, message="no user named 'carol'", ref="3")
+        ),
+        Joined("r"),
+    ]
+    assert link.acks() == ["4"]  # not the publish nor the direct: not stored yet
+    session.hold_ack("1", 0.0)  # stored
+    error = session.refuse("2", ErrorCode.SERVER_BUSY, "not stored")
+    assert error == Error(code=ErrorCode.SERVER_BUSY, message="not stored", ref="2")
+    assert link.acks() == ["1"]
+    # A resend of the refused one gets the same refusal, and is not carried out again.
+    assert link.send(Direct(to="bob", body=BODY, id="2")) == [RequestRefused(error)]
+    assert router.carried_out == ["publish 1", "direct 2", "join r"]

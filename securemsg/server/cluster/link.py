@@ -193,7 +193,11 @@ class NatsLink:
         await self._on_back()
 
     async def _error(self, exc: Exception) -> None:
-        logger.warning("cluster_error", error=repr(exc))
+        # While NATS is down every reconnect attempt fails: cluster_lost said it once.
+        if self.connected:
+            logger.warning("cluster_error", error=repr(exc))
+        else:
+            logger.debug("cluster_error", error=repr(exc))
 
     # -- publishing ----------------------------------------------------------------------
 
