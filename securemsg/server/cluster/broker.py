@@ -111,6 +111,7 @@ async def start_session(broker: ClusterBroker, name: str, link: Link) -> Opened:
     try:
         assert broker.link.sessions is not None
         state.revision = await broker.link.sessions.create(key, msgspec.json.encode(record))
+        state.written_at = broker.loop.time()
     except BaseException:
         broker.drop(session)
         raise
@@ -159,6 +160,7 @@ async def move_here(
     await _catch_up(broker, record)
     session = _new_session(broker, name, token)
     state = _state(key, record, revision)
+    state.written_at = broker.loop.time()
     broker.register(session, state)
     try:
         opened = await _replay(broker, session, state, last_seq, link)

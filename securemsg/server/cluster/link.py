@@ -146,9 +146,8 @@ class NatsLink:
             self.sessions = await self.js.create_key_value(
                 bucket="sm_sessions", ttl=settings.max_age, history=1
             )
-            self.names = await self.js.create_key_value(
-                bucket="sm_names", ttl=settings.max_age, history=1
-            )
+            # No max age: a name is held as long as its session lives, however long.
+            self.names = await self.js.create_key_value(bucket="sm_names", history=1)
             self.nodes = await self.js.create_key_value(
                 bucket="sm_nodes", ttl=settings.node_timeout * 4, history=1
             )

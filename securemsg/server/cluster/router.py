@@ -161,7 +161,8 @@ class ClusterRouter(ClusterRegistry):
                 # the client, so the checkpoint may move to here (less to read on a move).
                 state.checkpoints.stream_seq = self.position
                 state.checkpoints.seq = delivery.last_seq
-                moved = moved or now - state.written_at > settings.session_ttl / 4
+            # Records expire with the bucket's max_age: a quiet session's is written again.
+            moved = moved or now - state.written_at > settings.max_age / 4
             if moved and not state.saving:
                 self._save(session, state)
 
