@@ -82,9 +82,9 @@ L = TypeVar("L")
 Request = Join | Leave | Publish | Direct | Who
 
 
-#: What a router's ``publish`` or ``direct`` returns when it will
-#: acknowledge the request itself, later (a cluster node: once the request is stored, see
-#: :meth:`ServerSession.hold_ack` and :meth:`ServerSession.refuse`): no ack is held now.
+#: What a router's ``publish`` or ``direct`` returns when it will acknowledge the request
+#: itself, later, with :meth:`ServerSession.hold_ack` (a cluster node: once the request is
+#: stored): no ack is held now.
 ACK_LATER: Final = 2
 
 #: Refusals a session remembers, to answer a resend the same way (see ``_refuse``).
@@ -384,11 +384,6 @@ class ServerSession(Generic[L]):
             return True
         self._tokens = tokens
         return False
-
-    def refuse(self, msg_id: str | None, code: str, text: str) -> Error:
-        """Refuse a request the router took to acknowledge later (:data:`ACK_LATER`): the
-        ``error`` frame to send; a resend is answered the same way."""
-        return self._refuse(msg_id, code, text).error
 
     def _refuse(self, msg_id: str | None, code: str, text: str) -> RequestRefused:
         """Refuse the request ``msg_id``, and remember it: a resend after a cut (whose

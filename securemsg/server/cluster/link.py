@@ -221,7 +221,7 @@ class NatsLink:
                 try:
                     await nc.publish(subject, payload, reply=reply, headers=headers)
                 except NatsError as exc:  # disconnected: the publishes of this batch are lost
-                    logger.debug("cluster_publish_failed", error=repr(exc))
+                    logger.debug("cluster_request_failed", request="publish", error=repr(exc))
                     break
 
     # -- reading -------------------------------------------------------------------------

@@ -163,7 +163,7 @@ class ClusterRegistry(Broker):
                 try:
                     await action()
                 except (NatsError, TimeoutError) as exc:
-                    logger.debug("cluster_chore_failed", error=repr(exc))
+                    logger.debug("cluster_request_failed", request=action.__name__, error=repr(exc))
 
     # -- nodes ----------------------------------------------------------------------------
 
@@ -299,7 +299,7 @@ class ClusterRegistry(Broker):
         try:
             await self.link.sessions.delete(key)
         except (NatsError, TimeoutError) as exc:
-            logger.debug("cluster_delete_failed", error=repr(exc))
+            logger.debug("cluster_request_failed", request="delete_record", error=repr(exc))
 
     # -- sessions -------------------------------------------------------------------------
 
@@ -342,6 +342,12 @@ class ClusterRegistry(Broker):
             state.record.detached_at = wall or time.time()
             self._save(session, state)
             self.set_connected(session, False)
+            # What JetStream has not acknowledged yet is not acknowledged to the client: its
+            # resend must be published again (JetStream keeps one copy), not taken for a
+            # duplicate and acknowledged before it is stored.
+            for pending in self._pending.values():
+                if pending.session is session:
+                    session.recent.forget(pending.request_id)
 
     def end(self, session: Session, *, reason: str) -> list[str]:
         filters = super().end(session, reason=reason)
@@ -377,7 +383,7 @@ class ClusterRegistry(Broker):
         """Another node takes over one of our sessions (its client resumed there)."""
         session = self.by_key.get(msg.data.decode())
         if session is not None:
-            logger.info("session_released", session=session.id, name=session.name)
+            logger.info("session_moved_away", session=session.id, name=session.name, asked=True)
             self.drop(session, closing="the session resumed on another node")
         await msg.respond(b"ok")
 
@@ -415,7 +421,9 @@ class ClusterRegistry(Broker):
                 try:
                     state.revision = await kv.update(state.key, _json(record), last=state.revision)
                 except KeyWrongLastSequenceError:
-                    logger.info("session_moved_away", session=session.id, name=session.name)
+                    logger.info(
+                        "session_moved_away", session=session.id, name=session.name, asked=False
+                    )
                     self.drop(session, closing="the session resumed on another node")
                     break
                 except (NatsError, TimeoutError) as exc:

@@ -118,7 +118,7 @@ class ClusterRouter(ClusterRegistry):
             try:
                 await self._follower.unsubscribe()
             except (NatsError, TimeoutError) as exc:
-                logger.debug("cluster_unfollow_failed", error=repr(exc))
+                logger.debug("cluster_request_failed", request="unfollow", error=repr(exc))
         try:
             self._follower = await self.link.follow(self.position, self._on_stream)
             await self._beat()
@@ -131,7 +131,7 @@ class ClusterRouter(ClusterRegistry):
     # -- acks and checkpoints -----------------------------------------------------------
 
     async def _sweep(self) -> None:
-        """Resend what JetStream did not acknowledge, refuse what it never did; move the
+        """Resend what JetStream did not acknowledge, give up on what it never did; move the
         checkpoints of sessions whose clients acknowledged, and refresh idle records."""
         now = self.loop.time()
         settings = self.settings
@@ -141,7 +141,7 @@ class ClusterRouter(ClusterRegistry):
             session = pending.session
             if pending.attempts >= settings.ack_attempts or session not in self.states:
                 del self._pending[token]
-                self._refuse(pending)
+                self._give_up(pending)
                 continue
             pending.attempts += 1
             pending.sent_at = now
@@ -166,15 +166,18 @@ class ClusterRouter(ClusterRegistry):
             if moved and not state.saving:
                 self._save(session, state)
 
-    def _refuse(self, pending: Pending) -> None:
+    def _give_up(self, pending: Pending) -> None:
+        """JetStream never acknowledged a message: the client's connection closes with
+        ``server_busy``, and its resend (to this node or another) is carried out again,
+        not taken for a duplicate (JetStream stores it once whatever happens)."""
         session = pending.session
-        error = session.refuse(
-            pending.request_id,
-            ErrorCode.SERVER_BUSY,
-            "the cluster did not store the message: send it again",
-        )
-        if session.link is not None:
-            session.link.queue(encode_frame_of(error))
+        session.recent.forget(pending.request_id)
+        link = session.link
+        if link is not None:
+            logger.warning("cluster_unacknowledged", name=session.name, attempts=pending.attempts)
+            link.close_with(
+                ErrorCode.SERVER_BUSY, "the cluster did not store a message in time: resend it"
+            )
 
     # -- requests -------------------------------------------------------------------------
 
