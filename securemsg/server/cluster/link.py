@@ -168,8 +168,10 @@ class NatsLink:
         )
         try:
             await self.js.add_stream(config)
-        except BadRequestError:  # it exists with other limits (another node's settings)
-            await self.js.update_stream(config)
+        except BadRequestError:
+            # It exists with other limits: the first node's, or an operator's (replicas on a
+            # NATS cluster, say), which are not undone here.
+            pass
 
     async def close(self) -> None:
         if self._publisher is not None:
