@@ -227,9 +227,13 @@ class Server:
 
     async def _join_cluster(self, cluster: ClusterBroker) -> None:
         where = f"{self.config.host}:{self.port}"
-        await cluster.start(
-            node=self.config.node_name or where, address=self.config.advertise or where
-        )
+        try:
+            await cluster.start(
+                node=self.config.node_name or where, address=self.config.advertise or where
+            )
+        except BaseException:
+            await cluster.stop()  # the NATS connection, if it was made
+            raise
 
     def _cluster_lost(self) -> None:
         """NATS is gone: every client is told to resume on another node."""

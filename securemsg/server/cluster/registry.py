@@ -329,6 +329,7 @@ class ClusterRegistry(Broker):
         state = self.states.get(session)
         if state is not None:
             state.record.detached_at = None
+            self._save(session, state)
             self.set_connected(session, True)
         return opened
 
