@@ -107,16 +107,19 @@ async def test_direct_and_request_reply_cross_nodes(start_node: StartNode, clien
     assert (answer.body, answer.sender) == ({"answer": 42}, "bob")
 
 
-async def test_presence_and_who_span_nodes(start_node: StartNode, clients: Any) -> None:
-    a, b = await start_node(), await start_node()
+async def test_presence_and_who_span_three_nodes(start_node: StartNode, clients: Any) -> None:
+    a, b, c = await start_node(), await start_node(), await start_node()
     alice, bob = await clients(a.port, "alice"), await clients(b.port, "bob")
+    carol = await clients(c.port, "carol")
     await alice.join("room")
+    await carol.join("room.>")
     events = alice.presence()
     await bob.join("room")
     async with asyncio.timeout(5):
         seen = await anext(aiter(events))
     assert (seen.room, seen.name, seen.event) == ("room", "bob", "join")
     assert await alice.who("room") == ["alice", "bob"]
+    assert await carol.who("room.>") == ["carol"]
     assert await bob.who("room") == ["alice", "bob"]
     await bob.leave("room")
     async with asyncio.timeout(5):
@@ -229,13 +232,14 @@ async def test_losing_nats_sends_clients_away_and_refuses_hellos_until_it_is_bac
 
 
 async def start_node_process(
-    nats_url: str, tls_files: Any, log: Any
+    nats_url: str, tls_files: Any, log: Any, *, port: int = 0
 ) -> tuple[asyncio.subprocess.Process, int]:
-    """A node in its own process (to be killed with SIGKILL), and its port."""
+    """A node ``node-a`` in its own process (to be killed with SIGKILL), and its port."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "SECUREMSG_CLUSTER": nats_url}
     with log.open("wb") as stderr:
         process = await asyncio.create_subprocess_exec(
-            *(sys.executable, "-m", "securemsg", "server", "--host", "127.0.0.1", "--port", "0"),
+            *(sys.executable, "-m", "securemsg", "server", "--host", "127.0.0.1"),
+            *("--port", str(port), "--node-name", "node-a"),
             *("--cert", str(tls_files.server_cert), "--key", str(tls_files.server_key)),
             *("--log-format", "json"),
             env=env,
@@ -292,6 +296,38 @@ async def test_a_session_moves_when_its_node_is_killed_mid_stream_nothing_lost_o
     assert bodies == list(range(total)), "lost, doubled or out of order"
     assert [seq for seq, _ in got] == list(range(1, total + 1))
     assert took < 2.0, took
+
+
+async def test_a_node_killed_and_restarted_takes_its_sessions_back(
+    start_node: StartNode, raw: Any, clients: Any, nats_url: str, tls_files: Any, tmp_path: Any
+) -> None:
+    b = await start_node()
+    process, port = await start_node_process(nats_url, tls_files, tmp_path / "a.log")
+    try:
+        sub = await raw(port, "sub")
+        sub.send(Join(room="feed", id="j1"))
+        assert (await sub.recv(timeout=5)).ids == ["j1"]
+        pub = await clients(b.port, "pub")
+        for n in range(5):
+            await pub.publish("feed", n, confirm=True)
+        got = await read_bodies(sub, 3)
+        process.send_signal(signal.SIGKILL)
+        await process.wait()
+        for n in range(5, 8):  # while it is down
+            await pub.publish("feed", n, confirm=True)
+        process, again = await start_node_process(
+            nats_url, tls_files, tmp_path / "a2.log", port=port
+        )
+        assert again == port
+        back = await raw(port, "sub", session=sub.welcome.session, last_seq=3)
+        assert isinstance(back.welcome, Welcome) and back.welcome.resumed is True
+        got += await read_bodies(back, 5)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert [int(bytes(body)) for _, body in got] == list(range(8))
+    assert [seq for seq, _ in got] == list(range(1, 9))
 
 
 async def test_a_publish_resent_to_another_node_is_stored_once(
