@@ -191,9 +191,10 @@ FIELD_HELP: Final[dict[str, dict[str, str]]] = {
         "store_sync": "when a commit is durable: normal (survives a crash) or full (power loss)",
         "cluster": "NATS servers to join as a cluster node, nats://HOST:PORT[,nats://...]; "
         "none: a single server",
-        "node_name": "this node's name in the cluster; none: the listener's host:port",
+        "node_name": "this node's name in the cluster, unique in it; none: the listener's "
+        "host:port (the machine's name for a host of 0.0.0.0 or ::)",
         "advertise": "HOST:PORT clients reach this node at, sent to them in welcome.nodes; "
-        "none: the listener's host:port",
+        "none: as node_name's default",
         "cluster_credentials": "NATS credentials file (.creds) for the cluster",
         "cluster_user": "NATS user name for the cluster",
         "cluster_password": "NATS password; set SECUREMSG_CLUSTER_PASSWORD, never a file or flag",

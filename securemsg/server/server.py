@@ -226,7 +226,10 @@ class Server:
         self.certificates.start()
 
     async def _join_cluster(self, cluster: ClusterBroker) -> None:
-        where = f"{self.config.host}:{self.port}"
+        host = self.config.host
+        if host in ("", "0.0.0.0", "::"):  # every address: name the machine instead
+            host = socket.gethostname()
+        where = f"{host}:{self.port}"
         try:
             await cluster.start(
                 node=self.config.node_name or where, address=self.config.advertise or where
