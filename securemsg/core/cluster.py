@@ -48,6 +48,7 @@ __all__ = [
     "WhoAnswer",
     "belongs",
     "direct_subject",
+    "directs_subject",
     "filter_subject",
     "live_nodes",
     "message_id",
@@ -79,8 +80,15 @@ def room_subject(sender: str, room: str) -> str:
     return f"{ROOM_PREFIX}{_subject_token(sender)}.{room}"
 
 
-def direct_subject(to: str) -> str:
-    return f"{DIRECT_PREFIX}{_subject_token(to)}"
+def direct_subject(to: str, sender: str) -> str:
+    """The stream subject of a direct: the recipient first (a session's filter is
+    ``sm.d.<name>.*``), then the sender (for flow control)."""
+    return f"{DIRECT_PREFIX}{_subject_token(to)}.{_subject_token(sender)}"
+
+
+def directs_subject(to: str) -> str:
+    """The NATS subject filter of every direct to ``to``."""
+    return f"{DIRECT_PREFIX}{_subject_token(to)}.*"
 
 
 def filter_subject(room_filter: str) -> str:
@@ -89,13 +97,15 @@ def filter_subject(room_filter: str) -> str:
 
 
 def parse_subject(subject: str) -> tuple[Literal["r", "d"], str, str]:
-    """``("r", sender, room)`` or ``("d", recipient, "")``; ValueError for anything else."""
+    """``("r", sender, room)`` or ``("d", sender, recipient)``; ValueError for anything else."""
     if subject.startswith(ROOM_PREFIX):
         sender, _, room = subject[len(ROOM_PREFIX) :].partition(".")
         if room:
             return "r", sender.replace("%", "."), room
     elif subject.startswith(DIRECT_PREFIX):
-        return "d", subject[len(DIRECT_PREFIX) :].replace("%", "."), ""
+        to, _, sender = subject[len(DIRECT_PREFIX) :].partition(".")
+        if sender:
+            return "d", sender.replace("%", "."), to.replace("%", ".")
     raise ValueError(f"not a securemsg stream subject: {subject!r}")
 
 
@@ -188,16 +198,16 @@ class WhoAnswer(msgspec.Struct, array_like=True):
 # -- membership and numbering ----------------------------------------------------------------
 
 
-def belongs(record: SessionRecord, kind: str, name: str, room: str, stream_seq: int) -> bool:
-    """Is the stream message (``kind``, ``name``, ``room``) at ``stream_seq`` one of the
-    session's deliveries? (See the module doc.)"""
+def belongs(record: SessionRecord, kind: str, sender: str, target: str, stream_seq: int) -> bool:
+    """Is the stream message from ``sender`` to ``target`` (a room for ``kind`` "r", a name
+    for "d") at ``stream_seq`` one of the session's deliveries? (See the module doc.)"""
     if kind == "d":
-        return name == record.name and stream_seq > record.start
-    if name == record.name:
+        return target == record.name and stream_seq > record.start
+    if sender == record.name:
         return False  # a publisher is not sent its own message
     for span in record.filters:
         if span.start < stream_seq and (span.end is None or stream_seq <= span.end):
-            if filter_matches(span.filter, room):
+            if filter_matches(span.filter, target):
                 return True
     return False
 
@@ -230,8 +240,8 @@ class Renumbering:
             return False
         if stream_seq <= self.record.stream_seq:
             return True
-        kind, name, room = parse_subject(subject)
-        if belongs(self.record, kind, name, room, stream_seq):
+        kind, sender, target = parse_subject(subject)
+        if belongs(self.record, kind, sender, target, stream_seq):
             self.seq += 1
             if self.seq > self.last_seq:
                 self.replay.append((self.seq, stream_seq, payload))

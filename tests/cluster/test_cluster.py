@@ -15,6 +15,7 @@ from typing import Any
 
 import msgspec
 import pytest
+from structlog.testing import capture_logs
 
 from securemsg.client.client import Client, connect
 from securemsg.core.messages import Ack, Bye, Delivery, Error, Join, Publish, ServerAck, Welcome
@@ -350,3 +351,36 @@ async def test_a_publish_resent_to_another_node_is_stored_once(
     assert [(await sub.receive(timeout=5)).body for _ in range(2)] == [1, 2]
     with pytest.raises(ClientTimeoutError):
         await sub.receive(timeout=0.3)
+
+
+async def test_a_burst_past_max_pending_reaches_a_subscriber_on_the_same_node_whole(
+    start_node: StartNode, clients: Any
+) -> None:
+    # Flow control as on one server when publisher and subscriber share a node: the
+    # subscriber's session never overflows, the publisher waits instead. What is between
+    # the node and the stream still arrives: at most the publisher's outbox (acks wait for
+    # JetStream), which max_pending must leave room for.
+    node = await start_node(max_pending=500, max_outgoing_bytes=16 * 1024)
+    sub = await clients(node.port, "sub")
+    await sub.join("burst")
+    pub = await clients(node.port, "pub", max_outbox=200)
+    count = 1_500
+    with capture_logs() as logs:
+        reading = asyncio.create_task(read_all(sub, count, slowly=True))
+        for n in range(count):
+            await pub.publish("burst", n)
+        await pub.flush(timeout=30)
+        got = await reading
+    assert got == list(range(count))
+    events = {entry["event"] for entry in logs}
+    assert not events & {"session_overflowed", "slow_consumer"}, events
+
+
+async def read_all(client: Client, count: int, *, slowly: bool = False) -> list[Any]:
+    """``count`` bodies; ``slowly``: about 1,000 a second, slower than a publisher goes."""
+    got = []
+    for n in range(count):
+        got.append((await client.receive(timeout=10)).body)
+        if slowly and n % 5 == 4:
+            await asyncio.sleep(0.005)
+    return got

@@ -12,6 +12,7 @@ from securemsg.core.cluster import (
     SessionRecord,
     belongs,
     direct_subject,
+    directs_subject,
     filter_subject,
     message_id,
     name_key,
@@ -26,7 +27,9 @@ def test_subjects_carry_names_with_dots_and_rooms_both_ways() -> None:
     subject = room_subject("a.b@c", "chat.x")
     assert subject == "sm.r.a%b@c.chat.x"
     assert parse_subject(subject) == ("r", "a.b@c", "chat.x")
-    assert parse_subject(direct_subject("bob.x")) == ("d", "bob.x", "")
+    assert direct_subject("bob.x", "al@ice") == "sm.d.bob%x.al@ice"
+    assert parse_subject(direct_subject("bob.x", "al@ice")) == ("d", "al@ice", "bob.x")
+    assert directs_subject("bob.x") == "sm.d.bob%x.*"
     assert filter_subject("chat.*.>") == "sm.r.*.chat.*.>"
     assert name_key("bob@example.com") == "bob=example.com"
     with pytest.raises(ValueError):
@@ -50,9 +53,10 @@ def test_membership_follows_the_filter_positions() -> None:
     assert not belongs(record, "r", "bob", "chat.x", 31)  # left
     assert not belongs(record, "r", "alice", "news", 40)  # its own message
     assert belongs(record, "r", "bob", "news", 40)
-    assert not belongs(record, "d", "alice", "", 10)  # before the session started
-    assert belongs(record, "d", "alice", "", 11)
-    assert not belongs(record, "d", "bob", "", 11)
+    assert not belongs(record, "d", "bob", "alice", 10)  # before the session started
+    assert belongs(record, "d", "bob", "alice", 11)
+    assert belongs(record, "d", "alice", "alice", 11)  # a direct to oneself arrives
+    assert not belongs(record, "d", "alice", "bob", 11)
 
 
 def number_like_a_node(
@@ -72,8 +76,8 @@ def number_like_a_node(
             else:
                 rooms.leave("alice", room_filter)
                 record.left(room_filter, sseq - 1)
-        kind, name, room = parse_subject(subject)
-        mine = name == "alice" if kind == "d" else name != "alice" and bool(rooms.match(room))
+        kind, sender, target = parse_subject(subject)
+        mine = target == "alice" if kind == "d" else sender != "alice" and bool(rooms.match(target))
         if mine:
             numbered.append((len(numbered) + 1, sseq))
     return record, numbered
@@ -82,12 +86,12 @@ def number_like_a_node(
 STREAM = [
     (1, room_subject("bob", "chat.x"), b"1"),
     (2, room_subject("bob", "chat.y"), b"2"),
-    (3, direct_subject("alice"), b"3"),
+    (3, direct_subject("alice", "bob"), b"3"),
     (4, room_subject("alice", "chat.x"), b"4"),
     (5, room_subject("carol", "chat.x"), b"5"),
     (6, room_subject("carol", "news"), b"6"),
     (7, room_subject("bob", "chat.y"), b"7"),
-    (8, direct_subject("bob"), b"8"),
+    (8, direct_subject("bob", "alice"), b"8"),
     (9, room_subject("bob", "news"), b"9"),
     (10, room_subject("bob", "chat.x"), b"10"),
 ]

@@ -33,7 +33,7 @@ from nats.js.kv import KeyValue
 from securemsg.core.cluster import (
     STREAM_SUBJECTS,
     SessionRecord,
-    direct_subject,
+    directs_subject,
     filter_subject,
     parse_subject,
 )
@@ -290,7 +290,7 @@ class NatsLink:
 
 
 def _filter_subjects(record: SessionRecord) -> list[str]:
-    subjects = {direct_subject(record.name)}
+    subjects = {directs_subject(record.name)}
     for span in record.filters:
         if span.end is None or span.end > record.stream_seq:
             subjects.add(filter_subject(span.filter))

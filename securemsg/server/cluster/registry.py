@@ -129,6 +129,8 @@ class ClusterRegistry(Broker):
         self._loop: asyncio.AbstractEventLoop | None = None
         #: Moves waiting for the consumer to reach a position.
         self._position_waiters: list[tuple[int, asyncio.Future[None]]] = []
+        #: Publishes JetStream stored beyond what this node has read yet: (stream_seq, n, it).
+        self._unread: list[tuple[int, int, Pending]] = []
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:

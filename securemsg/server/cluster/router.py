@@ -12,8 +12,9 @@ and what the node's ordered consumer reads back is delivered to its own sessions
 from __future__ import annotations
 
 import asyncio
+import heapq
 from dataclasses import replace
-from typing import cast
+from typing import Any, cast
 
 import msgspec
 import structlog
@@ -48,6 +49,15 @@ __all__ = ["ClusterRouter"]
 
 logger = structlog.get_logger("securemsg.server.cluster")
 
+
+class _PubAck(msgspec.Struct):
+    """JetStream's answer to a publish (the fields used)."""
+
+    seq: int = 0
+    error: dict[str, Any] | None = None
+
+
+_pubacks = msgspec.json.Decoder(_PubAck)
 _notes = msgspec.json.Decoder(PresenceNote)
 _answers = msgspec.json.Decoder(WhoAnswer)
 _json = msgspec.json.encode
@@ -111,6 +121,7 @@ class ClusterRouter(ClusterRegistry):
         for session in list(self.states):
             self.drop(session)
         self._pending.clear()
+        self._unread.clear()
 
     async def _back(self) -> None:
         # A restarted nats-server forgot our consumer: follow again from where we were.
@@ -204,7 +215,7 @@ class ClusterRouter(ClusterRegistry):
             sender=session.name, to=msg.to, body=msg.body, id=msg.id, re=msg.re, ts=ts, seq=0
         )
         prefix = message_prefix(encode(message))
-        return self._send(session, direct_subject(msg.to), prefix, msg.id) or True
+        return self._send(session, direct_subject(msg.to, session.name), prefix, msg.id) or True
 
     def _send(
         self, session: Session, subject: str, payload: bytes, request_id: str | None
@@ -222,13 +233,27 @@ class ClusterRouter(ClusterRegistry):
         return ACK_LATER
 
     async def _on_puback(self, msg: Msg) -> None:
-        pending = self._pending.pop(msg.subject[len(self._ack_inbox) :], None)
+        token = msg.subject[len(self._ack_inbox) :]
+        pending = self._pending.get(token)
         if pending is None:
             return
-        if b'"error"' in msg.data:  # not stored: the sweep sends it again
+        try:
+            answer = _pubacks.decode(msg.data)
+        except msgspec.DecodeError:
+            answer = _PubAck()
+        if answer.error is not None or not answer.seq:  # not stored: the sweep resends it
             pending.sent_at = 0.0
-            self._pending[msg.subject[len(self._ack_inbox) :]] = pending
             return
+        del self._pending[token]
+        if answer.seq <= self.position:
+            self._stored(pending)
+        else:
+            # Acknowledged once this node has read it back (delivered it here): a publisher
+            # then runs at most its outbox ahead of this node's deliveries, so flow control
+            # holds it back in time. A resend JetStream dropped names the first copy's place.
+            heapq.heappush(self._unread, (answer.seq, next(self._tokens), pending))
+
+    def _stored(self, pending: Pending) -> None:
         session = pending.session
         link = session.link
         if link is not None and session in self.states:
@@ -262,26 +287,33 @@ class ClusterRouter(ClusterRegistry):
         self.position = sseq
         if self._position_waiters:
             self._reached(sseq)
-        kind, name, room = parse_subject(msg.subject)
+        unread = self._unread
+        while unread and unread[0][0] <= sseq:
+            self._stored(heapq.heappop(unread)[2])
+        kind, sender, target = parse_subject(msg.subject)
         prefix = msg.data
         states = self.states
         if kind == "r":
-            for member in self.rooms.match(room):
-                if member.name != name:
-                    state = states.get(member)
-                    if state is not None:
-                        if state.held is not None:
-                            state.held.append((sseq, kind, name, room, prefix))
-                        else:
-                            self._number(member, state, prefix, sseq)
+            recipients: list[Session] = [
+                member for member in self.rooms.match(target) if member.name != sender
+            ]
         else:
-            target = self.by_name.get(name)
-            state = states.get(target) if target is not None else None
-            if target is not None and state is not None:
-                if state.held is not None:
-                    state.held.append((sseq, kind, name, room, prefix))
-                else:
-                    self._number(target, state, prefix, sseq)
+            recipient = self.by_name.get(target)
+            recipients = [] if recipient is None else [recipient]
+        for member in recipients:
+            state = states.get(member)
+            if state is None:
+                continue
+            if state.held is not None:
+                state.held.append((sseq, kind, sender, target, prefix))
+            else:
+                self._number(member, state, prefix, sseq)
+                if member.delivery.congested:
+                    # Flow control, as on one server, for a publisher on this node: it
+                    # publishes no more until the congested session is relieved or cut.
+                    publisher = self.by_name.get(sender)
+                    if publisher is not None:
+                        self._wait(publisher, member)
 
     async def reach(self, position: int) -> None:
         """Return once this node's consumer has carried out ``position``."""
