@@ -4,6 +4,8 @@ numbering rebuilt from its record exactly as its first node gave it."""
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from securemsg.core.cluster import (
     Checkpoints,
@@ -148,3 +150,58 @@ def test_filters_that_ended_before_the_checkpoint_are_forgotten() -> None:
     record.joined("b", 3)
     record.trim(5)
     assert [span.filter for span in record.filters] == ["b"]
+
+
+ROOMS = ["a", "a.b", "a.c", "b"]
+FILTERS = ["a", "a.*", "a.>", "*.b", "b", ">"]
+NAMES = ["alice", "bob"]
+
+stream_events = st.lists(
+    st.one_of(
+        st.tuples(st.just("join"), st.sampled_from(FILTERS)),
+        st.tuples(st.just("leave"), st.sampled_from(FILTERS)),
+        st.tuples(st.just("r"), st.sampled_from(NAMES), st.sampled_from(ROOMS)),
+        st.tuples(st.just("d"), st.sampled_from(NAMES), st.sampled_from(NAMES)),
+    ),
+    max_size=60,
+)
+
+
+@given(events=stream_events, data=st.data())
+@settings(max_examples=300)
+def test_any_stream_and_membership_history_renumbers_exactly(
+    events: list[tuple[str, ...]], data: st.DataObject
+) -> None:
+    """The node's way (a room registry, changes between messages) and the record's rule
+    agree from every checkpoint and every last_seq the client may hold."""
+    record = SessionRecord(name="alice", owner="n1", start=0)
+    rooms: RoomRegistry[str] = RoomRegistry()
+    stream: list[tuple[int, str, bytes]] = []
+    numbered: list[tuple[int, int]] = []
+    for event in events:
+        position = len(stream)
+        if event[0] == "join" and rooms.join("alice", event[1]):
+            record.joined(event[1], position)
+        elif event[0] == "leave" and rooms.leave("alice", event[1]):
+            record.left(event[1], position)
+        elif event[0] in ("r", "d"):
+            sender, target = event[1], event[2]
+            sseq = position + 1
+            if event[0] == "r":
+                stream.append((sseq, room_subject(sender, target), b"x"))
+                mine = sender != "alice" and bool(rooms.match(target))
+            else:
+                stream.append((sseq, direct_subject(target, sender), b"x"))
+                mine = target == "alice"
+            if mine:
+                numbered.append((len(numbered) + 1, sseq))
+    checkpoint = data.draw(st.integers(0, len(numbered)))
+    last_seq = data.draw(st.integers(checkpoint, len(numbered)))
+    if checkpoint:
+        record.seq, record.stream_seq = numbered[checkpoint - 1]
+        record.trim(record.stream_seq)
+    renumbering = Renumbering(record, last_seq=last_seq, upto=len(stream))
+    for message in stream:
+        renumbering.feed(*message)
+    assert renumbering.consistent
+    assert [(seq, sseq) for seq, sseq, _ in renumbering.replay] == numbered[last_seq:]
