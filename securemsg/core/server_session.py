@@ -82,9 +82,9 @@ L = TypeVar("L")
 Request = Join | Leave | Publish | Direct | Who
 
 
-#: What a router's ``publish`` or ``direct`` returns when it will acknowledge the request
-#: itself, later, with :meth:`ServerSession.hold_ack` (a cluster node: once the request is
-#: stored): no ack is held now.
+#: What a router's ``publish``, ``direct`` or ``join`` returns when it will acknowledge the
+#: request itself, later, with :meth:`ServerSession.hold_ack` (a cluster node: once the
+#: request is stored): no ack is held now.
 ACK_LATER: Final = 2
 
 #: Refusals a session remembers, to answer a resend the same way (see ``_refuse``).
@@ -135,7 +135,11 @@ class Router(Protocol[L]):
     def direct(self, session: ServerSession[L], msg: Direct, ts: float) -> int:
         """False when nobody has that name, :data:`ACK_LATER`, or True."""
 
-    def join(self, session: ServerSession[L], room_filter: str) -> None: ...
+    def join(
+        self, session: ServerSession[L], room_filter: str, *, ref: str | None = None
+    ) -> int | None:
+        """Carry out the join whose id is ``ref``: :data:`ACK_LATER` when the router
+        acknowledges it later itself (a cluster node, once the membership is recorded)."""
 
     def subscription_count(self, session: ServerSession[L]) -> int:
         """How many rooms and filters ``session`` has joined (cheap: every join asks)."""
@@ -364,8 +368,8 @@ class ServerSession(Generic[L]):
             ):
                 text = f"a session may join at most {limit} rooms and filters; leave one first"
                 return self._refuse(msg_id, ErrorCode.TOO_MANY_ROOMS, text)
-            router.join(self, message.room)
-            self.hold_ack(msg_id, now)
+            if router.join(self, message.room, ref=msg_id) != ACK_LATER:
+                self.hold_ack(msg_id, now)
             return Joined(message.room)
         if isinstance(message, Leave):
             if not router.leave(self, message.room):

@@ -256,7 +256,7 @@ class Broker:
 
     # -- requests (the sessions' router) ------------------------------------------------------
 
-    def join(self, session: Session, room_filter: str) -> None:
+    def join(self, session: Session, room_filter: str, *, ref: str | None = None) -> None:
         if self.rooms.join(session, room_filter):
             self._presence(session, room_filter, "join")
             if self._durable:

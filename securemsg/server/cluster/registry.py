@@ -449,15 +449,18 @@ class ClusterRegistry(Broker):
                 kept.append((version, future))
         state.waiters = kept
 
-    def _changed(self, session: Session) -> None:
-        """A membership changed: hold the session's deliveries until the record says so."""
+    def _changed(self, session: Session) -> asyncio.Future[None] | None:
+        """A membership changed: hold the session's deliveries until the record says so
+        (the future it returns: done once written, or given up)."""
         state = self.states.get(session)
         if state is None or not self.available:
-            return
+            return None
         if state.held is None:
             state.held = []
         state.holds += 1
-        self._save(session, state).add_done_callback(lambda _: self.release(session, state))
+        saved = self._save(session, state)
+        saved.add_done_callback(lambda _: self.release(session, state))
+        return saved
 
     def _number(self, session: Session, state: SessionState, prefix: bytes, sseq: int) -> None:
         seq = self.deliver(session, prefix)

@@ -260,13 +260,30 @@ class ClusterRouter(ClusterRegistry):
             session.hold_ack(pending.request_id, self.loop.time())
             cast(ClusterLink, link).acks_held()
 
-    def join(self, session: Session, room_filter: str) -> None:
-        if self.rooms.join(session, room_filter):
-            self._presence(session, room_filter, "join")
-            state = self.states.get(session)
-            if state is not None:
-                state.record.joined(room_filter, self.position)
-                self._changed(session)
+    # The Router's join may answer ACK_LATER; the single server's never does.
+    def join(  # type: ignore[override]
+        self, session: Session, room_filter: str, *, ref: str | None = None
+    ) -> int | None:
+        """Acknowledged once the session's record holds the new filter: a join the client
+        was told of survives the loss of this node."""
+        if not self.rooms.join(session, room_filter):
+            return None
+        self._presence(session, room_filter, "join")
+        state = self.states.get(session)
+        if state is None:
+            return None
+        state.record.joined(room_filter, self.position)
+        recorded = self._changed(session)
+        if recorded is None or ref is None:
+            return None
+        recorded.add_done_callback(lambda _: self._joined(session, ref))
+        return ACK_LATER
+
+    def _joined(self, session: Session, ref: str) -> None:
+        link = session.link
+        if link is not None and session in self.states:
+            session.hold_ack(ref, self.loop.time())
+            cast(ClusterLink, link).acks_held()
 
     def leave(self, session: Session, room_filter: str) -> bool:
         if not self.rooms.leave(session, room_filter):
