@@ -25,6 +25,7 @@ import difflib
 import functools
 import math
 import os
+import re
 import tomllib
 from collections.abc import Collection, Mapping
 from pathlib import Path
@@ -112,6 +113,13 @@ class ServerConfig(_Config, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     shutdown_timeout: float = 5.0
     store: str | None = None
     store_sync: StoreSync = "normal"
+    cluster: str | None = None
+    node_name: str | None = None
+    advertise: str | None = None
+    cluster_credentials: str | None = None
+    cluster_user: str | None = None
+    cluster_password: str | None = None
+    cluster_max_bytes: int = 1024 * _MIB
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
     datagram_port: int | Literal["off"] | None = None
@@ -186,6 +194,16 @@ FIELD_HELP: Final[dict[str, dict[str, str]]] = {
         "shutdown_timeout": "seconds to drain connections when shutting down",
         "store": "SQLite file that keeps sessions across restarts; none keeps them in memory",
         "store_sync": "when a commit is durable: normal (survives a crash) or full (power loss)",
+        "cluster": "NATS servers to join as a cluster node, nats://HOST:PORT[,nats://...]; "
+        "none: a single server",
+        "node_name": "this node's name in the cluster, unique in it; none: the listener's "
+        "host:port (the machine's name for a host of 0.0.0.0 or ::)",
+        "advertise": "HOST:PORT clients reach this node at, sent to them in welcome.nodes; "
+        "none: as node_name's default",
+        "cluster_credentials": "NATS credentials file (.creds) for the cluster",
+        "cluster_user": "NATS user name for the cluster",
+        "cluster_password": "NATS password; set SECUREMSG_CLUSTER_PASSWORD, never a file or flag",
+        "cluster_max_bytes": "bytes the cluster's message stream keeps at most (JetStream)",
         "metrics_port": "port of the HTTP listener for /metrics, /healthz, /readyz; none: off",
         "metrics_host": "address of the metrics and health listener",
         "datagram_port": "UDP port of the DTLS (datagram) listener; none: the TCP port's "
@@ -236,7 +254,7 @@ _SIZES: Final = frozenset(
     (
         "max_pending max_pending_bytes max_outgoing_bytes max_frame max_connections dedup_window"
         " max_outbox max_outbox_bytes max_sessions max_disconnected_bytes max_subscriptions"
-        " max_invalid_frames max_associations"
+        " max_invalid_frames max_associations cluster_max_bytes"
     ).split()
 )
 _ZERO_MEANS_OFF: Final = frozenset(
@@ -310,6 +328,10 @@ def _find_problem(config: ServerConfig | ClientConfig) -> _Problem | None:
                 f"reconnect_cap ({config.reconnect_cap!r}) must be at least "
                 f"reconnect_base ({config.reconnect_base!r})"
             )
+    if isinstance(config, ServerConfig):
+        problem = _cluster_problem(config)
+        if problem is not None:
+            return problem
     interval, timeout = config.heartbeat_interval, config.heartbeat_timeout
     if interval is not None and timeout is not None and timeout <= interval:
         return ("heartbeat_timeout", "heartbeat_interval"), (
@@ -319,14 +341,53 @@ def _find_problem(config: ServerConfig | ClientConfig) -> _Problem | None:
     return None
 
 
+_NODE_NAME: Final = re.compile(r"^[A-Za-z0-9_.:@-]{1,64}\Z")
+_HOST_PORT: Final = re.compile(r"^\S+:[0-9]{1,5}\Z")
+
+
+def _cluster_problem(config: ServerConfig) -> _Problem | None:
+    if config.cluster is None:
+        for name in ("node_name", "advertise", "cluster_credentials", "cluster_user"):
+            if getattr(config, name) is not None:
+                return (name,), f"{name} is a cluster setting: it needs cluster (the NATS servers)"
+        return None
+    if config.store is not None:
+        return ("store", "cluster"), (
+            "store and cluster cannot be used together: in a cluster JetStream keeps the"
+            " sessions, so leave store out"
+        )
+    for url in config.cluster.split(","):
+        if not re.match(r"^(nats|tls)://\S+\Z", url.strip()):
+            return ("cluster",), (
+                f"cluster must be nats://HOST:PORT addresses separated by commas, got {url!r}"
+            )
+    if config.node_name is not None and not _NODE_NAME.match(config.node_name):
+        return ("node_name",), (
+            "node_name must be 1 to 64 letters, digits, '_', '.', ':', '@' or '-', got"
+            f" {config.node_name!r}"
+        )
+    if config.advertise is not None and not _HOST_PORT.match(config.advertise):
+        return ("advertise",), f"advertise must be HOST:PORT, got {config.advertise!r}"
+    if config.cluster_credentials is not None and config.cluster_user is not None:
+        return ("cluster_credentials", "cluster_user"), (
+            "cluster_credentials and cluster_user cannot be used together: choose one way to"
+            " sign in to NATS"
+        )
+    return None
+
+
+#: Secrets: masked in repr, never flags (a command line is visible to every user).
+_SECRETS: Final = frozenset({"token", "cluster_password"})
+
+
 def _masked(config: _Config, name: str) -> Any:
     value = getattr(config, name)
-    return "***" if name == "token" and value is not None else value
+    return "***" if name in _SECRETS and value is not None else value
 
 
 def _shown(name: str, value: Any) -> str:
     """``value`` as an error message may show it: never a token, and never long."""
-    if name == "token":
+    if name in _SECRETS:
         return "a value that is not shown (it may be a secret)"
     text = repr(value)
     return text if len(text) <= 200 else text[:200] + "\u2026"
@@ -533,7 +594,7 @@ def read_token(config: ServerConfig | ClientConfig) -> str | None:
 # -- flags and docs --------------------------------------------------------------------------
 
 #: Fields that never become flags: a command line is visible to every user of the machine.
-_NOT_FLAGS: Final = frozenset({"token"})
+_NOT_FLAGS: Final = _SECRETS
 
 
 class _RefusedFlag(argparse.Action):
@@ -563,14 +624,29 @@ def _metavar(field: _Field) -> str | None:
         "max_pending_bytes",
         "max_outbox_bytes",
         "max_disconnected_bytes",
+        "cluster_max_bytes",
     }:
         return "BYTES"
     if field.name in _PORT_OR_OFF:
         return "PORT|off"
     if isinstance(field.info, msgspec.inspect.IntType):
         return "PORT" if field.name.endswith("port") else "N"
-    if field.name in {"cert", "key", "ca", "token_file", "store", "session_file"}:
+    if field.name in {
+        "cert",
+        "key",
+        "ca",
+        "token_file",
+        "store",
+        "session_file",
+        "cluster_credentials",
+    }:
         return "PATH"
+    if field.name == "cluster":
+        return "NATS_URLS"
+    if field.name == "advertise":
+        return "HOST:PORT"
+    if field.name in {"node_name", "cluster_user"}:
+        return "NAME"
     if field.name == "metrics_host":
         return "HOST"
     return field.name.upper()

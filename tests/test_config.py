@@ -3,6 +3,7 @@ from __future__ import annotations
 import argparse
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -422,3 +423,44 @@ def test_a_token_of_the_wrong_type_is_not_echoed(tmp_path: Path, value: str) -> 
     with pytest.raises(ConfigError) as info:
         load_config(ClientConfig, env={}, overrides={"token": ["s3cr3t-value"]})
     assert "s3cr3t" not in str(info.value)
+
+
+# -- the cluster -----------------------------------------------------------------------------
+
+
+def test_the_cluster_comes_from_the_environment_and_its_password_is_never_shown() -> None:
+    env = {"SECUREMSG_CLUSTER": "nats://a:4222,nats://b:4222", "SECUREMSG_CLUSTER_PASSWORD": "pw1"}
+    config = load_config(ServerConfig, env=env, overrides={"cluster_user": "node"})
+    assert (config.cluster, config.cluster_user) == ("nats://a:4222,nats://b:4222", "node")
+    assert "pw1" not in repr(config) and "cluster_password='***'" in repr(config)
+
+
+def test_the_cluster_password_flag_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        server_parser().parse_args(["--cluster-password", "pw1"])
+    assert "set SECUREMSG_CLUSTER_PASSWORD instead" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("given", "message"),
+    [
+        (
+            {"cluster": "nats://a:4222", "store": "s.db"},
+            "--store: store and cluster cannot be used together: in a cluster JetStream keeps"
+            " the sessions, so leave store out",
+        ),
+        (
+            {"cluster": "http://a:4222"},
+            "--cluster: cluster must be nats://HOST:PORT addresses separated by commas, got"
+            " 'http://a:4222'",
+        ),
+        ({"node_name": "n1"}, "--node-name: node_name is a cluster setting: it needs cluster"),
+        ({"cluster": "nats://a:1", "advertise": "nohost"}, "--advertise: advertise must be"),
+        ({"cluster": "nats://a:1", "node_name": "a b"}, "--node-name: node_name must be 1 to 64"),
+    ],
+)
+def test_cluster_settings_are_checked_in_one_sentence(given: dict[str, Any], message: str) -> None:
+    flags = {name: value for name, value in given.items()}
+    with pytest.raises(ConfigError) as caught:
+        load_config(ServerConfig, env={}, overrides=flags)
+    assert str(caught.value).startswith(message)

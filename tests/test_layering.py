@@ -199,3 +199,20 @@ def test_the_server_command_loads_neither_the_client_nor_the_chat_nor_the_bench(
     # The DTLS listener loads pyOpenSSL when it starts (and never with datagram_port off).
     assert "OpenSSL" not in loaded
     assert "securemsg.server.datagram" not in loaded
+    # Nor is NATS without --cluster: the single server needs no cluster code or library.
+    assert not {m for m in loaded if m.startswith(("nats", "securemsg.server.cluster"))}
+
+
+def test_a_cluster_node_loads_nats_only_through_the_cluster_package() -> None:
+    loaded = loaded_after(
+        "from securemsg.config import ServerConfig\n"
+        "from securemsg.server.server import Server\n"
+        "Server(ServerConfig(cluster='nats://127.0.0.1:4222'), ssl_context=__import__('ssl')"
+        ".create_default_context())"
+    )
+    assert {"nats", "securemsg.server.cluster", "securemsg.server.cluster.link"} <= loaded
+    # NATS is the server wing's business: nothing outside it imports it.
+    for module, path in MODULES.items():
+        if wing(module) != "server" or ".cluster" not in module:
+            roots = {name.split(".")[0] for name in imported_modules(path)}
+            assert "nats" not in roots, module

@@ -63,6 +63,7 @@ from securemsg.core.messages import (
 from securemsg.errors import ProtocolError
 
 __all__ = [
+    "ACK_LATER",
     "Answered",
     "HelloPolicy",
     "Joined",
@@ -80,6 +81,11 @@ L = TypeVar("L")
 #: Every request kind; each carries an optional id, and every one is deduplicated by it.
 Request = Join | Leave | Publish | Direct | Who
 
+
+#: What a router's ``publish``, ``direct`` or ``join`` returns when it will acknowledge the
+#: request itself, later, with :meth:`ServerSession.hold_ack` (a cluster node: once the
+#: request is stored): no ack is held now.
+ACK_LATER: Final = 2
 
 #: Refusals a session remembers, to answer a resend the same way (see ``_refuse``).
 MAX_REFUSALS: Final = 1024
@@ -123,12 +129,17 @@ SessionEvent = RequestRefused | Joined | Left | Answered | Relieved | FrameRejec
 class Router(Protocol[L]):
     """What carries requests out across sessions (the broker)."""
 
-    def publish(self, session: ServerSession[L], msg: Publish, ts: float) -> None: ...
+    def publish(self, session: ServerSession[L], msg: Publish, ts: float) -> int | None:
+        """:data:`ACK_LATER` when the router acknowledges it later; else None."""
 
-    def direct(self, session: ServerSession[L], msg: Direct, ts: float) -> bool:
-        """False when nobody has that name."""
+    def direct(self, session: ServerSession[L], msg: Direct, ts: float) -> int:
+        """False when nobody has that name, :data:`ACK_LATER`, or True."""
 
-    def join(self, session: ServerSession[L], room_filter: str) -> None: ...
+    def join(
+        self, session: ServerSession[L], room_filter: str, *, ref: str | None = None
+    ) -> int | None:
+        """Carry out the join whose id is ``ref``: :data:`ACK_LATER` when the router
+        acknowledges it later itself (a cluster node, once the membership is recorded)."""
 
     def subscription_count(self, session: ServerSession[L]) -> int:
         """How many rooms and filters ``session`` has joined (cheap: every join asks)."""
@@ -139,8 +150,11 @@ class Router(Protocol[L]):
     def leave(self, session: ServerSession[L], room_filter: str) -> bool:
         """False when the session was not a member."""
 
-    def who(self, room_filter: str, ref: str | None) -> bytes:
-        """The ``members`` frame answering a ``who``."""
+    def who(
+        self, room_filter: str, ref: str | None, session: ServerSession[L] | None = None
+    ) -> bytes:
+        """The ``members`` frame answering ``session``'s ``who``; empty when the router
+        sends it later itself (a cluster node asks the others first)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -318,12 +332,13 @@ class ServerSession(Generic[L]):
             if refusals is not None and msg_id in refusals:
                 return RequestRefused(refusals[msg_id])
             if type(message) is Who:
-                return Answered(router.who(message.room, msg_id))
+                return Answered(router.who(message.room, msg_id, self))
         elif self.rate and not self._take_token(now):
             text = "message rate limit exceeded; dropped"
             return self._refuse(msg_id, ErrorCode.RATE_LIMITED, text)
         elif type(message) is Publish:  # here, not in _carry_out: the one on the hot path
-            router.publish(self, message, ts)
+            if router.publish(self, message, ts) == ACK_LATER:
+                return None
         else:
             return self._carry_out(message, now=now, ts=ts, router=router)  # type: ignore[arg-type]
         # Carried out, now or before: acknowledged (held back; hold_ack inlined for publish).
@@ -340,9 +355,11 @@ class ServerSession(Generic[L]):
     ) -> SessionEvent | None:
         msg_id = message.id
         if isinstance(message, Direct):
-            if not router.direct(self, message, ts):
+            done = router.direct(self, message, ts)
+            if not done:
                 return self._refuse(msg_id, ErrorCode.NO_SUCH_USER, f"no user named {message.to!r}")
-            self.hold_ack(msg_id, now)
+            if done != ACK_LATER:
+                self.hold_ack(msg_id, now)
             return None
         if isinstance(message, Join):
             limit = self.max_subscriptions
@@ -351,8 +368,8 @@ class ServerSession(Generic[L]):
             ):
                 text = f"a session may join at most {limit} rooms and filters; leave one first"
                 return self._refuse(msg_id, ErrorCode.TOO_MANY_ROOMS, text)
-            router.join(self, message.room)
-            self.hold_ack(msg_id, now)
+            if router.join(self, message.room, ref=msg_id) != ACK_LATER:
+                self.hold_ack(msg_id, now)
             return Joined(message.room)
         if isinstance(message, Leave):
             if not router.leave(self, message.room):
@@ -361,7 +378,7 @@ class ServerSession(Generic[L]):
             self.hold_ack(msg_id, now)
             return Left(message.room)
         assert isinstance(message, Who)
-        return Answered(router.who(message.room, msg_id))
+        return Answered(router.who(message.room, msg_id, self))
 
     def _take_token(self, now: float) -> bool:
         tokens = min(self._burst, self._tokens + (now - self._tokens_at) * self.rate)

@@ -81,6 +81,9 @@ class Broker:
     """Every session of this server, by name and by token, and the rooms: carries out the
     requests a :class:`ServerSession` passes on (it is the sessions' router)."""
 
+    #: True when a hello is carried out by :meth:`open_later` (a cluster node), not :meth:`open`.
+    opens_later = False
+
     def __init__(
         self,
         *,
@@ -164,6 +167,16 @@ class Broker:
         self.store.session_created(session.id, name=name, token=session.token)
         return Opened(session, resumed=False, replay=[], took_over=False)
 
+    async def open_later(
+        self, hello: Hello, *, identity: str | None, link: Link, now: float
+    ) -> Opened:
+        """:meth:`open` for a broker that must ask others first (see :attr:`opens_later`)."""
+        return self.open(hello, identity=identity, link=link, now=now)
+
+    def nodes(self) -> list[str] | None:
+        """The addresses a ``welcome`` advertises (a cluster's live nodes); None alone."""
+        return None
+
     def _resume(self, session: Session, last_seq: int, link: Link, now: float) -> Opened:
         self._reconnected(session)
         self._stop_waiting(session)  # what the old connection held died with it
@@ -243,7 +256,7 @@ class Broker:
 
     # -- requests (the sessions' router) ------------------------------------------------------
 
-    def join(self, session: Session, room_filter: str) -> None:
+    def join(self, session: Session, room_filter: str, *, ref: str | None = None) -> None:
         if self.rooms.join(session, room_filter):
             self._presence(session, room_filter, "join")
             if self._durable:
@@ -264,10 +277,14 @@ class Broker:
             self.store.left(session.id, room_filter)
         return True
 
-    def who(self, room_filter: str, ref: str | None) -> bytes:
+    def who(self, room_filter: str, ref: str | None, session: Session | None = None) -> bytes:
         """The ``members`` frame: the names, sorted, as many as fit ``max_frame`` (the rest
         cut, and ``truncated`` says so: a client cannot read a larger frame)."""
         names = sorted({member.name for member in self.rooms.members(room_filter)})
+        return self.members_frame(room_filter, names, ref)
+
+    def members_frame(self, room_filter: str, names: list[str], ref: str | None) -> bytes:
+        """``names`` (sorted) as a ``members`` frame that fits ``max_frame``."""
         frame = encode_frame_of(Members(room=room_filter, names=names, ref=ref))
         if len(frame) - 4 <= self.max_frame:
             return frame
@@ -308,7 +325,7 @@ class Broker:
                     if member.delivery.congested:
                         self._wait(session, member)
 
-    def direct(self, session: Session, msg: Direct, ts: float) -> bool:
+    def direct(self, session: Session, msg: Direct, ts: float) -> int:
         """False when nobody has that name."""
         target = self.by_name.get(msg.to)
         if target is None:

@@ -43,7 +43,7 @@ from securemsg.core.server_session import (
     SessionEvent,
 )
 from securemsg.errors import ProtocolError
-from securemsg.server.broker import Broker, Link
+from securemsg.server.broker import Broker, Link, Opened
 from securemsg.server.timerwheel import TimerWheel
 from securemsg.tls.contexts import peer_identity
 
@@ -106,6 +106,7 @@ class ServerConnection(asyncio.BufferedProtocol):
         "_flushed_at",
         "_invalid",
         "_loop",
+        "_opening",
         "_read_buffer",
         "_reading_paused",
         "_session_id",
@@ -173,6 +174,8 @@ class ServerConnection(asyncio.BufferedProtocol):
         self._transport_reading = True
         self._slice = 64 * 1024
         self._turn = 0
+        # A cluster node opens sessions asynchronously (records in NATS): the task doing it.
+        self._opening: asyncio.Task[None] | None = None
 
     @property
     def log(self) -> FilteringBoundLogger:
@@ -298,7 +301,7 @@ class ServerConnection(asyncio.BufferedProtocol):
         keep a request for later, in order. An ack is carried out at once, whatever it
         follows: it may be what relieves the congestion we wait for, and it is answered by
         nothing."""
-        if type(event.message) is Ack:
+        if type(event.message) is Ack and self.session is not None:
             self._on_message(event.message, now, ts)
         else:
             stash = self._stash
@@ -423,6 +426,13 @@ class ServerConnection(asyncio.BufferedProtocol):
         self.core.fail(code, message)
         self._flush()
         self._close()
+
+    def acks_held(self) -> None:
+        """The router held an ack for this connection's session from outside a read (a
+        cluster node, once a request is stored): see that it goes out in time."""
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
 
     def send_bye(self, reason: str) -> None:
         self._close_reason = reason
@@ -601,7 +611,8 @@ class ServerConnection(asyncio.BufferedProtocol):
         if event is RELIEVED:  # first: it follows acks, the most frequent of these
             self.broker.relieved(session)
         elif isinstance(event, Answered):
-            self.queue(event.frame)
+            if event.frame:  # empty: the router answers later (a cluster's who)
+                self.queue(event.frame)
         elif isinstance(event, Joined):
             # debug, as NATS and Mosquitto do: at info a join/leave flood was 167 bytes of
             # log a request and doubled its cost (40,000 requests: 0.32 s -> 0.70 s).
@@ -619,17 +630,47 @@ class ServerConnection(asyncio.BufferedProtocol):
             self._on_rejected(event)
 
     def _on_hello(self, hello: Hello, now: float) -> None:
-        config = self.server.config
+        if self.broker.opens_later:
+            # What the client pipelined after its hello waits for the session.
+            self.pause_reading()
+            self._opening = self._loop.create_task(self._open_later(hello, now))
+            return
         try:
             opened = self.broker.open(hello, identity=self.identity, link=self, now=now)
         except ProtocolError as refused:
-            self.server.refused_requests[refused.code] += 1
-            self.log.warning(
-                "session_refused", name=hello.name, code=refused.code, reason=refused.message
-            )
-            self._close_reason = refused.code
-            self.core.fail(refused.code, refused.message)
+            self._refuse_hello(hello, refused)
             return
+        self._welcome(hello, opened)
+
+    async def _open_later(self, hello: Hello, now: float) -> None:
+        try:
+            opened = await self.broker.open_later(hello, identity=self.identity, link=self, now=now)
+        except ProtocolError as refused:
+            self._refuse_hello(hello, refused)
+        else:
+            if self.core.is_active:
+                self._welcome(hello, opened)
+            else:  # the client went away meanwhile: the session waits for a resume
+                self.broker.detach(opened.session, self, self._loop.time(), wall=time.time())
+                self.server.session_detached(opened.session)
+        finally:
+            self._opening = None
+        self._flush()
+        if self.core.state is ConnectionState.CLOSING:
+            self._close()
+        else:
+            self.resume_reading()
+
+    def _refuse_hello(self, hello: Hello, refused: ProtocolError) -> None:
+        self.server.refused_requests[refused.code] += 1
+        self.log.warning(
+            "session_refused", name=hello.name, code=refused.code, reason=refused.message
+        )
+        self._close_reason = refused.code
+        self.core.fail(refused.code, refused.message)
+
+    def _welcome(self, hello: Hello, opened: Opened) -> None:
+        config = self.server.config
         session = self.session = opened.session
         self._session_name = session.name
         self.server.session_attached(session)
@@ -644,6 +685,7 @@ class ServerConnection(asyncio.BufferedProtocol):
                     interval=config.heartbeat_interval, timeout=config.heartbeat_timeout
                 ),
                 max_frame=config.max_frame,
+                nodes=self.broker.nodes(),
             )
         )
         if self._durable:

@@ -29,7 +29,7 @@ import structlog
 
 from securemsg.config import ServerConfig, read_token
 from securemsg.core.clienthello import ClientHelloInfo, alpn_acceptable, inspect_client_hello
-from securemsg.core.messages import BYE_SERVER_SHUTDOWN
+from securemsg.core.messages import BYE_NODE_UNAVAILABLE, BYE_SERVER_SHUTDOWN
 from securemsg.core.server_session import ServerSession
 from securemsg.errors import ConfigError, StoreError
 from securemsg.server.broker import Broker, Link
@@ -41,6 +41,7 @@ from securemsg.server.timerwheel import TimerWheel
 from securemsg.tls.contexts import describe_server_handshake_error
 
 if TYPE_CHECKING:
+    from securemsg.server.cluster import ClusterBroker
     from securemsg.server.datagram import DatagramListener
     from securemsg.server.metrics import MetricsListener
 
@@ -71,20 +72,25 @@ class Server:
             ssl_context = server_context_for(config)
         #: The context of new handshakes: a reload replaces it, open connections keep theirs.
         self.ssl_context = ssl_context
-        self.broker = Broker(
-            max_pending=config.max_pending,
-            max_pending_bytes=config.max_pending_bytes,
-            dedup_window=config.dedup_window,
-            session_ttl=config.session_ttl,
-            max_msgs_per_sec=config.max_msgs_per_sec,
-            token=read_token(config),
-            require_identity=config.require_client_cert,
-            store=self._make_store(config),
-            max_subscriptions=config.max_subscriptions,
-            max_frame=config.max_frame,
-            max_sessions=config.max_sessions,
-            max_disconnected_bytes=config.max_disconnected_bytes,
-        )
+        options: dict[str, Any] = {
+            "max_pending": config.max_pending,
+            "max_pending_bytes": config.max_pending_bytes,
+            "dedup_window": config.dedup_window,
+            "session_ttl": config.session_ttl,
+            "max_msgs_per_sec": config.max_msgs_per_sec,
+            "token": read_token(config),
+            "require_identity": config.require_client_cert,
+            "max_subscriptions": config.max_subscriptions,
+            "max_frame": config.max_frame,
+            "max_sessions": config.max_sessions,
+            "max_disconnected_bytes": config.max_disconnected_bytes,
+        }
+        #: The broker as a cluster node (``--cluster``), else None.
+        self.cluster: ClusterBroker | None = None
+        if config.cluster is None:
+            self.broker = Broker(store=self._make_store(config), **options)
+        else:
+            self.broker = self.cluster = _cluster_broker(self, options)
         self.connections: set[ServerConnection] = set()
         self._pending_handshakes = 0
         self._sockets: list[socket.socket] = []
@@ -190,6 +196,15 @@ class Server:
             raise
         self.port = self._sockets[0].getsockname()[1]
         await self._start_datagram()
+        if self.cluster is not None:
+            try:
+                await self._join_cluster(self.cluster)
+            except BaseException:
+                for sock in self._sockets:
+                    sock.close()
+                if self.datagram is not None:
+                    await self.datagram.close()
+                raise
         for sock in self._sockets:
             self.loop.add_reader(sock.fileno(), self._accept_ready, sock)
         self._stall_check = self.loop.call_later(self._stall_period, self._check_stalled)
@@ -243,6 +258,24 @@ class Server:
             ) from None
         self.datagram = listener
 
+    async def _join_cluster(self, cluster: ClusterBroker) -> None:
+        host = self.config.host
+        if host in ("", "0.0.0.0", "::"):  # every address: name the machine instead
+            host = socket.gethostname()
+        where = f"{host}:{self.port}"
+        try:
+            await cluster.start(
+                node=self.config.node_name or where, address=self.config.advertise or where
+            )
+        except BaseException:
+            await cluster.stop()  # the NATS connection, if it was made
+            raise
+
+    def _cluster_lost(self) -> None:
+        """NATS is gone: every client is told to resume on another node."""
+        for conn in list(self.connections):
+            conn.send_bye(BYE_NODE_UNAVAILABLE)
+
     async def serve_forever(self) -> None:
         """Serve until :meth:`close` is called (from a signal handler, for instance)."""
         if self._loop is None:
@@ -291,6 +324,8 @@ class Server:
             self._certificates.stop()
         if self.metrics is not None:
             await self.metrics.close()
+        if self.cluster is not None:
+            await self.cluster.stop()
         await self.broker.store.close()
         logger.info(
             "server_stopped",
@@ -468,6 +503,8 @@ class Server:
             problems.append("not listening")
         elif self._stopping:
             problems.append("shutting down")
+        if self.cluster is not None and not self.cluster.available:
+            problems.append("the cluster (NATS) is unreachable")
         return problems
 
     def reload_tls(self, load_config: Callable[[], ServerConfig] | None = None) -> bool:
@@ -482,6 +519,29 @@ class Server:
     @property
     def cert_not_after(self) -> float | None:
         return self.certificates.not_after
+
+
+def _cluster_broker(server: Server, options: dict[str, Any]) -> ClusterBroker:
+    """The broker of a cluster node; NATS is imported only here."""
+    try:
+        from securemsg.server.cluster import ClusterBroker, ClusterSettings
+    except ImportError:
+        raise ConfigError("--cluster needs nats-py: pip install 'securemsg[cluster]'") from None
+    config = server.config
+    assert config.cluster is not None
+    settings = ClusterSettings(
+        servers=[url.strip() for url in config.cluster.split(",")],
+        node="",
+        address="",
+        credentials=config.cluster_credentials,
+        user=config.cluster_user,
+        password=config.cluster_password,
+        max_bytes=config.cluster_max_bytes,
+        session_ttl=config.session_ttl,
+    )
+    return ClusterBroker(
+        settings, on_lost=server._cluster_lost, on_drop=server.session_ended, **options
+    )
 
 
 def _metrics_listener(server: Server) -> MetricsListener:

@@ -36,6 +36,7 @@ from securemsg.core.messages import (
 )
 from securemsg.core.rooms import RoomRegistry
 from securemsg.core.server_session import (
+    ACK_LATER,
     Answered,
     HelloPolicy,
     Joined,
@@ -68,7 +69,7 @@ class Router:
         self.carried_out.append(f"direct {msg.id}")
         return True
 
-    def join(self, session: Session, room_filter: str) -> None:
+    def join(self, session: Session, room_filter: str, *, ref: str | None = None) -> None:
         self.carried_out.append(f"join {room_filter}")
         self.rooms.join(session, room_filter)
 
@@ -84,7 +85,7 @@ class Router:
     def subscriptions(self, session: Session) -> Collection[str]:
         return self.rooms.filters_of(session)
 
-    def who(self, room_filter: str, ref: str | None) -> bytes:
+    def who(self, room_filter: str, ref: str | None, session: object = None) -> bytes:
         self.carried_out.append(f"who {room_filter}")
         names = sorted(member.name for member in self.rooms.members(room_filter))
         return encode_frame_of(Members(room=room_filter, names=names, ref=ref))
@@ -453,3 +454,39 @@ def test_a_join_past_max_subscriptions_is_refused_and_the_session_goes_on() -> N
     link.send(Leave(room="c", id="6"))
     assert link.send(Join(room="d", id="4")) == [refused]
     assert link.send(Join(room="d", id="7")) == [Joined("d")]
+
+
+@dataclass
+class LaterRouter(Router):
+    """A cluster node's router: publishes and directs are acknowledged once stored."""
+
+    def publish(self, session: Session, msg: Publish, ts: float) -> int:  # type: ignore[override]
+        super().publish(session, msg, ts)
+        return ACK_LATER
+
+    def direct(self, session: Session, msg: Direct, ts: float) -> int:
+        return ACK_LATER if super().direct(session, msg, ts) else False
+
+    def join(  # type: ignore[override]
+        self, session: Session, room_filter: str, *, ref: str | None = None
+    ) -> int:
+        super().join(session, room_filter)
+        return ACK_LATER
+
+
+def test_a_router_may_acknowledge_publishes_directs_and_joins_later() -> None:
+    router = LaterRouter(names={"bob"})
+    session = new_session()
+    link = Link(session, router)
+    no_carol = Error(code=ErrorCode.NO_SUCH_USER, message="no user named 'carol'", ref="3")
+    assert link.send(
+        Publish(room="r", body=BODY, id="1"),
+        Direct(to="bob", body=BODY, id="2"),
+        Direct(to="carol", body=BODY, id="3"),
+        Join(room="r", id="4"),
+    ) == [RequestRefused(no_carol), Joined("r")]
+    assert link.acks() == []  # none is stored yet
+    session.hold_ack("2", 0.0)  # stored
+    session.hold_ack("4", 0.0)
+    assert link.acks() == ["2", "4"]
+    assert router.carried_out == ["publish 1", "direct 2", "join r"]

@@ -109,7 +109,7 @@ class RecordingBroker(Broker):
         session, msg_id = self.current
         self.carried.setdefault(session.token, []).append(msg_id)
 
-    def join(self, session: Any, room_filter: str) -> None:
+    def join(self, session: Any, room_filter: str, *, ref: str | None = None) -> None:
         self._carried()
         super().join(session, room_filter)
 

@@ -1,0 +1,297 @@
+"""The node's NATS connection: the stream, the key-value buckets, publishing, reading back.
+
+A thin layer: it knows NATS and JetStream and nothing of sessions; the rules are in
+:mod:`securemsg.core.cluster` and :mod:`securemsg.server.cluster.broker`. Publishing is
+synchronous for the caller (the broker runs inside a connection's read callback): messages
+go to a queue that one task hands to nats-py, which batches the writes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Final
+
+import nats
+import structlog
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.errors import Error as NatsError
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.errors import BadRequestError
+from nats.js.kv import KeyValue
+
+from securemsg.core.cluster import (
+    STREAM_SUBJECTS,
+    SessionRecord,
+    directs_subject,
+    filter_subject,
+    parse_subject,
+)
+from securemsg.errors import ConfigError
+
+__all__ = ["STREAM", "ClusterSettings", "NatsLink", "StreamMessage"]
+
+logger = structlog.get_logger("securemsg.server.cluster")
+
+STREAM: Final = "SECUREMSG"
+#: Messages one replay reads at a time.
+_REPLAY_BATCH: Final = 512
+_PUBLISH_QUEUE: Final = 100_000
+
+StreamMessage = tuple[int, str, bytes]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ClusterSettings:
+    servers: list[str]
+    node: str
+    #: Where clients reach this node (``welcome.nodes``).
+    address: str
+    credentials: str | None = None
+    user: str | None = None
+    password: str | None = None
+    max_bytes: int = 1 << 30
+    session_ttl: float = 60.0
+    #: A node says it is alive this often, and is dead when not heard for node_timeout.
+    beat_interval: float = 1.0
+    node_timeout: float = 3.0
+    #: A publish JetStream has not acknowledged in ack_timeout is sent again (same id),
+    #: at most ack_attempts times, then refused.
+    ack_timeout: float = 1.0
+    ack_attempts: int = 3
+    #: How long ``who`` waits for the other nodes' answers.
+    who_timeout: float = 0.25
+    #: How often acknowledgements move the sessions' checkpoints in the records.
+    checkpoint_interval: float = 0.2
+    #: Every request to NATS (a record, a replay) has this deadline.
+    request_timeout: float = 2.0
+
+    @property
+    def max_age(self) -> float:
+        """How long the stream keeps messages: a session may resume within session_ttl of
+        its last checkpoint, which idle sessions refresh every session_ttl / 2."""
+        return max(300.0, 4 * self.session_ttl)
+
+
+class NatsLink:
+    """One NATS connection with JetStream: the ``SECUREMSG`` stream and the buckets
+    ``sm_sessions``, ``sm_names`` and ``sm_nodes``."""
+
+    def __init__(
+        self,
+        settings: ClusterSettings,
+        *,
+        on_lost: Callable[[], None],
+        on_back: Callable[[], Awaitable[None]],
+    ) -> None:
+        self.settings = settings
+        self._on_lost = on_lost
+        self._on_back = on_back
+        self.nc: NATS | None = None
+        self._js: JetStreamContext | None = None
+        self.sessions: KeyValue | None = None
+        self.names: KeyValue | None = None
+        self.nodes: KeyValue | None = None
+        self._queue: list[tuple[str, bytes, str, dict[str, str] | None]] = []
+        self._wake = asyncio.Event()
+        self._publisher: asyncio.Task[None] | None = None
+
+    @property
+    def js(self) -> JetStreamContext:
+        assert self._js is not None, "the cluster link is not connected"
+        return self._js
+
+    @property
+    def connected(self) -> bool:
+        return self.nc is not None and self.nc.is_connected
+
+    async def connect(self) -> None:
+        settings = self.settings
+        options: dict[str, Any] = {
+            "servers": settings.servers,
+            "name": f"securemsg {settings.node}",
+            "connect_timeout": settings.request_timeout,
+            "allow_reconnect": True,
+            "max_reconnect_attempts": -1,
+            "reconnect_time_wait": 0.25,
+            "ping_interval": 2,
+            "max_outstanding_pings": 2,
+            "disconnected_cb": self._disconnected,
+            "reconnected_cb": self._reconnected,
+            "error_cb": self._error,
+        }
+        if settings.credentials is not None:
+            options["user_credentials"] = settings.credentials
+        if settings.user is not None:
+            options["user"] = settings.user
+            options["password"] = settings.password or ""
+        where = ",".join(settings.servers)
+        try:
+            self.nc = await nats.connect(**options)
+        except (OSError, NatsError, TimeoutError) as exc:
+            raise ConfigError(f"cannot reach the cluster at {where}: {exc!r}") from None
+        self._js = self.nc.jetstream(timeout=settings.request_timeout)
+        try:
+            await self._make_stream()
+            self.sessions = await self.js.create_key_value(
+                bucket="sm_sessions", ttl=settings.max_age, history=1
+            )
+            # No max age: a name is held as long as its session lives, however long.
+            self.names = await self.js.create_key_value(bucket="sm_names", history=1)
+            self.nodes = await self.js.create_key_value(
+                bucket="sm_nodes", ttl=settings.node_timeout * 4, history=1
+            )
+        except (NatsError, TimeoutError) as exc:
+            await self.nc.close()
+            raise ConfigError(f"the cluster at {where} has no usable JetStream: {exc!r}") from None
+        self._publisher = asyncio.get_running_loop().create_task(self._publish_loop())
+
+    async def _make_stream(self) -> None:
+        settings = self.settings
+        config = StreamConfig(
+            name=STREAM,
+            subjects=list(STREAM_SUBJECTS),
+            storage=StorageType.FILE,
+            max_age=settings.max_age,
+            max_bytes=settings.max_bytes,
+            duplicate_window=min(settings.max_age, max(120.0, 2 * settings.session_ttl)),
+        )
+        try:
+            await self.js.add_stream(config)
+        except BadRequestError:
+            # It exists with other limits: the first node's, or an operator's (replicas on a
+            # NATS cluster, say), which are not undone here.
+            pass
+
+    async def close(self) -> None:
+        if self._publisher is not None:
+            self._publisher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._publisher
+        if self.nc is not None and not self.nc.is_closed:
+            with contextlib.suppress(NatsError, TimeoutError, OSError):
+                await asyncio.wait_for(self.nc.drain(), 2.0)
+            if not self.nc.is_closed:
+                await self.nc.close()
+
+    # -- events of the connection ---------------------------------------------------------
+
+    async def _disconnected(self) -> None:
+        if self.nc is not None and not self.nc.is_closed:
+            self._on_lost()
+
+    async def _reconnected(self) -> None:
+        await self._on_back()
+
+    async def _error(self, exc: Exception) -> None:
+        # While NATS is down every reconnect attempt fails: cluster_lost said it once.
+        if self.connected:
+            logger.warning("cluster_error", error=repr(exc))
+        else:
+            logger.debug("cluster_error", error=repr(exc))
+
+    # -- publishing ----------------------------------------------------------------------
+
+    def publish(
+        self, subject: str, payload: bytes, *, reply: str = "", headers: dict[str, str] | None
+    ) -> None:
+        """Queue one publish (sent in order, soon); dropped when the queue is full or the
+        link down: the caller's acks then never come, and it retries or refuses."""
+        if len(self._queue) >= _PUBLISH_QUEUE:
+            return
+        self._queue.append((subject, payload, reply, headers))
+        self._wake.set()
+
+    async def _publish_loop(self) -> None:
+        assert self.nc is not None
+        nc = self.nc
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            batch, self._queue = self._queue, []
+            for subject, payload, reply, headers in batch:
+                try:
+                    await nc.publish(subject, payload, reply=reply, headers=headers)
+                except NatsError as exc:  # disconnected: the publishes of this batch are lost
+                    logger.debug("cluster_request_failed", request="publish", error=repr(exc))
+                    break
+
+    # -- reading -------------------------------------------------------------------------
+
+    async def last_seq(self) -> tuple[int, int]:
+        """The stream's (first, last) sequence numbers."""
+        info = await self.js.stream_info(STREAM)
+        return info.state.first_seq, info.state.last_seq
+
+    async def follow(
+        self, after: int, callback: Callable[[Msg], Awaitable[None]]
+    ) -> JetStreamContext.PushSubscription:
+        """The node's ordered consumer over the whole stream, from ``after + 1``."""
+        config = ConsumerConfig(
+            deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=after + 1
+        )
+        return await self.js.subscribe(
+            "sm.>",
+            stream=STREAM,
+            cb=callback,
+            ordered_consumer=True,
+            idle_heartbeat=1.0,
+            config=config,
+        )
+
+    async def read(self, record: SessionRecord) -> list[StreamMessage]:
+        """The stream messages after the record's checkpoint that may be the session's
+        (direct to its name, or in one of its filters' rooms), as they are now."""
+        subjects = _filter_subjects(record)
+        try:
+            return await self._read(record.stream_seq, subjects)
+        except BadRequestError:  # overlapping filters: read everything, the rule sorts it
+            return await self._read(record.stream_seq, ["sm.>"])
+
+    async def _read(self, after: int, subjects: list[str]) -> list[StreamMessage]:
+        config = ConsumerConfig(
+            deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+            opt_start_seq=after + 1,
+            ack_policy=AckPolicy.NONE,
+            inactive_threshold=10.0,
+            mem_storage=True,
+            filter_subjects=subjects if len(subjects) > 1 else None,
+            filter_subject=subjects[0] if len(subjects) == 1 else None,
+        )
+        info = await self.js.add_consumer(STREAM, config)
+        messages: list[StreamMessage] = []
+        try:
+            pull = await self.js.pull_subscribe_bind(durable=info.name, stream=STREAM)
+            left = info.num_pending or 0
+            while left > 0:  # bounded: each turn reads at least one message or raises
+                batch = await pull.fetch(
+                    min(left, _REPLAY_BATCH), timeout=self.settings.request_timeout
+                )
+                for msg in batch:
+                    sseq = msg.metadata.sequence.stream
+                    parse_subject(msg.subject)  # only ours are in the stream
+                    messages.append((sseq, msg.subject, msg.data))
+                left -= len(batch)
+            await pull.unsubscribe()
+        finally:
+            with contextlib.suppress(NatsError, TimeoutError):
+                await self.js.delete_consumer(STREAM, info.name)
+        return messages
+
+
+def _filter_subjects(record: SessionRecord) -> list[str]:
+    subjects = {directs_subject(record.name)}
+    for span in record.filters:
+        if span.end is None or span.end > record.stream_seq:
+            subjects.add(filter_subject(span.filter))
+    return sorted(subjects)
