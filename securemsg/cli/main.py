@@ -375,7 +375,9 @@ def _add_bench_parser(commands: Any) -> None:
         "address",
         nargs="?",
         metavar="HOST[:PORT]",
-        help="the server (default: localhost:7443)",
+        help="the server (default: localhost:7443); the nodes of a cluster separated by "
+        "commas: publishers on the first, subscribers on the second (--unpaced), or every "
+        "client on the next in turn",
     )
     where.add_argument(
         "--local", action="store_true", help="start a local server (dev certificates, free port)"
@@ -414,7 +416,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     configure_logging(level="error", fmt="auto")
     address = _parse_address(args.address) if args.address else {}
+    servers: tuple[str, ...] = ()
+    if "servers" in address:
+        found = parse_addresses(address.pop("servers"), default_port=DEFAULT_PORT)
+        servers = tuple(str(a) for a in found)
+        address = {"host": found[0].host, "port": found[0].port}
     options = BenchOptions(
+        servers=servers,
         scenario=args.scenario,
         host=address.get("host", "localhost"),
         port=address.get("port", DEFAULT_PORT),

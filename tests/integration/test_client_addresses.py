@@ -188,3 +188,23 @@ async def test_a_bad_address_in_a_list_is_one_sentence(tls_files: Any) -> None:
         "securemsg: 'localhost:1,localhost:x': 'localhost:x': "
         "the port must be a number from 1 to 65535"
     )
+
+
+async def test_bench_over_two_nodes_puts_publishers_on_the_first_and_subscribers_on_the_second(
+    start_server: StartServer, tls_files: Any
+) -> None:
+    from securemsg.bench.run import BenchOptions, run_bench
+    from tests.faults import FaultProxy
+
+    server = await start_server()
+    # One server under two addresses: itself, and a proxy in front of it that counts.
+    async with FaultProxy(server.port) as proxy:
+        servers = (f"localhost:{server.port}", f"localhost:{proxy.port}")
+        options = BenchOptions(
+            scenario="pubsub", ca=str(tls_files.ca_pem), msgs=2_000, unpaced=True, servers=servers
+        )
+        result = await run_bench(options)
+        assert (result.received, result.lost, result.duplicated) == (2_000, 0, 0)
+        assert result.server == ",".join(servers)
+        assert proxy.connections == 1  # the subscriber's, not the publisher's
+        assert proxy.bytes["down"] > 2_000 * 128  # every message came down through it
