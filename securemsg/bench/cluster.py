@@ -124,7 +124,8 @@ class _Process:
 
 class NatsServer(_Process):
     """``nats-server -js -sd DIR -a 127.0.0.1 -p PORT``, optionally routed to others
-    (``--cluster`` and ``--routes``, for a NATS cluster of several servers)."""
+    (``--cluster`` and ``--routes``, for a NATS cluster of several servers) and with TLS
+    for its clients."""
 
     def __init__(
         self,
@@ -135,6 +136,7 @@ class NatsServer(_Process):
         jetstream: bool = True,
         cluster_port: int | None = None,
         routes: Sequence[str] = (),
+        tls: tuple[str, str] | None = None,
     ) -> None:
         super().__init__(directory / f"{name}.log")
         self.name = name
@@ -143,6 +145,8 @@ class NatsServer(_Process):
         self.jetstream = jetstream
         self.cluster_port = cluster_port
         self.routes = list(routes)
+        #: (certificate, key) for TLS on the client port; routes stay plain (loopback).
+        self.tls = tls
 
     @property
     def url(self) -> str:
@@ -155,6 +159,8 @@ class NatsServer(_Process):
         argv = [binary, "-a", HOST, "-p", str(self.port), "-n", self.name]
         if self.jetstream:
             argv += ["-js", "-sd", str(self.store)]
+        if self.tls is not None:
+            argv += ["--tls", "--tlscert", self.tls[0], "--tlskey", self.tls[1]]
         if self.cluster_port is not None:
             argv += ["--cluster_name", "bench", "--cluster", f"nats://{HOST}:{self.cluster_port}"]
             if self.routes:
