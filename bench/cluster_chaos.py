@@ -41,7 +41,7 @@ from typing import Any
 import structlog
 
 import securemsg
-from securemsg.bench.cluster import NatsServer, NodeProcess
+from securemsg.bench.cluster import NatsServer, NodeProcess, node_env
 from securemsg.bench.scenarios import Tally, make_payload
 from securemsg.client.client import Client, Reconnected
 
@@ -176,6 +176,7 @@ async def run(args: argparse.Namespace, directory: Path) -> dict[str, Any]:
             key=str(pki.server_key),
             ca=ca,
             options=["--session-ttl", "600", "--log-level", "warning"],
+            env=node_env(args.node_path),
         )
         for i in range(args.nodes)
     ]
@@ -302,6 +303,9 @@ def main() -> int:
         help="plain single servers (checks the instrument; with --nodes 1 and no kills only)",
     )
     parser.add_argument("--json", action="store_true")
+    parser.add_argument(
+        "--node-path", help="run the nodes from this source tree (PYTHONPATH), clients from here"
+    )
     args = parser.parse_args()
     if min(args.messages, args.publishers, args.subscribers, args.nodes) < 1 or args.rate <= 0:
         parser.error("--messages, --publishers, --subscribers, --nodes and --rate must be > 0")

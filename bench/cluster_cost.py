@@ -87,9 +87,11 @@ class NatsClusterSystem:
 
 
 @contextlib.contextmanager
-def processes(config: str, directory: Path, pki: Any) -> Iterator[tuple[Any, list[int]]]:
+def processes(
+    config: str, directory: Path, pki: Any, node_path: str | None
+) -> Iterator[tuple[Any, list[int]]]:
     """The servers of ``config``: (the system to bench, the pids whose CPU to read)."""
-    from securemsg.bench.cluster import NatsServer, NodeProcess, free_port
+    from securemsg.bench.cluster import NatsServer, NodeProcess, free_port, node_env
     from securemsg.bench.system import SecureMsgSystem
 
     started: list[Any] = []
@@ -128,6 +130,7 @@ def processes(config: str, directory: Path, pki: Any) -> Iterator[tuple[Any, lis
                 key=key,
                 ca=ca,
                 options=["--log-level", "warning", "--max-connections", "1000"],
+                env=node_env(node_path),
             )
             started.append(node)
             node.start()
@@ -169,11 +172,13 @@ def wait_routed(pub_port: int, sub_port: int, ca: str, timeout: float = 15.0) ->
     asyncio.run(check())
 
 
-def run_one(config: str, scenario: Scenario, directory: Path, pki: Any) -> dict[str, Any]:
+def run_one(
+    config: str, scenario: Scenario, directory: Path, pki: Any, node_path: str | None
+) -> dict[str, Any]:
     from securemsg.bench.run import BenchOptions, run_bench
     from securemsg.runner import run
 
-    with processes(config, directory, pki) as (system, pids):
+    with processes(config, directory, pki, node_path) as (system, pids):
         options = BenchOptions(
             scenario=scenario.scenario,
             ca=str(pki.ca),
@@ -244,7 +249,7 @@ def main_cost(args: argparse.Namespace) -> int:
             for scenario in chosen:
                 for config in order:
                     started = time.monotonic()
-                    one = run_one(config, scenario, directory, pki)
+                    one = run_one(config, scenario, directory, pki, args.node_path)
                     one["seconds"] = round(time.monotonic() - started, 1)
                     print(json.dumps(one), file=sys.stderr, flush=True)
                     runs.append(one)
@@ -273,6 +278,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", action="append", help="this scenario only (repeatable)")
     parser.add_argument("--config", action="append", choices=CONFIGS, help="this system only")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument(
+        "--node-path", help="run the nodes from this source tree (PYTHONPATH), clients from here"
+    )
     worker = commands.add_parser("worker", help="one process of the NATS cluster run")
     worker.add_argument("--pub-port", type=int, required=True)
     worker.add_argument("--sub-port", type=int, required=True)

@@ -41,6 +41,7 @@ __all__ = [
     "NodeProcess",
     "free_port",
     "nats_server_path",
+    "node_env",
     "probe_welcome",
 ]
 
@@ -83,7 +84,11 @@ class _Process:
             raise SecureMsgError(f"{argv[0]} is running already (pid {self.pid})")
         self._close_log()
         self._log = self.log_path.open("ab")
-        self.process = subprocess.Popen(list(argv), stdout=self._log, stderr=self._log, env=env)
+        # In the log's directory: `python -m` puts the working directory first on the path,
+        # and the package must come from PYTHONPATH (or the installed one), not from there.
+        self.process = subprocess.Popen(
+            list(argv), stdout=self._log, stderr=self._log, env=env, cwd=self.log_path.parent
+        )
 
     def kill(self) -> None:
         """SIGKILL: no goodbye, no flush (a crash)."""
@@ -238,6 +243,14 @@ class NodeProcess(_Process):
                 self.kill()
                 raise SecureMsgError(f"node {self.name} did not welcome within {timeout:g} s")
             time.sleep(0.1)
+
+
+def node_env(source: str | None) -> dict[str, str] | None:
+    """The environment of a node run from the source tree at ``source`` (another branch,
+    say) while the clients run from this one; None: this process's environment."""
+    if source is None:
+        return None
+    return dict(os.environ, PYTHONPATH=str(Path(source).resolve()))
 
 
 def probe_welcome(host: str, port: int, *, ca: str, timeout: float) -> bool:
