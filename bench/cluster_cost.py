@@ -88,9 +88,9 @@ class NatsClusterSystem:
 
 @contextlib.contextmanager
 def processes(
-    config: str, directory: Path, pki: Any, node_path: str | None
-) -> Iterator[tuple[Any, list[int]]]:
-    """The servers of ``config``: (the system to bench, the pids whose CPU to read)."""
+    config: str, directory: Path, pki: Any, node_path: str | None, node_options: list[str]
+) -> Iterator[tuple[Any, dict[str, int]]]:
+    """The servers of ``config``: (the system to bench, the pid of each server process)."""
     from securemsg.bench.cluster import NatsServer, NodeProcess, free_port, node_env
     from securemsg.bench.system import SecureMsgSystem
 
@@ -111,7 +111,8 @@ def processes(
                 started.append(server)
                 server.start()
             wait_routed(started[0].port, started[1].port, ca)
-            yield NatsClusterSystem(started[0].port, started[1].port, ca), [s.pid for s in started]
+            pids = {s.name: s.pid for s in started}
+            yield NatsClusterSystem(started[0].port, started[1].port, ca), pids
             return
         cluster = None
         if config != "1 node":
@@ -129,7 +130,7 @@ def processes(
                 cert=cert,
                 key=key,
                 ca=ca,
-                options=["--log-level", "warning", "--max-connections", "1000"],
+                options=["--log-level", "warning", "--max-connections", "1000", *node_options],
                 env=node_env(node_path),
             )
             started.append(node)
@@ -137,7 +138,7 @@ def processes(
             nodes.append(node)
         servers = [node.address for node in nodes] if count > 1 else []
         system = SecureMsgSystem("127.0.0.1", nodes[0].port, ca=ca, servers=servers)
-        yield system, [p.pid for p in started]
+        yield system, {p.name: p.pid for p in started}
     finally:
         for process in reversed(started):
             process.stop()
@@ -173,12 +174,13 @@ def wait_routed(pub_port: int, sub_port: int, ca: str, timeout: float = 15.0) ->
 
 
 def run_one(
-    config: str, scenario: Scenario, directory: Path, pki: Any, node_path: str | None
+    config: str, scenario: Scenario, directory: Path, pki: Any, args: argparse.Namespace
 ) -> dict[str, Any]:
     from securemsg.bench.run import BenchOptions, run_bench
     from securemsg.runner import run
 
-    with processes(config, directory, pki, node_path) as (system, pids):
+    node_options = args.node_option or []
+    with processes(config, directory, pki, args.node_path, node_options) as (system, pids):
         options = BenchOptions(
             scenario=scenario.scenario,
             ca=str(pki.ca),
@@ -187,10 +189,10 @@ def run_one(
             unpaced=True,
             duration=RUN_BOUND - 30,
         )
-        before = {pid: cpu_seconds(pid) for pid in pids}
+        before = {name: cpu_seconds(pid) for name, pid in pids.items()}
         result = run(run_bench(options, system=system, server=config))
-        cpu = {pid: cpu_seconds(pid) - before[pid] for pid in pids}
-    per_message = [round(1e6 * seconds / max(1, result.sent), 1) for seconds in cpu.values()]
+        cpu = {name: cpu_seconds(pid) - before[name] for name, pid in pids.items()}
+    per_message = {name: round(1e6 * s / max(1, result.sent), 1) for name, s in cpu.items()}
     return {
         "config": config,
         "scenario": scenario.key,
@@ -207,7 +209,7 @@ def run_one(
 def report(runs: list[dict[str, Any]], scenario_keys: list[str]) -> str:
     lines = [
         "| scenario | system | deliveries/s (median) | min-max | delivered | latency p50 / p99 "
-        "(ms) | server CPU µs per message (each process) |",
+        "(ms) | server CPU µs per message published, per process |",
         "|---|---|---|---|---|---|---|",
     ]
     for key in scenario_keys:
@@ -226,8 +228,8 @@ def report(runs: list[dict[str, Any]], scenario_keys: list[str]) -> str:
                 else "-"
             )
             cpu = " + ".join(
-                f"{statistics.median(values):g}"
-                for values in zip(*(r["cpu_us_per_msg"] for r in mine), strict=True)
+                f"{name} {statistics.median(r['cpu_us_per_msg'][name] for r in mine):g}"
+                for name in mine[0]["cpu_us_per_msg"]
             )
             lines.append(
                 f"| {key} | {config} | {rate} | {spread} | {delivered:g} % | {latency} | {cpu} |"
@@ -238,8 +240,13 @@ def report(runs: list[dict[str, Any]], scenario_keys: list[str]) -> str:
 def main_cost(args: argparse.Namespace) -> int:
     from securemsg.tls.devcerts import make_dev_pki
 
-    with tempfile.TemporaryDirectory(prefix="securemsg-cluster-cost-") as tmp:
-        directory = Path(tmp)
+    with contextlib.ExitStack() as stack:
+        if args.keep:
+            directory = Path(tempfile.mkdtemp(prefix="securemsg-cluster-cost-"))
+            print(f"logs in {directory}", file=sys.stderr)
+        else:
+            tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="securemsg-cost-"))
+            directory = Path(tmp)
         pki = make_dev_pki(directory / "pki", hosts=("localhost", "127.0.0.1"))
         chosen = [s for s in scenarios(args.quick) if not args.only or s.key in args.only]
         configs = [c for c in CONFIGS if not args.config or c in args.config]
@@ -249,7 +256,7 @@ def main_cost(args: argparse.Namespace) -> int:
             for scenario in chosen:
                 for config in order:
                     started = time.monotonic()
-                    one = run_one(config, scenario, directory, pki, args.node_path)
+                    one = run_one(config, scenario, directory, pki, args)
                     one["seconds"] = round(time.monotonic() - started, 1)
                     print(json.dumps(one), file=sys.stderr, flush=True)
                     runs.append(one)
@@ -278,6 +285,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", action="append", help="this scenario only (repeatable)")
     parser.add_argument("--config", action="append", choices=CONFIGS, help="this system only")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--keep", action="store_true", help="keep the servers' logs")
+    parser.add_argument(
+        "--node-option",
+        action="append",
+        metavar="ARG",
+        help="one more argument of every securemsg server, single or node (repeatable: "
+        "--node-option=--max-pending --node-option=50000)",
+    )
     parser.add_argument(
         "--node-path", help="run the nodes from this source tree (PYTHONPATH), clients from here"
     )
