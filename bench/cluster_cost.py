@@ -96,6 +96,7 @@ def processes(
 
     started: list[Any] = []
     cert, key, ca = str(pki.server_cert), str(pki.server_key), str(pki.ca)
+    directory = Path(tempfile.mkdtemp(prefix="run-", dir=directory))  # fresh stores and logs
     try:
         if config == "NATS 2-node cluster":
             ports = [free_port(), free_port()]
@@ -208,8 +209,8 @@ def run_one(
 
 def report(runs: list[dict[str, Any]], scenario_keys: list[str]) -> str:
     lines = [
-        "| scenario | system | deliveries/s (median) | min-max | delivered | latency p50 / p99 "
-        "(ms) | server CPU µs per message published, per process |",
+        "| scenario | system | deliveries/s (median) | min-max | delivered "
+        "| latency p50 / p99, last round (ms) | server CPU µs per message published, per process |",
         "|---|---|---|---|---|---|---|",
     ]
     for key in scenario_keys:

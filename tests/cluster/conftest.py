@@ -1,10 +1,10 @@
 """Fixtures for cluster tests: a real nats-server with JetStream, and securemsg nodes as
 subprocesses (so a test can ``kill -9`` one and start it again on its port).
 
-- ``nats`` / ``nats_url``: ``nats-server -js -sd TMP -a 127.0.0.1 -p FREEPORT``, waited for
-  until it greets a client, killed at teardown. ``nats.kill()`` / ``nats.start()`` restart it
+- ``nats_process`` / ``nats_url``: ``nats-server -js -sd TMP -a 127.0.0.1 -p FREEPORT``, waited for
+  until it greets a client, killed at teardown. ``nats_process.kill()`` / ``.start()`` restart it
   on the same port and store (JetStream's file store survives).
-- ``start_node(name, ...)``: a securemsg node (``securemsg server --cluster URL --node-name
+- ``start_node_process(name, ...)``: a securemsg node (``securemsg server --cluster URL --node-name
   NAME --advertise 127.0.0.1:PORT``) on a free port with the test certificates, waited for
   until it welcomes a hello; ``node.kill()`` is SIGKILL, ``node.start()`` starts it again on
   the same port. Every node is killed at teardown.
@@ -24,11 +24,11 @@ import pytest
 
 from securemsg.bench.cluster import NatsServer, NodeProcess, nats_server_path
 
-StartNode = Callable[..., Awaitable[NodeProcess]]
+StartNodeProcess = Callable[..., Awaitable[NodeProcess]]
 
 
 @pytest.fixture
-def nats(tmp_path: Path) -> Iterator[NatsServer]:
+def nats_process(tmp_path: Path) -> Iterator[NatsServer]:
     """A fresh nats-server with JetStream on a free port of 127.0.0.1."""
     if nats_server_path() is None:
         pytest.skip("nats-server is not on PATH: pip install -e '.[test]'")
@@ -41,12 +41,12 @@ def nats(tmp_path: Path) -> Iterator[NatsServer]:
 
 
 @pytest.fixture
-def nats_url(nats: NatsServer) -> str:
-    return nats.url
+def nats_url(nats_process: NatsServer) -> str:
+    return nats_process.url
 
 
 @pytest.fixture
-def start_node(nats_url: str, tls_files: Any, tmp_path: Path) -> Iterator[StartNode]:
+def start_node_process(nats_url: str, tls_files: Any, tmp_path: Path) -> Iterator[StartNodeProcess]:
     """Start securemsg cluster nodes as subprocesses; all killed at the end."""
     nodes: list[NodeProcess] = []
 

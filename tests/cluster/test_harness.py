@@ -9,17 +9,19 @@ import pytest
 
 from securemsg.bench.cluster import NatsServer, probe_welcome
 from securemsg.client.client import connect
-from tests.cluster.conftest import StartNode
+from tests.cluster.conftest import StartNodeProcess
 
 pytestmark = pytest.mark.timeout(60)
 
 
 async def test_nats_server_runs_jetstream_and_keeps_its_stream_across_a_restart(
-    nats: NatsServer,
+    nats_process: NatsServer,
 ) -> None:
     import nats as nats_py
 
-    nc = await nats_py.connect(nats.url, connect_timeout=5, allow_reconnect=False)
+    server = nats_process
+
+    nc = await nats_py.connect(server.url, connect_timeout=5, allow_reconnect=False)
     try:
         js = nc.jetstream()
         await js.add_stream(name="HARNESS", subjects=["harness.>"])
@@ -27,9 +29,9 @@ async def test_nats_server_runs_jetstream_and_keeps_its_stream_across_a_restart(
         assert ack.seq == 1
     finally:
         await nc.close()
-    await asyncio.to_thread(nats.kill)
-    await asyncio.to_thread(nats.start)
-    nc = await nats_py.connect(nats.url, connect_timeout=5, allow_reconnect=False)
+    await asyncio.to_thread(server.kill)
+    await asyncio.to_thread(server.start)
+    nc = await nats_py.connect(server.url, connect_timeout=5, allow_reconnect=False)
     try:
         info = await nc.jetstream().stream_info("HARNESS")
         assert info.state.messages == 1
@@ -38,10 +40,10 @@ async def test_nats_server_runs_jetstream_and_keeps_its_stream_across_a_restart(
 
 
 async def test_a_node_process_welcomes_dies_by_sigkill_and_comes_back_on_its_port(
-    start_node: StartNode, tls_files: object
+    start_node_process: StartNodeProcess, tls_files: object
 ) -> None:
     # A plain server (no --cluster): the harness, not the cluster, is under test here.
-    node = await start_node("plain", cluster=None)
+    node = await start_node_process("plain", cluster=None)
     ca = str(tls_files.ca_pem)  # type: ignore[attr-defined]
     async with connect(node.address, ca=ca, name="alice", reconnect_base=0.05) as alice:
         pid = node.pid
