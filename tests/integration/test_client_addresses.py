@@ -8,6 +8,7 @@ client tries and when. Where a node must advertise ``nodes`` in ``welcome`` or s
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 import subprocess
 import sys
@@ -208,3 +209,26 @@ async def test_bench_over_two_nodes_puts_publishers_on_the_first_and_subscribers
         assert result.server == ",".join(servers)
         assert proxy.connections == 1  # the subscriber's, not the publisher's
         assert proxy.bytes["down"] > 2_000 * 128  # every message came down through it
+
+
+async def test_the_blocking_client_waits_for_one_connect_timeout_per_address(
+    start_server: StartServer, tls_files: Any
+) -> None:
+    live = await start_server()
+    # Two listeners that never accept: each attempt takes the whole connect_timeout, longer
+    # in all than one connect_timeout and the blocking client's grace together.
+    holes = [socket.create_server(("127.0.0.1", 0)) for _ in range(2)]
+    try:
+        given = [f"localhost:{hole.getsockname()[1]}" for hole in holes]
+        given.append(f"localhost:{live.port}")
+
+        def run() -> str:
+            with securemsg.sync.connect(
+                given, name="alice", ca=str(tls_files.ca_pem), connect_timeout=1.5
+            ) as client:
+                return client.address
+
+        assert await asyncio.to_thread(run) == f"localhost:{live.port}"
+    finally:
+        for hole in holes:
+            hole.close()
