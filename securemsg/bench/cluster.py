@@ -232,7 +232,7 @@ class NodeProcess(_Process):
     def start(self, timeout: float = START_TIMEOUT) -> None:
         """Start it and wait until it welcomes a ``hello`` (a cluster node only does once
         it holds the cluster)."""
-        self._spawn(self.argv(), env=self.env if self.env is not None else dict(os.environ))
+        self._spawn(self.argv(), env=self.env if self.env is not None else node_env(None))
         self.starts += 1
         end = time.monotonic() + timeout
         while True:
@@ -245,12 +245,12 @@ class NodeProcess(_Process):
             time.sleep(0.1)
 
 
-def node_env(source: str | None) -> dict[str, str] | None:
-    """The environment of a node run from the source tree at ``source`` (another branch,
-    say) while the clients run from this one; None: this process's environment."""
-    if source is None:
-        return None
-    return dict(os.environ, PYTHONPATH=str(Path(source).resolve()))
+def node_env(source: str | None) -> dict[str, str]:
+    """The environment of a node: it runs the package from the source tree at ``source``
+    (another branch, say, while the clients run from this one), by default the package this
+    process runs, wherever it came from."""
+    root = Path(source).resolve() if source else Path(__file__).resolve().parents[2]
+    return dict(os.environ, PYTHONPATH=str(root))
 
 
 def probe_welcome(host: str, port: int, *, ca: str, timeout: float) -> bool:
