@@ -198,10 +198,9 @@ async def run(args: argparse.Namespace, directory: Path) -> dict[str, Any]:
             client = await open_client(addresses, i, f"sub{i}", ca)
             clients.append(client)
             await client.join(ROOM, timeout=10)
-            sub = Subscriber(
-                f"sub{i}", addresses[i % len(addresses)], client, Tally(len(shares), max(shares)),
-                args.messages,
-            )  # fmt: skip
+            tally = Tally(len(shares), max(shares))
+            home = addresses[i % len(addresses)]
+            sub = Subscriber(f"sub{i}", home, client, tally, args.messages)
             sub.tasks = [asyncio.create_task(receive(sub, start)), asyncio.create_task(watch(sub))]
             subs.append(sub)
         pubs = []

@@ -8,6 +8,7 @@ client tries and when. Where a node must advertise ``nodes`` in ``welcome`` or s
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import ssl
 import subprocess
@@ -232,3 +233,20 @@ async def test_the_blocking_client_waits_for_one_connect_timeout_per_address(
     finally:
         for hole in holes:
             hole.close()
+
+
+async def test_doctor_diagnoses_each_node_of_a_list(
+    start_server: StartServer, tls_files: Any
+) -> None:
+    from tests.integration.test_doctor import securemsg as run_command
+
+    live = await start_server()
+    dead, alive = f"localhost:{free_port()}", f"localhost:{live.port}"
+    given = f"{alive},{dead}"
+    status, out, err = await run_command("doctor", given, "--ca", str(tls_files.ca_pem), "--json")
+    assert status == 1
+    report = json.loads(out)
+    assert report["ok"] is False
+    assert [(t["target"], t["ok"]) for t in report["targets"]] == [(alive, True), (dead, False)]
+    (line,) = err.strip().splitlines()
+    assert line.startswith(f"securemsg: doctor: {dead}: ")
