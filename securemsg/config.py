@@ -33,6 +33,7 @@ from typing import Any, ClassVar, Final, Literal, NamedTuple, TypeVar, cast, get
 
 import msgspec
 
+from securemsg.core.address import Address, parse_addresses
 from securemsg.core.gatekeeper import DEFAULT_MAX_DEPTH, MAX_MAX_DEPTH
 from securemsg.core.messages import is_valid_name
 from securemsg.errors import ConfigError
@@ -140,6 +141,7 @@ class ClientConfig(_Config, frozen=True, kw_only=True, forbid_unknown_fields=Tru
 
     host: str = "localhost"
     port: int = 7443
+    servers: tuple[str, ...] | None = None
     ca: str | None = None
     cert: str | None = None
     key: str | None = None
@@ -156,6 +158,13 @@ class ClientConfig(_Config, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     session_file: str | None = None
     log_format: LogFormat = "auto"
     log_level: LogLevel = "warning"
+
+    def addresses(self) -> list[Address]:
+        """The servers to try, in order: ``servers`` when set (``port`` for those without
+        one), else ``host:port``."""
+        if self.servers:
+            return parse_addresses(self.servers, default_port=self.port)
+        return [Address(self.host, self.port)]
 
 
 #: One short line per option and section; used for ``--help``, the docs and the example files.
@@ -221,6 +230,8 @@ FIELD_HELP: Final[dict[str, dict[str, str]]] = {
     "client": {
         "host": "server host name, also checked against its certificate",
         "port": "server TCP port",
+        "servers": "several servers (cluster nodes) to try in turn, host[:port] separated by "
+        "commas; replaces host and port, which gives the port of those without one",
         "ca": "CA bundle the server certificate must chain to; none means the system CAs",
         "cert": "client certificate chain for mutual TLS, PEM file",
         "key": "private key of the client certificate, PEM file",
@@ -319,6 +330,11 @@ def _find_problem(config: ServerConfig | ClientConfig) -> _Problem | None:
         if getattr(config, name, None) not in (*allowed, None):
             return (name,), f"{name} must be {_one_of(allowed)}, got {getattr(config, name)!r}"
     if isinstance(config, ClientConfig):
+        if config.servers is not None:
+            try:
+                parse_addresses(config.servers, default_port=config.port)
+            except ValueError as exc:
+                return ("servers",), f"servers must be host[:port] addresses: {exc}"
         if config.name is not None and not is_valid_name(config.name):
             return ("name",), (
                 f"name must be 1 to 64 letters, digits, '_', '.', '@' or '-', got {config.name!r}"
@@ -424,8 +440,19 @@ _TRUE: Final = frozenset({"1", "true", "yes", "on"})
 _FALSE: Final = frozenset({"0", "false", "no", "off"})
 
 
+def _is_list(field: _Field) -> bool:
+    return isinstance(field.info, msgspec.inspect.VarTupleType)
+
+
+def _split(text: str) -> tuple[str, ...]:
+    """A comma-separated list, as the environment and flags spell a list."""
+    return tuple(part.strip() for part in text.split(","))
+
+
 def _expected(field: _Field, *, text: bool = False) -> str:
     info = field.info
+    if _is_list(field):
+        return "a list of strings (or one string of comma-separated values)"
     if isinstance(info, msgspec.inspect.BoolType):
         return "a boolean (1/0, true/false, yes/no or on/off)" if text else "true or false"
     if field.name in _PORT_OR_OFF:
@@ -441,6 +468,8 @@ def _expected(field: _Field, *, text: bool = False) -> str:
 
 def _typed(field: _Field, value: Any) -> Any:
     """``value`` as the field's type, or ValueError."""
+    if _is_list(field) and isinstance(value, str):
+        return _split(value)
     try:
         return msgspec.convert(value, field.type, strict=True)
     except msgspec.ValidationError:
@@ -464,6 +493,8 @@ def _parsed(field: _Field, text: str) -> Any:
             return float(stripped)
     except ValueError:
         raise ValueError(expected) from None
+    if _is_list(field):
+        return _split(text)
     if field.choices:
         if stripped not in field.choices:
             raise ValueError(expected)
@@ -649,6 +680,8 @@ def _metavar(field: _Field) -> str | None:
         return "NAME"
     if field.name == "metrics_host":
         return "HOST"
+    if field.name == "servers":
+        return "HOST:PORT,..."
     return field.name.upper()
 
 

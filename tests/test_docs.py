@@ -32,6 +32,7 @@ _NO_FLAG: dict[str, dict[str, str]] = {
         "token": "none",
         "host": "`HOST[:PORT]` argument",
         "port": "`HOST[:PORT]` argument",
+        "servers": "`HOST[:PORT],...` argument",
     },
 }
 _MIB = 1024 * 1024

@@ -99,6 +99,8 @@ class BenchOptions:
     window: int = 1_000
     server_pid: int | None = None
     unpaced: bool = False
+    #: The nodes of a cluster (``host:port`` each) when several were given.
+    servers: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.scenario not in SCENARIOS:
@@ -178,7 +180,7 @@ async def run_bench(
 ) -> BenchResult:
     """Run ``options.scenario`` against ``system`` (default: securemsg at host:port)."""
     if system is None:
-        system = SecureMsgSystem(options.host, options.port, ca=options.ca)
+        system = SecureMsgSystem(options.host, options.port, ca=options.ca, servers=options.servers)
     progress = progress or Progress()
     scenario = options.scenario
     unpaced = options.unpaced
@@ -249,7 +251,7 @@ def _result(
     quantiles = percentiles(outcome.latencies_ns)
     return BenchResult(
         scenario=options.scenario,
-        server=server or f"{options.host}:{options.port}",
+        server=server or ",".join(options.servers) or f"{options.host}:{options.port}",
         system=system.name,
         mode="unpaced" if options.unpaced else "paced",
         loop=loop_name(),

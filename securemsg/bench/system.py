@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import sys
+from collections.abc import Sequence
 
 from securemsg.bench.scenarios import Handler
 from securemsg.client.client import Client, ClientState, connect
@@ -76,24 +78,49 @@ class SecureMsgEndpoint:
 
 
 class SecureMsgSystem:
-    """A securemsg server at ``host:port``, trusted through ``ca``."""
+    """A securemsg server at ``host:port``, trusted through ``ca``; or the nodes of a
+    cluster at ``servers`` (``host:port`` each).
+
+    With several servers each client is given all of them, starting at its *home* (the
+    others are where it fails over to): ``home`` for every client when set (the unpaced
+    workers: publishers at the first server, subscribers at the second), otherwise the
+    servers in turn, one client after the other (paced runs).
+    """
 
     name = "securemsg"
     body_overhead = 2  # a body is a JSON string: two quotes
 
-    def __init__(self, host: str, port: int, *, ca: str | None) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        ca: str | None,
+        servers: Sequence[str] = (),
+        home: int | None = None,
+    ) -> None:
         self.host, self.port, self.ca = host, port, ca
+        self.servers = list(servers)
+        self._homes = itertools.repeat(home) if home is not None else itertools.count()
         self._context = client_context(ca=ca)
         self._handshakes = 0
 
     async def connect(self, name: str) -> SecureMsgEndpoint:
-        client = await connect(self.host, self.port, ca=self.ca, name=name)
+        servers = self.servers
+        if len(servers) < 2:
+            client = await connect(self.host, self.port, ca=self.ca, name=name)
+        else:
+            home = next(self._homes) % len(servers)
+            ring = servers[home:] + servers[:home]
+            client = await connect(ring, ca=self.ca, name=name)
         return SecureMsgEndpoint(client)
 
     def worker_argv(self) -> list[str]:
         """The command line of a worker process of an unpaced run (roles are appended)."""
         argv = [sys.executable, "-m", "securemsg.bench.worker", "--host", self.host]
         argv += ["--port", str(self.port)]
+        if len(self.servers) > 1:
+            argv += ["--servers", ",".join(self.servers)]
         return argv + (["--ca", self.ca] if self.ca else [])
 
     async def handshake(self) -> None:

@@ -282,12 +282,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--host", required=True)
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--ca")
+    parser.add_argument("--servers", default="", help="cluster nodes, comma-separated")
     add_role_arguments(parser)
     args = parser.parse_args(argv)
     configure_logging(level="error", fmt="auto")
 
     async def work() -> int:
-        system: Any = SecureMsgSystem(args.host, args.port, ca=args.ca)
+        # Over several nodes, publishers start at the first and subscribers at the second,
+        # so every message crosses from one node to another.
+        servers = [s for s in args.servers.split(",") if s]
+        home = 0 if args.role == "pub" else 1
+        system: Any = SecureMsgSystem(args.host, args.port, ca=args.ca, servers=servers, home=home)
         return await run_worker(system, args)
 
     return run(work())

@@ -70,7 +70,8 @@ async def _chat(config: ClientConfig, rooms: Sequence[str]) -> int:
     with patch_stdout(raw=True):
         configure_logging(level=level, fmt=config.log_format)  # to the proxy on sys.stderr
         try:
-            print(f"connecting to {config.host}:{config.port} ...", flush=True)
+            where = ",".join(str(address) for address in config.addresses())
+            print(f"connecting to {where} ...", flush=True)
             async with open_client(config) as client:
                 return await ChatUI(client).run(rooms)
         finally:

@@ -130,7 +130,7 @@ async def run_send(config: ClientConfig, *, room: str | None, to: str | None, me
         raise ConfigError(f"--to {to!r}: a name is 1 to 64 letters, digits, _ . @ or -")
     body = parse_body(message)
     config = with_default_name(config)
-    where = f"{config.host}:{config.port}"
+    where = ",".join(str(address) for address in config.addresses())
     async with open_client(config) as client:
         try:
             if room is not None:

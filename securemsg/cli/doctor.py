@@ -90,7 +90,8 @@ def check_files(config: ClientConfig) -> list[Step]:
 
 
 def _file_steps(config: ClientConfig) -> Iterator[Step]:
-    yield Step("config", True, f"would connect to {config.host}:{config.port}")
+    where = ",".join(str(address) for address in config.addresses())
+    yield Step("config", True, f"would connect to {where}")
     if config.ca is None:
         yield Step("ca", True, "no --ca: the server must have a certificate from a public CA")
     else:

@@ -22,6 +22,7 @@ from securemsg.config import (
     load_config,
     overrides_from_args,
 )
+from securemsg.core.address import parse_addresses
 from securemsg.errors import ConfigError, SecureMsgError
 from securemsg.log import configure_logging
 from securemsg.runner import run
@@ -30,6 +31,8 @@ __all__ = ["main"]
 
 DEFAULT_PORT = 7443
 EXIT_USAGE = 2
+#: Client options given by the address argument, not by flags of their own.
+_ADDRESS_FIELDS = ("host", "port", "servers")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -154,10 +157,11 @@ def build_parser() -> argparse.ArgumentParser:
                 "address",
                 nargs="?",
                 metavar="HOST[:PORT]",
-                help="the server (default: localhost:7443)",
+                help="the server (default: localhost:7443); the nodes of a cluster separated "
+                "by commas (HOST1:PORT,HOST2:PORT)",
             )
         sub.add_argument("--config", metavar="FILE", help="a TOML file with a [client] table")
-        add_config_flags(sub, ClientConfig, exclude=("host", "port"))
+        add_config_flags(sub, ClientConfig, exclude=_ADDRESS_FIELDS)
         if name == "client":
             sub.add_argument(
                 "--room",
@@ -178,8 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
                 "words",
                 nargs="+",
                 metavar="[HOST[:PORT]] MESSAGE",
-                help="the server (default: localhost:7443), then the body: JSON "
-                "if it parses as JSON, else a string",
+                help="the server (default: localhost:7443; several separated by commas), "
+                "then the body: JSON if it parses as JSON, else a string",
             )
             sub.add_argument(
                 "--datagram",
@@ -210,10 +214,14 @@ def build_parser() -> argparse.ArgumentParser:
         " certificate files. Exit status 0 only when a client could work.",
     )
     doctor.add_argument(
-        "address", nargs="?", metavar="HOST[:PORT]", help="the server (default: only local checks)"
+        "address",
+        nargs="?",
+        metavar="HOST[:PORT]",
+        help="the server (default: only local checks); several separated by commas: each "
+        "one is diagnosed",
     )
     doctor.add_argument("--config", metavar="FILE", help="a TOML file with a [client] table")
-    add_config_flags(doctor, ClientConfig, exclude=("host", "port"))
+    add_config_flags(doctor, ClientConfig, exclude=_ADDRESS_FIELDS)
     doctor.add_argument("--json", action="store_true", help="print the steps as one JSON object")
     doctor.set_defaults(handler=_cmd_doctor)
     _add_bench_parser(commands)
@@ -330,6 +338,8 @@ def _cmd_client(args: argparse.Namespace) -> int:
 def _cmd_doctor(args: argparse.Namespace) -> int:
     import json
 
+    import msgspec
+
     from securemsg.cli import doctor
 
     overrides: dict[str, Any] = overrides_from_args(args, ClientConfig)
@@ -337,22 +347,32 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
         overrides.update(_parse_address(args.address))
     config = load_config(ClientConfig, path=args.config, env=os.environ, overrides=overrides)
     configure_logging(level=config.log_level, fmt=config.log_format)
-    steps = doctor.diagnose(config) if args.address else doctor.check_files(config)
-    sentence = doctor.failure_sentence(steps)
-    if args.json:
-        target = f"{config.host}:{config.port}" if args.address else None
-        report = {"target": target, "ok": sentence is None, "steps": [s.as_dict() for s in steps]}
-        print(json.dumps(report, indent=2))
+    if not args.address:
+        targets: list[tuple[str | None, ClientConfig]] = [(None, config)]
     else:
-        print(
-            f"securemsg doctor: {config.host}:{config.port}"
-            if args.address
-            else "securemsg doctor: local configuration"
+        # Each server of a cluster on its own: a broken node is worth knowing about.
+        targets = [
+            (str(a), msgspec.structs.replace(config, host=a.host, port=a.port, servers=None))
+            for a in config.addresses()
+        ]
+    reports, failures = [], []
+    for target, one in targets:
+        steps = doctor.diagnose(one) if target else doctor.check_files(one)
+        sentence = doctor.failure_sentence(steps)
+        if sentence is not None:
+            failures.append(sentence if len(targets) == 1 else f"{target}: {sentence}")
+        reports.append(
+            {"target": target, "ok": sentence is None, "steps": [s.as_dict() for s in steps]}
         )
-        for step in steps:
-            print(f"  {'ok' if step.ok else 'FAIL':4}  {step.step:18}  {step.detail}")
-    if sentence is not None:
-        raise SecureMsgError(f"doctor: {sentence}")
+        if not args.json:
+            print(f"securemsg doctor: {target or 'local configuration'}")
+            for step in steps:
+                print(f"  {'ok' if step.ok else 'FAIL':4}  {step.step:18}  {step.detail}")
+    if args.json:
+        whole = reports[0] if len(reports) == 1 else {"ok": not failures, "targets": reports}
+        print(json.dumps(whole, indent=2))
+    if failures:
+        raise SecureMsgError(f"doctor: {'; '.join(failures)}")
     return 0
 
 
@@ -373,7 +393,9 @@ def _add_bench_parser(commands: Any) -> None:
         "address",
         nargs="?",
         metavar="HOST[:PORT]",
-        help="the server (default: localhost:7443)",
+        help="the server (default: localhost:7443); the nodes of a cluster separated by "
+        "commas: publishers on the first, subscribers on the second (--unpaced), or every "
+        "client on the next in turn",
     )
     where.add_argument(
         "--local", action="store_true", help="start a local server (dev certificates, free port)"
@@ -445,7 +467,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     configure_logging(level="error", fmt="auto")
     address = _parse_address(args.address) if args.address else {}
+    servers: tuple[str, ...] = ()
+    if "servers" in address:
+        found = parse_addresses(address.pop("servers"), default_port=DEFAULT_PORT)
+        servers = tuple(str(a) for a in found)
+        address = {"host": found[0].host, "port": found[0].port}
     options = BenchOptions(
+        servers=servers,
         scenario=args.scenario,
         host=address.get("host", "localhost"),
         port=address.get("port", DEFAULT_PORT),
@@ -480,6 +508,14 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _parse_address(address: str) -> dict[str, Any]:
+    """The config overrides an address argument gives: host and port, or ``servers`` for
+    several separated by commas (their port default is the config's ``port``)."""
+    if "," in address:
+        try:
+            parse_addresses(address, default_port=DEFAULT_PORT)
+        except ValueError as exc:
+            raise SecureMsgError(f"{address!r}: {exc}") from None
+        return {"servers": address}
     host, sep, port = address.rpartition(":")
     if not sep or "]" in port or (host.count(":") and not host.startswith("[")):
         return {"host": address.strip("[]")}

@@ -1,6 +1,7 @@
 """The asyncio client: :func:`connect` and :class:`Client`.
 
-A :class:`Client` keeps one session across many connections. Its
+A :class:`Client` keeps one session across many connections, to one server or to any node
+of a cluster (several addresses, and those the nodes advertise: :mod:`securemsg.core.address`). Its
 :class:`~securemsg.client.mailbox.Mailbox` holds the waiters and the messages received and not
 yet read, over the sans-I/O :class:`~securemsg.core.client_session.ClientSession` (what was
 sent and not yet answered, what to resend, what to acknowledge); each
@@ -13,6 +14,7 @@ a :class:`Reconnected` event.
 ::
 
     client = await securemsg.connect("localhost", ca="certs/ca.pem", name="alice")
+    # or a cluster: connect(["node1:7443", "node2:7443"]) or connect("node1:7443,node2:7443")
     await client.join("chat")
     await client.publish("chat", {"text": "hello"})
     async for message in client:
@@ -27,7 +29,7 @@ import contextlib
 import os
 import ssl
 import weakref
-from collections.abc import AsyncIterator, Callable, Generator
+from collections.abc import AsyncIterator, Callable, Generator, Sequence
 from types import TracebackType
 from typing import Any, Final
 
@@ -48,6 +50,7 @@ from securemsg.client.types import (
     StateChange,
 )
 from securemsg.config import ClientConfig, load_config
+from securemsg.core.address import AddressBook, moves_at_once, parse_address
 from securemsg.core.backoff import backoff_delays
 from securemsg.core.messages import (
     Direct,
@@ -92,17 +95,22 @@ _STABLE_AFTER: Final = 60.0
 class connect:
     """``client = await connect(...)`` or ``async with connect(...) as client:``.
 
-    ``host`` and ``port`` default to ``localhost`` and 7443. ``options`` are
+    ``host`` and ``port`` default to ``localhost`` and 7443. ``host`` may name several
+    servers (the nodes of a cluster): a list ``["node1:7443", "node2:7443"]`` or one string
+    ``"node1:7443,node2:7443"`` (the ``servers`` option; ``port`` is the port of those
+    without one); ``"host:port"`` alone is one server. The client tries them in the order
+    given, then those the nodes advertise in ``welcome``, moving to the next after each
+    failed attempt (docs/operations.md, section 5). ``options`` are
     :class:`~securemsg.config.ClientConfig` field names (``reconnect_base``, ``max_outbox``,
     ``heartbeat_interval``, ``connect_timeout``, ...); keyword arguments override ``config``.
-    The first connect is one attempt bounded by ``connect_timeout`` that raises
-    :class:`ConnectError`, :class:`TLSError` or :class:`AuthError` with one sentence naming
-    the server; ``retry=True`` retries network failures on the backoff schedule instead.
+    The first connect is one attempt per address, each bounded by ``connect_timeout``, that
+    raises :class:`ConnectError`, :class:`TLSError` or :class:`AuthError` with one sentence
+    naming the server; ``retry=True`` retries network failures on the backoff schedule instead.
     """
 
     def __init__(
         self,
-        host: str | None = None,
+        host: str | Sequence[str] | None = None,
         port: int | None = None,
         *,
         ca: str | None = None,
@@ -114,7 +122,11 @@ class connect:
         config: ClientConfig | None = None,
         **options: Any,
     ) -> None:
-        given = {"host": host, "port": port, "ca": ca, "cert": cert, "key": key}
+        given: dict[str, Any] = {"port": port, "ca": ca, "cert": cert, "key": key}
+        if isinstance(host, str) and _is_plain_host(host):
+            given["host"] = host
+        elif host is not None:
+            given["servers"] = host  # "h:p", several, a list: config.py splits and checks them
         given |= {"name": name, "token": token, **options}
         self.config = make_config(config, given)
         self.retry = retry
@@ -155,7 +167,8 @@ class Client:
     def __init__(self, config: ClientConfig) -> None:
         self._config = config
         self._loop = asyncio.get_running_loop()
-        self._where = f"{config.host}:{config.port}"
+        self._book = AddressBook(config.addresses())
+        self._where = ",".join(str(address) for address in self._book.given)
         self._log = structlog.get_logger("securemsg.client.client").bind(server=self._where)
         self._mailbox = Mailbox(
             max_outbox=config.max_outbox,
@@ -217,6 +230,17 @@ class Client:
     @property
     def config(self) -> ClientConfig:
         return self._config
+
+    @property
+    def address(self) -> str:
+        """The ``host:port`` of the server connected to (or being tried)."""
+        return str(self._book.current)
+
+    @property
+    def servers(self) -> list[str]:
+        """Every server this client would try, in order: those given, then those learned
+        from the nodes' ``welcome``."""
+        return [str(address) for address in self._book.addresses]
 
     @property
     def unacknowledged(self) -> int:
@@ -436,7 +460,7 @@ class Client:
     async def _start(self, *, retry: bool) -> None:
         try:
             try:
-                conn = await self._open()
+                conn = await self._open_any()
             except ConnectError as exc:
                 if not retry or not should_retry(exc, welcomed=False):
                     raise
@@ -457,7 +481,7 @@ class Client:
             while True:
                 reason = await asyncio.shield(conn.closed)
                 self._disconnected(reason)
-                conn = await self._reconnect(welcomed=True)
+                conn = await self._reconnect(welcomed=True, at_once=moves_at_once(reason))
                 self._connected(conn, first=False)
         except (ConnectError, ConfigError) as exc:
             self._finish(f"gave up after {self._attempt} reconnect attempts: {exc}")
@@ -465,15 +489,46 @@ class Client:
             self._log.exception("client_task_failed")
             self._finish("internal error (logged as client_task_failed)")
 
-    async def _reconnect(self, *, welcomed: bool) -> ClientConnection:
-        """Attempts on the backoff schedule until one is welcomed. Raises the last error when
-        out of attempts or when it is not worth retrying (:func:`should_retry`)."""
+    async def _open_any(self) -> ClientConnection:
+        """The first connect: one attempt at each given address in turn, without a wait in
+        between (they are different servers). Raises at once what is not worth retrying
+        elsewhere (:func:`should_retry`: certificates, authorization), else the error, or
+        all of them in one sentence when every address failed."""
+        errors: list[ConnectError] = []
+        count = len(self._book.given)
+        for index in range(count):
+            try:
+                return await self._open()
+            except ConnectError as exc:
+                if not should_retry(exc, welcomed=False):
+                    raise
+                errors.append(exc)
+                if index + 1 < count:
+                    self._log.warning("connect_failed", error=str(exc))
+                    self._book.advance()
+        if len(errors) == 1:
+            raise errors[0]
+        text = "; ".join(str(error) for error in errors)
+        raise ConnectError(f"no server answered: {text}") from errors[-1]
+
+    async def _reconnect(self, *, welcomed: bool, at_once: bool = False) -> ClientConnection:
+        """Attempts on the backoff schedule, each at the next address, until one is
+        welcomed; the first without a wait when ``at_once``. Raises the last error when out
+        of attempts or when it is not worth retrying (:func:`should_retry`)."""
         limit = self._config.max_attempts
         waiting = ClientState.RECONNECTING if welcomed else ClientState.CONNECTING
         while True:
             self._attempt += 1
-            delay = next(self._delays)
-            self._log.info("reconnect_scheduled", attempt=self._attempt, delay=round(delay, 3))
+            address = self._book.advance()
+            # An immediate attempt leaves the schedule where it was.
+            delay = 0.0 if at_once else next(self._delays)
+            at_once = False
+            self._log.info(
+                "reconnect_scheduled",
+                attempt=self._attempt,
+                delay=round(delay, 3),
+                address=str(address),
+            )
             self._set_state(waiting, Reconnecting(self._attempt, delay))
             await asyncio.sleep(delay)
             try:
@@ -495,7 +550,11 @@ class Client:
             self._context_files = files
         last_seq = self._mailbox.session.last_seq
         return await open_connection(
-            config, session=self._session, last_seq=last_seq, context=self._context
+            config,
+            session=self._session,
+            last_seq=last_seq,
+            context=self._context,
+            address=self._book.current,
         )
 
     def _connected(self, conn: ClientConnection, *, first: bool) -> None:
@@ -506,6 +565,10 @@ class Client:
         if first and not resumed:
             self._log.warning("session_not_resumed", session_file=self._config.session_file)
         self._session, self._name = welcome.session, welcome.name
+        if welcome.nodes:
+            learned = self._book.learn(welcome.nodes, default_port=self._config.port)
+            if learned:
+                self._log.info("nodes_learned", nodes=[str(address) for address in learned])
         self._mailbox.session.max_frame = welcome.max_frame
         self._mailbox.attach(conn, resumed=resumed, rooms=list(self._rooms))
         config = self._config
@@ -517,13 +580,14 @@ class Client:
         self._connected_at = self._loop.time()
         if first:
             self._set_state(ClientState.CONNECTED, None)
-            self._log.info("client_connected", name=welcome.name)
+            self._log.info("client_connected", name=welcome.name, address=self.address)
             return
         gap = 0 if welcome.resumed else None
         self._set_state(ClientState.CONNECTED, Reconnected(welcome.resumed, gap))
         self._log.info(
             "reconnected",
             name=welcome.name,
+            address=self.address,
             resumed=welcome.resumed,
             attempt=self._attempt,
             resent=len(self._mailbox.outbox),
@@ -575,6 +639,14 @@ def check_room(room: str) -> None:
     # The cached check: publish runs it for every message.
     if not isinstance(room, str) or not is_valid_room(room):
         raise ValueError(f"invalid room {room!r}")
+
+
+def _is_plain_host(text: str) -> bool:
+    """True for a host name alone (no port, no list): the ``host`` of the config, as ever."""
+    try:
+        return "," not in text and parse_address(text, default_port=0).port == 0
+    except ValueError:
+        return False
 
 
 def _check(valid: Callable[[str], bool], value: str, what: str) -> None:

@@ -24,6 +24,7 @@ import structlog
 
 from securemsg.config import ClientConfig
 from securemsg.core import connection as protocol
+from securemsg.core.address import Address
 from securemsg.core.connection import ConnectionState, Event, FrameRejected, MessageReceived
 from securemsg.core.messages import (
     PROTOCOL_VERSION,
@@ -286,8 +287,10 @@ async def open_connection(
     session: str | None,
     last_seq: int,
     context: ssl.SSLContext | None = None,
+    address: Address | None = None,
 ) -> ClientConnection:
-    """Connect, finish TLS and get ``welcome`` within ``connect_timeout``.
+    """Connect to ``address`` (by default ``config.host:config.port``), finish TLS and get
+    ``welcome`` within ``connect_timeout``.
 
     Raises :class:`ConnectError` (or a subclass) from :func:`connect_error`, or
     :class:`~securemsg.errors.TLSConfigError` for unusable certificate files.
@@ -302,23 +305,25 @@ async def open_connection(
     )
     if context is None:
         context = client_context(ca=config.ca, cert=config.cert, key=config.key)
+    host, port = address or Address(config.host, config.port)
     conn: ClientConnection | None = None
     try:
         async with asyncio.timeout(config.connect_timeout):
             _, conn = await loop.create_connection(
                 lambda: ClientConnection(loop, hello),
-                config.host,
-                config.port,
+                host,
+                port,
                 ssl=context,
-                server_hostname=config.host,
+                server_hostname=host,
                 ssl_handshake_timeout=config.connect_timeout,
             )
             await conn.welcomed
     except _CONNECT_FAILURES as exc:
         if conn is not None:
             conn.abort("connect_failed")
-        names = await _names_held(config) if is_hostname_mismatch(exc) else []
-        raise connect_error(exc, config, names=names) from exc
+        where = Address(host, port)
+        names = await _names_held(config, where) if is_hostname_mismatch(exc) else []
+        raise connect_error(exc, config, names=names, address=where) from exc
     except BaseException:  # cancelled, or a bug: no translation
         if conn is not None:
             conn.abort("cancelled")
@@ -326,7 +331,7 @@ async def open_connection(
     return conn
 
 
-async def _names_held(config: ClientConfig) -> list[str]:
+async def _names_held(config: ClientConfig, address: Address) -> list[str]:
     """The names in the certificate of a server that failed the host-name check, read over
     a second handshake that checks the chain but not the name (best effort: [] if that
     fails too). Only for the error message: nothing is sent on that connection."""
@@ -336,7 +341,7 @@ async def _names_held(config: ClientConfig) -> list[str]:
         context.check_hostname = False
         async with asyncio.timeout(config.connect_timeout):
             transport, _ = await loop.create_connection(
-                asyncio.Protocol, config.host, config.port, ssl=context
+                asyncio.Protocol, address.host, address.port, ssl=context
             )
     except (OSError, SecureMsgError, builtins.TimeoutError):
         return []
@@ -347,18 +352,24 @@ async def _names_held(config: ClientConfig) -> list[str]:
 
 
 def connect_error(
-    exc: Exception, config: ClientConfig, *, names: list[str] | None = None
+    exc: Exception,
+    config: ClientConfig,
+    *,
+    names: list[str] | None = None,
+    address: Address | None = None,
 ) -> ConnectError:
     """The one place where a failed connect becomes a securemsg error, with one sentence that
-    names the server (for a host-name mismatch, the ``names`` its certificate holds).
+    names the server at ``address`` (by default ``config.host:config.port``; for a host-name
+    mismatch, the ``names`` its certificate holds).
     Certificates first: ``ssl.SSLError`` is an ``OSError``."""
-    where = f"{config.host}:{config.port}"
+    host, port = address or Address(config.host, config.port)
+    where = f"{host}:{port}"
     mutual = config.cert is not None
     if isinstance(exc, ConnectError):
         return exc
     if isinstance(exc, ssl.SSLError) and not isinstance(exc, ssl.SSLEOFError):
         return translate_client_error(
-            exc, host=config.host, ca=config.ca, mutual=mutual, names=names or ()
+            exc, host=host, ca=config.ca, mutual=mutual, names=names or ()
         )
     if isinstance(exc, HandshakeClosedError | ssl.SSLEOFError):
         if isinstance(exc, HandshakeClosedError) and exc.reason is not None:

@@ -28,7 +28,7 @@ import contextlib
 import threading
 import weakref
 from collections import deque
-from collections.abc import Coroutine, Iterator
+from collections.abc import Coroutine, Iterator, Sequence
 from types import TracebackType
 from typing import Any, Final, Generic, TypeVar
 
@@ -252,6 +252,16 @@ class SyncClient:
         return self._client.rtt
 
     @property
+    def address(self) -> str:
+        """The ``host:port`` of the server connected to (or being tried)."""
+        return self._client.address
+
+    @property
+    def servers(self) -> list[str]:
+        """Every server this client would try, in order (given, then learned)."""
+        return self._client.servers
+
+    @property
     def client(self) -> aio.Client:
         """The asyncio client underneath (its methods must run on its own loop)."""
         return self._client
@@ -383,7 +393,7 @@ async def _call(function: Any) -> Any:
 
 
 def connect(
-    host: str | None = None,
+    host: str | Sequence[str] | None = None,
     port: int | None = None,
     *,
     ca: str | None = None,
@@ -397,8 +407,8 @@ def connect(
 ) -> SyncClient:
     """Connect and return a :class:`SyncClient`; arguments as :func:`securemsg.connect`.
 
-    Blocks for at most ``connect_timeout`` (plus a little), or with ``retry=True`` until
-    connected, out of ``max_attempts`` or interrupted.
+    Blocks for at most ``connect_timeout`` per address (plus a little), or with
+    ``retry=True`` until connected, out of ``max_attempts`` or interrupted.
     """
     connector = aio.connect(
         host,
@@ -414,7 +424,8 @@ def connect(
     )
     thread = _LoopThread()
     try:
-        timeout = None if retry else connector.config.connect_timeout
+        config = connector.config
+        timeout = None if retry else config.connect_timeout * len(config.addresses())
         client = thread.run(connector.open(), timeout)
     except BaseException:
         thread.stop(_GRACE)

@@ -14,10 +14,14 @@ from typing import Any
 
 import pytest
 
+from securemsg.bench.cluster import NatsServer as ProcessNats
+from securemsg.bench.cluster import NodeProcess, nats_server_path
 from securemsg.config import ServerConfig
 from securemsg.server.server import Server
 
 StartNode = Callable[..., Awaitable[Server]]
+StartNodeProcess = Callable[..., Awaitable[NodeProcess]]
+
 
 NATS_SERVER = shutil.which("nats-server")
 
@@ -127,3 +131,43 @@ async def start_node(tls_files: Any, unit: float, nats_url: str) -> AsyncIterato
 
     yield start
     await asyncio.gather(*(node.close() for node in nodes))
+
+
+@pytest.fixture
+def nats_process(tmp_path: Path) -> Iterator[ProcessNats]:
+    """A fresh nats-server with JetStream on a free port of 127.0.0.1."""
+    if nats_server_path() is None:
+        pytest.skip("nats-server is not on PATH: pip install -e '.[test]'")
+    server = ProcessNats(tmp_path)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.kill()
+
+
+@pytest.fixture
+def start_node_process(nats_url: str, tls_files: Any, tmp_path: Path) -> Iterator[StartNodeProcess]:
+    """Start securemsg cluster nodes as subprocesses; all killed at the end."""
+    nodes: list[NodeProcess] = []
+
+    async def start(
+        name: str, *options: str, cluster: str | None = nats_url, port: int | None = None
+    ) -> NodeProcess:
+        node = NodeProcess(
+            tmp_path,
+            name=name,
+            cluster=cluster,
+            cert=str(tls_files.server_cert),
+            key=str(tls_files.server_key),
+            ca=str(tls_files.ca_pem),
+            port=port,
+            options=options,
+        )
+        nodes.append(node)
+        await asyncio.to_thread(node.start)
+        return node
+
+    yield start
+    for node in nodes:
+        node.kill()
