@@ -13,20 +13,16 @@ from collections.abc import Sequence
 
 from securemsg.cli.client_common import check_room, parse_body, with_default_name
 from securemsg.cli.commands import _emit, _render, _StdoutClosedError
-from securemsg.client.datagram import connect
+from securemsg.client.datagram import DatagramClient, connect
 from securemsg.config import ClientConfig, read_token
 from securemsg.errors import ConfigError, SecureMsgError
 
 __all__ = ["run_listen", "run_send"]
 
 
-async def run_send(config: ClientConfig, *, room: str | None, to: str | None, message: str) -> int:
-    if to is not None or room is None:
-        raise ConfigError("--datagram sends to a --room only (directs need the TLS channel)")
-    check_room(room)
-    body = parse_body(message)
+async def _connect(config: ClientConfig) -> DatagramClient:
     config = with_default_name(config)
-    client = await connect(
+    return await connect(
         config.host,
         config.port,
         ca=config.ca,
@@ -36,6 +32,14 @@ async def run_send(config: ClientConfig, *, room: str | None, to: str | None, me
         token=read_token(config),
         timeout=config.connect_timeout,
     )
+
+
+async def run_send(config: ClientConfig, *, room: str | None, to: str | None, message: str) -> int:
+    if to is not None or room is None:
+        raise ConfigError("--datagram sends to a --room only (directs need the TLS channel)")
+    check_room(room)
+    body = parse_body(message)
+    client = await _connect(config)
     try:
         await client.publish(room, body)
     except ValueError as exc:
@@ -52,17 +56,7 @@ async def run_listen(
         check_room(room, pattern=True)
     if count is not None and count < 1:
         raise ConfigError(f"--count {count}: the count must be at least 1")
-    config = with_default_name(config)
-    client = await connect(
-        config.host,
-        config.port,
-        ca=config.ca,
-        name=config.name,
-        cert=config.cert,
-        key=config.key,
-        token=read_token(config),
-        timeout=config.connect_timeout,
-    )
+    client = await _connect(config)
     try:
         for room in dict.fromkeys(rooms):
             await client.join(room, timeout=config.connect_timeout)
