@@ -90,6 +90,7 @@ class ServerConfig(_Config, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     ca: str | None = None
     require_client_cert: bool = False
     tls13_only: bool = False
+    tls_session_tickets: int = 0
     token_file: str | None = None
     token: str | None = None
     handshake_timeout: float = 10.0
@@ -155,6 +156,8 @@ FIELD_HELP: Final[dict[str, dict[str, str]]] = {
         "ca": "CA bundle that client certificates must chain to, PEM file",
         "require_client_cert": "require a client certificate signed by the CA (mutual TLS)",
         "tls13_only": "accept TLS 1.3 only instead of TLS 1.2 and newer",
+        "tls_session_tickets": "TLS session tickets sent after a full handshake, so a "
+        "reconnecting client can resume; 0: off (see the security doc before turning on)",
         "token_file": "file holding the token clients must present",
         "token": "token clients must present; set SECUREMSG_TOKEN, never a file or flag",
         "handshake_timeout": "seconds a new connection has to finish TLS and hello",
@@ -228,7 +231,13 @@ _SIZES: Final = frozenset(
     ).split()
 )
 _ZERO_MEANS_OFF: Final = frozenset(
-    {"max_msgs_per_sec", "max_attempts", "loop_stall_threshold", "cert_expiry_warning_days"}
+    {
+        "max_msgs_per_sec",
+        "max_attempts",
+        "loop_stall_threshold",
+        "cert_expiry_warning_days",
+        "tls_session_tickets",
+    }
 )
 STORE_SYNCS: Final = get_args(StoreSync)
 

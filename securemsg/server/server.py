@@ -371,6 +371,7 @@ class Server:
             conn=conn_id,
             peer=peer,
             tls_version=tls.version() if tls else None,
+            tls_resumed=tls.session_reused if tls else False,
             identity=conn.identity,
         )
         if self._stopping:
