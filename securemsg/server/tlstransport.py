@@ -194,10 +194,14 @@ class TLSTransport(asyncio.Transport, asyncio.BufferedProtocol):
     def _read(self) -> None:
         """Decrypt what is there for the application, while it reads: as many records as
         fit in its buffer per ``buffer_updated`` (a record holds at most 16 KiB)."""
-        app = self._app
+        app, incoming, pending = self._app, self._incoming, self._ssl.pending
         # Typeshed says bytes and bytearray; with a buffer it takes any and returns a count.
         read = cast("Callable[[int, memoryview], int]", self._ssl.read)
         while self._app_reading and self._state is _State.OPEN:
+            # Nothing buffered on either side of OpenSSL: a read could only raise
+            # SSLWantReadError, which costs ~1 us; a partial record still gets one.
+            if not incoming.pending and not pending():
+                break
             buffer = app.get_buffer(-1)
             size, filled = len(buffer), 0
             more, ended = True, False
@@ -208,6 +212,9 @@ class TLSTransport(asyncio.Transport, asyncio.BufferedProtocol):
                         ended = True
                         break
                     filled += count
+                    if not incoming.pending and not pending():
+                        more = False
+                        break
             except ssl.SSLWantReadError:
                 more = False
             except ssl.SSLZeroReturnError:
