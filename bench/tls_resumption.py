@@ -8,9 +8,12 @@ each other their flights until both are done; only the server's calls are timed
 (``time.process_time``, so other processes on the machine do not count). Per certificate
 type (ECDSA P-256, as the development PKI and trustme make; RSA 2048, as many public CAs
 issue) it measures a full handshake, a resumed one (the client offers the ticket of its
-previous connection: PSK with (EC)DHE, the only mode OpenSSL accepts by default), and a
-full handshake that issues a ticket (the price of ``tls_session_tickets`` for a client that
-never resumes). Rounds interleave the three; the figure is the median of the rounds.
+previous connection: PSK with (EC)DHE, the only mode OpenSSL accepts by default), a full
+handshake that issues a ticket (the price of ``tls_session_tickets`` for a client that
+never resumes), and one where the client offers a ticket that a restarted server (a new
+context with the same certificate) refuses before it makes a full handshake and issues a
+new ticket: the reconnect storm after a restart. Rounds interleave the cases; the figure
+is the median of the rounds.
 """
 
 from __future__ import annotations
@@ -77,15 +80,28 @@ def _contexts(directory: Path, key_type: trustme.KeyType) -> tuple[ssl.SSLContex
     cert, key = directory / "cert.pem", directory / "key.pem"
     no_tickets = server_context(cert=cert, key=key)
     tickets = server_context(cert=cert, key=key, session_tickets=1)
-    return no_tickets, tickets, client_context(ca=directory / "ca.pem")
+    # The same server after a restart: same certificate, a new ticket key.
+    restarted = server_context(cert=cert, key=key, session_tickets=1)
+    return no_tickets, tickets, restarted, client_context(ca=directory / "ca.pem")
 
 
 def measure(key_type: trustme.KeyType, *, count: int, rounds: int) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
-        no_tickets, tickets, client = _contexts(Path(tmp), key_type)
-    cases: dict[str, list[float]] = {"full": [], "full + ticket": [], "resumed": []}
+        no_tickets, tickets, restarted, client = _contexts(Path(tmp), key_type)
+    cases: dict[str, list[float]] = {
+        "full": [],
+        "full + ticket": [],
+        "resumed": [],
+        "old ticket refused": [],
+    }
     _, session, _ = _handshake(tickets, client, None)
     for _ in range(rounds):
+        spent = 0.0
+        for _ in range(count):
+            cpu, _, resumed = _handshake(restarted, client, session)
+            assert not resumed, "a new ticket key accepted an old ticket"
+            spent += cpu
+        cases["old ticket refused"].append(spent / count)
         spent = sum(_handshake(no_tickets, client, None)[0] for _ in range(count))
         cases["full"].append(spent / count)
         spent = sum(_handshake(tickets, client, None)[0] for _ in range(count))
