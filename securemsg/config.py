@@ -92,6 +92,7 @@ class ServerConfig(_Config, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     ca: str | None = None
     require_client_cert: bool = False
     tls13_only: bool = False
+    tls_session_tickets: int = 0
     token_file: str | None = None
     token: str | None = None
     handshake_timeout: float = 10.0
@@ -177,6 +178,8 @@ FIELD_HELP: Final[dict[str, dict[str, str]]] = {
         "ca": "CA bundle that client certificates must chain to, PEM file",
         "require_client_cert": "require a client certificate signed by the CA (mutual TLS)",
         "tls13_only": "accept TLS 1.3 only instead of TLS 1.2 and newer",
+        "tls_session_tickets": "TLS session tickets sent after a full handshake, so a "
+        "reconnecting client can resume; 0: off (see the security doc before turning on)",
         "token_file": "file holding the token clients must present",
         "token": "token clients must present; set SECUREMSG_TOKEN, never a file or flag",
         "handshake_timeout": "seconds a new connection has to finish TLS and hello",
@@ -275,6 +278,7 @@ _ZERO_MEANS_OFF: Final = frozenset(
         "loop_stall_threshold",
         "cert_expiry_warning_days",
         "datagram_source_rate",
+        "tls_session_tickets",
     }
 )
 #: Ports that may also be the word ``off``.

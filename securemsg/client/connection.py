@@ -46,6 +46,7 @@ from securemsg.errors import (
     TLSError,
 )
 from securemsg.tls.contexts import (
+    ResumingContext,
     certificate_names,
     client_context,
     is_hostname_mismatch,
@@ -328,6 +329,9 @@ async def open_connection(
         if conn is not None:
             conn.abort("cancelled")
         raise
+    if isinstance(context, ResumingContext) and conn.transport is not None:
+        # The server's session tickets came before its welcome: offer one next time.
+        context.remember(conn.transport.get_extra_info("ssl_object"), host=config.host)
     return conn
 
 

@@ -34,7 +34,14 @@ __all__ = ["TLS_FIELDS", "WATCH_INTERVAL", "CertificateKeeper", "load_server_tls
 logger = structlog.get_logger("securemsg.server.server")
 
 #: The settings a reload applies; the others need a restart.
-TLS_FIELDS: Final = ("cert", "key", "ca", "require_client_cert", "tls13_only")
+TLS_FIELDS: Final = (
+    "cert",
+    "key",
+    "ca",
+    "require_client_cert",
+    "tls13_only",
+    "tls_session_tickets",
+)
 #: Seconds between two looks at the certificate files.
 WATCH_INTERVAL: Final = 10.0
 #: Seconds between two checks of the certificate's expiry.
@@ -162,6 +169,7 @@ def server_context_for(config: ServerConfig) -> ssl.SSLContext:
         ca=config.ca,
         require_client_cert=config.require_client_cert,
         tls13_only=config.tls13_only,
+        session_tickets=config.tls_session_tickets,
     )
 
 

@@ -190,7 +190,7 @@ class ServerConnection(asyncio.BufferedProtocol):
     # -- asyncio.Protocol ---------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's SSL transport is not an asyncio.Transport subclass, but it has its methods.
+        # The server's is a TLSTransport; the loops' own SSL transports have the same methods.
         transport = cast(asyncio.Transport, transport)
         self.transport = transport
         transport.set_write_buffer_limits(high=self.server.config.max_outgoing_bytes)
@@ -531,7 +531,7 @@ class ServerConnection(asyncio.BufferedProtocol):
                 self._close_reason = event.code
                 self.log.warning(event.code, name=self._name, silence=round(event.silence, 3))
                 if self.transport is not None:
-                    # A silent peer never answers TLS close_notify, and asyncio would wait 30 s
+                    # A silent peer never answers TLS close_notify, and the TLS layer waits 30 s
                     # for it with the session still attached: a dead one is dropped now, one
                     # that never said hello gets a moment to read the error first.
                     dead = event.code == ErrorCode.HEARTBEAT_TIMEOUT

@@ -4,7 +4,9 @@ Accepting is done by hand rather than with ``asyncio.start_server(ssl=...)``, wh
 failed handshakes: each accepted socket is counted against ``max_connections`` before any
 TLS work, its ClientHello is peeked at (plaintext, HTTP and ALPN offers without
 ``securemsg/1`` are refused and logged), and the TLS handshake runs under the handshake
-timeout with ``connect_accepted_socket``, so every failure is visible and logged.
+timeout in :class:`~securemsg.server.tlstransport.TLSTransport` over a plain TCP transport
+(the loops' SSL transports keep a 256 KiB buffer per connection), so every failure is
+visible and logged.
 
 Accepting is on the path of every new connection: the listening sockets are read by one
 reader callback each (no future or task wakeup per accept), and the ClientHello is peeked
@@ -38,6 +40,7 @@ from securemsg.server.connection import ServerConnection
 from securemsg.server.loopwatch import LoopWatch
 from securemsg.server.store import MemoryStore, SessionStore, SqliteStore
 from securemsg.server.timerwheel import TimerWheel
+from securemsg.server.tlstransport import TLSTransport
 from securemsg.tls.contexts import describe_server_handshake_error
 
 if TYPE_CHECKING:
@@ -404,16 +407,18 @@ class Server:
                 if reason is not None:
                     _refuse_politely(sock, http=info.kind == "http")
                     return
-                # uvloop returns its SSL wrapper as the protocol, so keep our own reference.
                 candidate = ServerConnection(
                     self, conn_id=conn_id, peer=peer, accepted_at=accepted_at
                 )
-                await loop.connect_accepted_socket(
-                    lambda: candidate,
-                    sock,
-                    ssl=self.ssl_context,
-                    ssl_handshake_timeout=max(0.01, self.config.handshake_timeout),
-                )
+                # TLS over a plain TCP transport: the loop's SSL transport would keep a
+                # 256 KiB read buffer per connection (see tlstransport).
+                layer = TLSTransport(loop, self.ssl_context, candidate)
+                await loop.connect_accepted_socket(lambda: layer, sock)
+                try:
+                    await layer.handshake()
+                except BaseException:
+                    layer.abort()
+                    raise
                 conn = candidate
         except TimeoutError:
             reason = "timeout"
@@ -434,6 +439,7 @@ class Server:
             conn=conn_id,
             peer=peer,
             tls_version=tls.version() if tls else None,
+            tls_resumed=tls.session_reused if tls else False,
             identity=conn.identity,
         )
         if self._stopping:

@@ -19,9 +19,11 @@ from typing import Any, Final, NoReturn, cast
 
 from securemsg.core.clienthello import ALPN_PROTOCOL
 from securemsg.errors import TLSConfigError, TLSError
+from securemsg.tls.resumption import ResumingContext
 
 __all__ = [
     "ALPN_PROTOCOL",
+    "ResumingContext",
     "certificate_names",
     "client_context",
     "describe_server_handshake_error",
@@ -95,17 +97,26 @@ def server_context(
     ca: PathLike | None = None,
     require_client_cert: bool = False,
     tls13_only: bool = False,
+    session_tickets: int = 0,
 ) -> ssl.SSLContext:
     """The server's context; ``cert`` may hold the chain and the key together (``key=None``).
 
     With ``ca``, client certificates signed by it are verified: required when
     ``require_client_cert``, otherwise optional (a client may still connect without one).
+    ``session_tickets`` TLS 1.3 tickets follow each full handshake (0: none), so that a
+    client can resume (see :class:`ResumingContext` and docs/security.md).
     """
     if require_client_cert and ca is None:
         raise TLSConfigError("requiring client certificates needs a CA file to check them (--ca)")
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     _harden(context, tls13_only=tls13_only)
-    context.num_tickets = 0
+    context.num_tickets = session_tickets
+    if session_tickets:
+        # Stateless tickets, sealed with this context's random key: no server memory per
+        # ticket, and a new context (a restart, a certificate reload) rejects the old ones.
+        # With OP_NO_TICKET, OpenSSL would keep each TLS 1.3 ticket in its session cache
+        # instead (~1 KB per ticket, for hours).
+        context.options &= ~ssl.OP_NO_TICKET
     context.set_ecdh_curve(KEY_EXCHANGE_GROUP)
     _load_identity(context, cert, key)
     if ca is not None:
@@ -120,13 +131,14 @@ def client_context(
     cert: PathLike | None = None,
     key: PathLike | None = None,
     tls13_only: bool = False,
-) -> ssl.SSLContext:
+) -> ResumingContext:
     """The client's context: verifies the server against ``ca`` (the system store when None)
-    and its host name, offers ALPN, and presents ``cert``/``key`` for mutual TLS if given.
+    and its host name, offers ALPN, presents ``cert``/``key`` for mutual TLS if given, and
+    offers the session it was told to :meth:`~ResumingContext.remember`.
     """
     if key is not None and cert is None:
         raise TLSConfigError(f"key file {key} (--key) was given without a certificate (--cert)")
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # CERT_REQUIRED and check_hostname
+    context = ResumingContext(ssl.PROTOCOL_TLS_CLIENT)  # CERT_REQUIRED and check_hostname
     _harden(context, tls13_only=tls13_only)
     context.set_ecdh_curve(KEY_EXCHANGE_GROUP)
     if ca is None:

@@ -513,3 +513,15 @@ def test_our_client_guesses_the_servers_key_share_so_no_hello_retry(tls_files: T
         server_flights += 1
     assert client_end.version() == "TLSv1.3"
     assert server_flights == 1
+
+
+def test_the_server_sends_no_session_tickets_unless_told_to(tls_files: TLSFiles) -> None:
+    quiet = server_context(cert=tls_files.server_cert, key=tls_files.server_key)
+    assert quiet.num_tickets == 0
+    assert quiet.options & ssl.OP_NO_TICKET
+    talking = server_context(
+        cert=tls_files.server_cert, key=tls_files.server_key, session_tickets=2
+    )
+    assert talking.num_tickets == 2
+    # Stateless tickets: with OP_NO_TICKET OpenSSL would cache every TLS 1.3 ticket.
+    assert not talking.options & ssl.OP_NO_TICKET
