@@ -36,6 +36,7 @@ from securemsg.core.cluster import (
     directs_subject,
     filter_subject,
     parse_subject,
+    stream_position,
 )
 from securemsg.errors import ConfigError
 
@@ -278,7 +279,7 @@ class NatsLink:
                     min(left, _REPLAY_BATCH), timeout=self.settings.request_timeout
                 )
                 for msg in batch:
-                    sseq = msg.metadata.sequence.stream
+                    sseq = stream_position(msg.reply)
                     parse_subject(msg.subject)  # only ours are in the stream
                     messages.append((sseq, msg.subject, msg.data))
                 left -= len(batch)

@@ -29,6 +29,7 @@ from securemsg.core.cluster import (
     node_token,
     parse_subject,
     room_subject,
+    stream_position,
 )
 from securemsg.core.delivery import message_prefix
 from securemsg.core.messages import (
@@ -298,7 +299,7 @@ class ClusterRouter(ClusterRegistry):
     # -- the stream, read back ------------------------------------------------------------
 
     async def _on_stream(self, msg: Msg) -> None:
-        sseq = msg.metadata.sequence.stream
+        sseq = stream_position(msg.reply)
         if sseq <= self.position:
             return  # a consumer started again from before where we are
         self.position = sseq
