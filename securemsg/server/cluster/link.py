@@ -130,6 +130,9 @@ class NatsLink:
             "disconnected_cb": self._disconnected,
             "reconnected_cb": self._reconnected,
             "error_cb": self._error,
+            # Every subject is ours, made of validated names and rooms (core.cluster): nats-py
+            # need not check each one again on every publish.
+            "skip_subject_validation": True,
         }
         if settings.credentials is not None:
             options["user_credentials"] = settings.credentials
