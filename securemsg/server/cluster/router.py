@@ -12,7 +12,6 @@ and what the node's ordered consumer reads back is delivered to its own sessions
 from __future__ import annotations
 
 import asyncio
-import heapq
 from dataclasses import replace
 from typing import Any, cast
 
@@ -62,6 +61,7 @@ _pubacks = msgspec.json.Decoder(_PubAck)
 _notes = msgspec.json.Decoder(PresenceNote)
 _answers = msgspec.json.Decoder(WhoAnswer)
 _json = msgspec.json.encode
+_MSG_ID = "Nats-Msg-Id"
 
 
 class ClusterRouter(ClusterRegistry):
@@ -122,7 +122,7 @@ class ClusterRouter(ClusterRegistry):
         for session in list(self.states):
             self.drop(session)
         self._pending.clear()
-        self._unread.clear()
+        self._acks.clear()
 
     async def _back(self) -> None:
         # A restarted nats-server forgot our consumer: follow again from where we were.
@@ -147,22 +147,21 @@ class ClusterRouter(ClusterRegistry):
         checkpoints of sessions whose clients acknowledged, and refresh idle records."""
         now = self.loop.time()
         settings = self.settings
-        for token, pending in list(self._pending.items()):
+        for msg_id, pending in list(self._pending.items()):
             if now - pending.sent_at < settings.ack_timeout:
                 continue
             session = pending.session
             if pending.attempts >= settings.ack_attempts or session not in self.states:
-                del self._pending[token]
+                del self._pending[msg_id]
                 self._give_up(pending)
                 continue
             pending.attempts += 1
             pending.sent_at = now
-            self.link.publish(
-                pending.subject,
-                pending.payload,
-                reply=self._ack_inbox + token,
-                headers={"Nats-Msg-Id": pending.msg_id},
-            )
+            # JetStream may have stored it (and this node read it) already: then only its
+            # answer says so, the copy is dropped and never read back.
+            self._publish_confirmed(pending)
+        if self._acks:  # answers that never came
+            self._acks = {t: m for t, m in self._acks.items() if m in self._pending}
         for session, state in list(self.states.items()):
             if state.holds:
                 continue
@@ -225,17 +224,34 @@ class ClusterRouter(ClusterRegistry):
         if request_id is None or state is None:
             self.link.publish(subject, payload, headers=None)
             return None
-        token = str(next(self._tokens))
         msg_id = message_id(state.key, request_id)
         now = self.loop.time()
-        self._pending[token] = Pending(session, request_id, subject, payload, msg_id, now)
-        headers = {"Nats-Msg-Id": msg_id}
-        self.link.publish(subject, payload, reply=self._ack_inbox + token, headers=headers)
+        pending = Pending(session, request_id, subject, payload, msg_id, now)
+        self._pending[msg_id] = pending
+        if now < state.resends_until:
+            self._publish_confirmed(pending)
+        else:
+            # No reply inbox: the message is known stored when this node reads it back (by
+            # its Nats-Msg-Id, in _on_stream), which saves JetStream's answer to every
+            # publish. A copy JetStream drops as a duplicate is never read back: the sweep
+            # then asks again, with a reply (and a client resending after a resume is asked
+            # with one at once: resends_until).
+            self.link.publish(subject, payload, headers={_MSG_ID: msg_id})
         return ACK_LATER
 
+    def _publish_confirmed(self, pending: Pending) -> None:
+        """Publish asking for JetStream's answer, which says where it is stored (the first
+        copy's place for a duplicate) or that it is not."""
+        token = str(next(self._tokens))
+        self._acks[token] = pending.msg_id
+        reply = self._ack_inbox + token
+        self.link.publish(
+            pending.subject, pending.payload, reply=reply, headers={_MSG_ID: pending.msg_id}
+        )
+
     async def _on_puback(self, msg: Msg) -> None:
-        token = msg.subject[len(self._ack_inbox) :]
-        pending = self._pending.get(token)
+        msg_id = self._acks.pop(msg.subject[len(self._ack_inbox) :], None)
+        pending = self._pending.get(msg_id) if msg_id is not None else None
         if pending is None:
             return
         try:
@@ -245,14 +261,12 @@ class ClusterRouter(ClusterRegistry):
         if answer.error is not None or not answer.seq:  # not stored: the sweep resends it
             pending.sent_at = 0.0
             return
-        del self._pending[token]
         if answer.seq <= self.position:
+            del self._pending[pending.msg_id]
             self._stored(pending)
-        else:
-            # Acknowledged once this node has read it back (delivered it here): a publisher
-            # then runs at most its outbox ahead of this node's deliveries, so flow control
-            # holds it back in time. A resend JetStream dropped names the first copy's place.
-            heapq.heappush(self._unread, (answer.seq, next(self._tokens), pending))
+        # Else it is acknowledged once this node reads it back (delivers it here, in
+        # _on_stream): a publisher then runs at most its outbox ahead of this node's
+        # deliveries, so flow control holds it back in time.
 
     def _stored(self, pending: Pending) -> None:
         session = pending.session
@@ -305,9 +319,12 @@ class ClusterRouter(ClusterRegistry):
         self.position = sseq
         if self._position_waiters:
             self._reached(sseq)
-        unread = self._unread
-        while unread and unread[0][0] <= sseq:
-            self._stored(heapq.heappop(unread)[2])
+        if self._pending:
+            headers = msg.headers
+            if headers is not None:
+                pending = self._pending.pop(headers.get(_MSG_ID, ""), None)
+                if pending is not None:
+                    self._stored(pending)
         kind, sender, target = parse_subject(msg.subject)
         prefix = msg.data
         states = self.states
