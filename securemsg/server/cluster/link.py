@@ -14,10 +14,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
-import nats
 import structlog
-from nats.aio.client import Client as NATS
-from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
 from nats.js.api import (
@@ -39,6 +36,7 @@ from securemsg.core.cluster import (
     stream_position,
 )
 from securemsg.errors import ConfigError
+from securemsg.server.cluster.follower import NodeClient, StreamHandler, callback
 
 __all__ = ["STREAM", "ClusterSettings", "NatsLink", "StreamMessage"]
 
@@ -98,7 +96,7 @@ class NatsLink:
         self.settings = settings
         self._on_lost = on_lost
         self._on_back = on_back
-        self.nc: NATS | None = None
+        self.nc: NodeClient | None = None
         self._js: JetStreamContext | None = None
         self.sessions: KeyValue | None = None
         self.names: KeyValue | None = None
@@ -141,7 +139,9 @@ class NatsLink:
             options["password"] = settings.password or ""
         where = ",".join(settings.servers)
         try:
-            self.nc = await nats.connect(**options)
+            nc = NodeClient()
+            await nc.connect(**options)
+            self.nc = nc
         except (OSError, NatsError, TimeoutError) as exc:
             raise ConfigError(f"cannot reach the cluster at {where}: {exc!r}") from None
         self._js = self.nc.jetstream(timeout=settings.request_timeout)
@@ -237,21 +237,23 @@ class NatsLink:
         info = await self.js.stream_info(STREAM)
         return info.state.first_seq, info.state.last_seq
 
-    async def follow(
-        self, after: int, callback: Callable[[Msg], Awaitable[None]]
-    ) -> JetStreamContext.PushSubscription:
-        """The node's ordered consumer over the whole stream, from ``after + 1``."""
+    async def follow(self, after: int, handler: StreamHandler) -> JetStreamContext.PushSubscription:
+        """The node's ordered consumer over the whole stream, from ``after + 1``: ``handler``
+        gets each message in stream order (the short way: :mod:`.follower`)."""
+        assert self.nc is not None
         config = ConsumerConfig(
             deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=after + 1
         )
-        return await self.js.subscribe(
+        psub = await self.js.subscribe(
             "sm.>",
             stream=STREAM,
-            cb=callback,
+            cb=callback(handler),
             ordered_consumer=True,
             idle_heartbeat=1.0,
             config=config,
         )
+        self.nc.follow(psub, handler)
+        return psub
 
     async def read(self, record: SessionRecord) -> list[StreamMessage]:
         """The stream messages after the record's checkpoint that may be the session's

@@ -21,6 +21,7 @@ from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
 
 from securemsg.core.cluster import (
+    MSG_ID_HEADER,
     PresenceNote,
     WhoAnswer,
     direct_subject,
@@ -28,7 +29,6 @@ from securemsg.core.cluster import (
     node_token,
     parse_subject,
     room_subject,
-    stream_position,
 )
 from securemsg.core.delivery import message_prefix
 from securemsg.core.messages import (
@@ -61,7 +61,6 @@ _pubacks = msgspec.json.Decoder(_PubAck)
 _notes = msgspec.json.Decoder(PresenceNote)
 _answers = msgspec.json.Decoder(WhoAnswer)
 _json = msgspec.json.encode
-_MSG_ID = "Nats-Msg-Id"
 
 
 class ClusterRouter(ClusterRegistry):
@@ -236,7 +235,7 @@ class ClusterRouter(ClusterRegistry):
             # publish. A copy JetStream drops as a duplicate is never read back: the sweep
             # then asks again, with a reply (and a client resending after a resume is asked
             # with one at once: resends_until).
-            self.link.publish(subject, payload, headers={_MSG_ID: msg_id})
+            self.link.publish(subject, payload, headers={MSG_ID_HEADER: msg_id})
         return ACK_LATER
 
     def _publish_confirmed(self, pending: Pending) -> None:
@@ -246,7 +245,7 @@ class ClusterRouter(ClusterRegistry):
         self._acks[token] = pending.msg_id
         reply = self._ack_inbox + token
         self.link.publish(
-            pending.subject, pending.payload, reply=reply, headers={_MSG_ID: pending.msg_id}
+            pending.subject, pending.payload, reply=reply, headers={MSG_ID_HEADER: pending.msg_id}
         )
 
     async def _on_puback(self, msg: Msg) -> None:
@@ -312,21 +311,17 @@ class ClusterRouter(ClusterRegistry):
 
     # -- the stream, read back ------------------------------------------------------------
 
-    async def _on_stream(self, msg: Msg) -> None:
-        sseq = stream_position(msg.reply)
+    def _on_stream(self, sseq: int, subject: str, prefix: bytes, msg_id: str | None) -> None:
         if sseq <= self.position:
             return  # a consumer started again from before where we are
         self.position = sseq
         if self._position_waiters:
             self._reached(sseq)
-        if self._pending:
-            headers = msg.headers
-            if headers is not None:
-                pending = self._pending.pop(headers.get(_MSG_ID, ""), None)
-                if pending is not None:
-                    self._stored(pending)
-        kind, sender, target = parse_subject(msg.subject)
-        prefix = msg.data
+        if msg_id is not None and self._pending:
+            pending = self._pending.pop(msg_id, None)
+            if pending is not None:
+                self._stored(pending)
+        kind, sender, target = parse_subject(subject)
         states = self.states
         if kind == "r":
             recipients: list[Session] = [
