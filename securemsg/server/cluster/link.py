@@ -36,7 +36,7 @@ from securemsg.core.cluster import (
     stream_position,
 )
 from securemsg.errors import ConfigError
-from securemsg.server.cluster.follower import NodeClient, StreamHandler, callback
+from securemsg.server.cluster.node_client import NodeClient, Outgoing, StreamHandler, callback
 
 __all__ = ["STREAM", "ClusterSettings", "NatsLink", "StreamMessage"]
 
@@ -101,7 +101,7 @@ class NatsLink:
         self.sessions: KeyValue | None = None
         self.names: KeyValue | None = None
         self.nodes: KeyValue | None = None
-        self._queue: list[tuple[str, bytes, str, dict[str, str] | None]] = []
+        self._queue: list[Outgoing] = []
         self._wake = asyncio.Event()
         self._publisher: asyncio.Task[None] | None = None
 
@@ -223,12 +223,10 @@ class NatsLink:
             await self._wake.wait()
             self._wake.clear()
             batch, self._queue = self._queue, []
-            for subject, payload, reply, headers in batch:
-                try:
-                    await nc.publish(subject, payload, reply=reply, headers=headers)
-                except NatsError as exc:  # disconnected: the publishes of this batch are lost
-                    logger.debug("cluster_request_failed", request="publish", error=repr(exc))
-                    break
+            try:
+                await nc.publish_all(batch)
+            except NatsError as exc:  # disconnected: the publishes of this batch are lost
+                logger.debug("cluster_request_failed", request="publish", error=repr(exc))
 
     # -- reading -------------------------------------------------------------------------
 
@@ -239,7 +237,7 @@ class NatsLink:
 
     async def follow(self, after: int, handler: StreamHandler) -> JetStreamContext.PushSubscription:
         """The node's ordered consumer over the whole stream, from ``after + 1``: ``handler``
-        gets each message in stream order (the short way: :mod:`.follower`)."""
+        gets each message in stream order (the short way: :mod:`.node_client`)."""
         assert self.nc is not None
         config = ConsumerConfig(
             deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=after + 1

@@ -1,4 +1,4 @@
-"""The node's read of the stream (securemsg/server/cluster/follower.py), over a real
+"""The node's read of the stream (securemsg/server/cluster/node_client.py), over a real
 nats-server: every message once, in stream order, with its Nats-Msg-Id, whichever way it
 took in (the short way, or nats-py's callback for what came first or after a restart)."""
 
@@ -96,3 +96,37 @@ async def test_after_its_consumer_is_lost_the_node_reads_on_from_where_it_was(
     finally:
         await link.close()
     assert [sseq for sseq, *_ in seen] == list(range(1, 1001))
+
+
+async def test_a_batch_of_publishes_is_stored_in_order_with_its_ids_and_deduplicated(
+    nats_url: str,
+) -> None:
+    # The node writes a loop turn's publishes itself; what needs nats-py's care (a header
+    # to clean up) goes nats-py's way, in order.
+    await wipe(nats_url)
+    link = await _link(nats_url)
+    try:
+        seen = Seen()
+        await link.follow(0, seen)
+        subject = room_subject("alice", "feed")
+        ids = ["k:1", "k:2", " k:3 ", "k:\u00e9", "k:5\r\nX-Evil: 1", "k:1", None, "k:7"]
+        for n, msg_id in enumerate(ids):
+            headers = None if msg_id is None else {"Nats-Msg-Id": msg_id}
+            link.publish(subject, b"%d" % n, headers=headers)
+        link.publish(subject, b"8", headers={"Nats-Msg-Id": "k:8"})
+        await seen.until(8)
+        await asyncio.sleep(0.3)
+    finally:
+        await link.close()
+    # k:1 sent again is a duplicate; nats-py strips the space of " k:3 " and turns the line
+    # break into a space.
+    assert [(data, msg_id) for _, _, data, msg_id in seen] == [
+        (b"0", "k:1"),
+        (b"1", "k:2"),
+        (b"2", "k:3"),
+        (b"3", "k:\u00e9"),
+        (b"4", "k:5  X-Evil: 1"),
+        (b"6", None),
+        (b"7", "k:7"),
+        (b"8", "k:8"),
+    ]

@@ -1,5 +1,6 @@
-"""The short way in for the stream: every node reads every stream message, so what nats-py
-does per message is paid by every node for every message.
+"""nats-py's client with two short ways for a node's hot path: in, for the stream (every node
+reads every stream message, so what nats-py does per message is paid by every node for every
+message), and out, for the node's publishes.
 
 nats-py hands a subscription's messages to its callback through a :class:`~nats.aio.msg.Msg`
 each (its headers parsed into a dict), a queue and a task. For the node's ordered consumer,
@@ -14,12 +15,18 @@ sequence it expects next, the last stream sequence, the count flow control answe
 activity the heartbeat check looks for). It reads attributes nats-py does not publish
 (checked once: without them the node takes nats-py's path for every message); the cluster
 tests drive it over a real nats-server, consumer restarts and flow control included.
+
+Out, :meth:`NodeClient.publish_all` writes the publishes the node queued in one loop turn as
+protocol commands joined into one buffer for nats-py's writer, where nats-py's ``publish``
+checks, encodes and queues each one (its header dict included); what needs nats-py's checks
+(a payload past the server's limit, a header that is not one plain ``Nats-Msg-Id``) goes
+its way, in order.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
 import structlog
 from nats.aio.client import Client as NATS
@@ -27,18 +34,23 @@ from nats.aio.msg import Msg
 
 from securemsg.core.cluster import MSG_ID_HEADER, message_id_of, stream_position
 
-__all__ = ["NodeClient", "StreamHandler"]
+__all__ = ["NodeClient", "Outgoing", "StreamHandler"]
 
 logger = structlog.get_logger("securemsg.server.cluster")
 
 #: (stream position, subject, payload, Nats-Msg-Id or None): one stream message, in order.
 StreamHandler = Callable[[int, str, bytes, "str | None"], None]
 
-#: What the short way reads of nats-py's subscription and its JetStream state.
+#: One publish: (subject, payload, reply inbox or "", headers or None).
+Outgoing = tuple[str, bytes, str, "dict[str, str] | None"]
+
+#: What the short ways read of nats-py's client, subscription and JetStream state.
 _NEEDED = {
+    "client": ("_pending", "_pending_data_size", "_flush_queue", "_flush_pending", "_max_payload"),
     "sub": ("_id", "_received", "_pending_queue", "_jsi"),
     "jsi": ("_dseq", "_sseq", "_active", "track_sequences"),
 }
+_HEADER_START: Final = b"NATS/1.0\r\n" + MSG_ID_HEADER.encode() + b": "
 
 
 class _Follower:
@@ -80,6 +92,39 @@ class NodeClient(NATS):
     def __init__(self) -> None:
         super().__init__()
         self._follower: _Follower | None = None
+        self._raw_out = all(hasattr(self, name) for name in _NEEDED["client"])
+
+    async def publish_all(self, batch: list[Outgoing]) -> None:
+        """Publish ``batch`` in order, with one flush (see the module doc)."""
+        if not self._raw_out or not self.is_connected:
+            for subject, payload, reply, headers in batch:
+                await self.publish(subject, payload, reply=reply, headers=headers)
+            return
+        parts: list[bytes] = []
+        limit = self._max_payload
+        for subject, payload, reply, headers in batch:
+            if headers is None and len(payload) <= limit:
+                parts.append(f"PUB {subject} {reply} {len(payload)}\r\n".encode())
+            elif (header := _plain_header(headers)) is not None and len(payload) <= limit:
+                size = len(header) + len(payload)
+                parts.append(f"HPUB {subject} {reply} {len(header)} {size}\r\n".encode())
+                parts.append(header)
+            else:  # nats-py refuses it or cleans its headers up: its way, in order
+                self._queue_raw(parts)
+                parts = []
+                await self.publish(subject, payload, reply=reply, headers=headers)
+                continue
+            parts.append(payload)
+            parts.append(b"\r\n")
+        self._queue_raw(parts)
+        if self._flush_queue is not None and self._flush_queue.empty():
+            await self._flush_pending()
+
+    def _queue_raw(self, parts: list[bytes]) -> None:
+        if parts:
+            data = b"".join(parts)
+            self._pending.append(data)
+            self._pending_data_size += len(data)
 
     def follow(self, psub: Any, handler: StreamHandler) -> None:
         """Take the plain messages of ``psub`` (a push subscription of an ordered consumer,
@@ -103,6 +148,17 @@ class NodeClient(NATS):
             if follower.take(subject, reply, data, headers):
                 return
         await super()._process_msg(sid, subject, reply, data, headers)
+
+
+def _plain_header(headers: dict[str, str] | None) -> bytes | None:
+    """The encoded headers when they are one ``Nats-Msg-Id`` that nats-py would send as it
+    is (printable ASCII, no surrounding space), else None."""
+    if headers is None or len(headers) != 1:
+        return None
+    value = headers.get(MSG_ID_HEADER)
+    if value is None or not (value.isascii() and value.isprintable()) or value != value.strip():
+        return None
+    return _HEADER_START + value.encode() + b"\r\n\r\n"
 
 
 def callback(handler: StreamHandler) -> Callable[[Msg], Any]:
