@@ -2,8 +2,9 @@
 and what the node's ordered consumer reads back is delivered to its own sessions.
 
 - ``publish``/``direct`` publish the message once to the stream and answer
-  :data:`ACK_LATER`: the client's ack waits for JetStream's (the message is stored). The
-  node delivers to its own sessions what its consumer reads back, in stream order, so that a
+  :data:`ACK_LATER`: the client's ack waits until the node reads the message back (by its
+  Nats-Msg-Id: it is stored), or for JetStream's answer to a possible resend. The node
+  delivers to its own sessions what its consumer reads back, in stream order, so that a
   session's numbering is a function of the stream (:mod:`securemsg.core.cluster`);
 - presence and ``who`` travel on core NATS subjects;
 - losing NATS sends every client away (``bye`` ``node_unavailable``).
