@@ -135,7 +135,7 @@ class NodeClient(NATS):
             hasattr(jsi, name) for name in _NEEDED["jsi"]
         )
         if not usable:
-            logger.debug("cluster_short_path_unavailable")
+            logger.info("cluster_short_path_unavailable")
             self._follower = None
             return
         self._follower = _Follower(sub, handler)
