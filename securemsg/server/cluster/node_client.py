@@ -92,7 +92,9 @@ class NodeClient(NATS):
     def __init__(self) -> None:
         super().__init__()
         self._follower: _Follower | None = None
-        self._raw_out = all(hasattr(self, name) for name in _NEEDED["client"])
+        self._raw_out = all(hasattr(self, name) for name in _NEEDED["client"]) and isinstance(
+            self._pending, list
+        )
 
     async def publish_all(self, batch: list[Outgoing]) -> None:
         """Publish ``batch`` in order, with one flush (see the module doc)."""
