@@ -36,6 +36,7 @@ from securemsg.core.rooms import filter_matches
 
 __all__ = [
     "DIRECT_PREFIX",
+    "MSG_ID_HEADER",
     "ROOM_PREFIX",
     "STREAM_SUBJECTS",
     "Checkpoints",
@@ -52,11 +53,13 @@ __all__ = [
     "filter_subject",
     "live_nodes",
     "message_id",
+    "message_id_of",
     "name_key",
     "node_token",
     "parse_subject",
     "room_subject",
     "session_key",
+    "stream_position",
 ]
 
 ROOM_PREFIX: Final = "sm.r."
@@ -107,6 +110,38 @@ def parse_subject(subject: str) -> tuple[Literal["r", "d"], str, str]:
         if sender:
             return "d", sender.replace("%", "."), to.replace("%", ".")
     raise ValueError(f"not a securemsg stream subject: {subject!r}")
+
+
+def stream_position(reply: str) -> int:
+    """The stream sequence number in the reply subject of a JetStream delivery:
+    ``$JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<ts>.<pending>``,
+    or with a domain and an account hash after ``$JS.ACK`` (12 tokens, or 11). Cheaper than
+    nats-py's ``Msg.metadata``, which parses every field and a timestamp: this is read once
+    per stream message on every node. ValueError for anything else."""
+    tokens = reply.split(".", 8)
+    if tokens[0] != "$JS" or tokens[1] != "ACK" or len(tokens) < 9:
+        raise ValueError(f"not a JetStream delivery: {reply!r}")
+    if tokens[8].count(".") == 0:  # the 9-token form
+        return int(tokens[5])
+    return int(tokens[7])
+
+
+MSG_ID_HEADER: Final = "Nats-Msg-Id"
+_MSG_ID_LINE: Final = b"\r\n" + MSG_ID_HEADER.encode() + b":"
+
+
+def message_id_of(headers: bytes | None) -> str | None:
+    """The ``Nats-Msg-Id`` in a message's raw NATS headers (``NATS/1.0\r\nName: value\r\n
+    ...\r\n\r\n``), or None: the one header a node reads back from the stream."""
+    if not headers:
+        return None
+    start = headers.find(_MSG_ID_LINE)
+    if start < 0:
+        return None
+    start += len(_MSG_ID_LINE)
+    end = headers.find(b"\r\n", start)
+    value = headers[start:end].strip() if end >= 0 else b""
+    return value.decode("utf-8", "replace") or None
 
 
 def name_key(name: str) -> str:

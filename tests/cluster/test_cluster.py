@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -349,6 +350,30 @@ async def test_a_publish_resent_to_another_node_is_stored_once(
         acked += (await again.recv_type(ServerAck)).ids
     assert sorted(acked) == ["p1", "p2"]
     assert [(await sub.receive(timeout=5)).body for _ in range(2)] == [1, 2]
+    with pytest.raises(ClientTimeoutError):
+        await sub.receive(timeout=0.3)
+
+
+async def test_publishes_and_resends_are_acknowledged_once_stored_without_a_resend_timer(
+    start_node: StartNode, raw: Any, clients: Any
+) -> None:
+    # A node knows a publish is stored when it reads it back, and a resend after a resume
+    # (which JetStream may drop as a duplicate, so it is never read back) from JetStream's
+    # answer: neither waits for the sweep that resends what was not acknowledged.
+    a, b = await start_node(), await start_node()
+    for node in (a, b):
+        assert node.cluster is not None
+        node.cluster.settings = replace(node.cluster.settings, ack_timeout=600.0)
+    sub = await clients(b.port, "sub")
+    await sub.join("feed")
+    pub = await raw(a.port, "pub")
+    first = Publish(room="feed", body=msgspec.Raw(b"1"), id="p1")
+    pub.send(first)
+    assert (await pub.recv_type(ServerAck)).ids == ["p1"]
+    again = await raw(b.port, "pub", session=pub.welcome.session, last_seq=0)
+    again.send(first)
+    assert (await again.recv_type(ServerAck)).ids == ["p1"]
+    assert (await sub.receive(timeout=5)).body == 1
     with pytest.raises(ClientTimeoutError):
         await sub.receive(timeout=0.3)
 

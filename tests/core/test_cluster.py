@@ -17,10 +17,12 @@ from securemsg.core.cluster import (
     directs_subject,
     filter_subject,
     message_id,
+    message_id_of,
     name_key,
     parse_subject,
     room_subject,
     session_key,
+    stream_position,
 )
 from securemsg.core.rooms import RoomRegistry
 
@@ -36,6 +38,43 @@ def test_subjects_carry_names_with_dots_and_rooms_both_ways() -> None:
     assert name_key("bob@example.com") == "bob=example.com"
     with pytest.raises(ValueError):
         parse_subject("sm.x.y")
+
+
+@pytest.mark.parametrize(
+    ("reply", "position"),
+    [
+        ("$JS.ACK.SECUREMSG.Xy12.1.4071.4070.1764662400000000000.12", 4071),
+        ("$JS.ACK.SECUREMSG.Xy12.2.7.9.1764662400000000000.0", 7),
+        ("$JS.ACK.hub.ACCHASH.SECUREMSG.Xy12.1.4071.4070.1764662400000000000.12", 4071),
+        ("$JS.ACK.hub.ACCHASH.SECUREMSG.Xy12.1.4071.4070.1764662400000000000.12.r4nd", 4071),
+    ],
+)
+def test_the_stream_position_is_read_from_a_delivery_reply_subject(
+    reply: str, position: int
+) -> None:
+    assert stream_position(reply) == position
+
+
+@pytest.mark.parametrize(
+    "reply", ["", "_INBOX.abc.1", "$JS.ACK.SECUREMSG.Xy12.1.4071", "$JS.API.X.Y.1.2.3.4.5"]
+)
+def test_a_reply_subject_that_is_no_jetstream_delivery_is_refused(reply: str) -> None:
+    with pytest.raises(ValueError):
+        stream_position(reply)
+
+
+@pytest.mark.parametrize(
+    ("headers", "msg_id"),
+    [
+        (b"NATS/1.0\r\nNats-Msg-Id: 3f2a:p1\r\n\r\n", "3f2a:p1"),
+        (b"NATS/1.0\r\nA: b\r\nNats-Msg-Id:3f2a:p1 \r\nC: d\r\n\r\n", "3f2a:p1"),
+        (b"NATS/1.0\r\nA: b\r\n\r\n", None),
+        (b"", None),
+        (None, None),
+    ],
+)
+def test_the_message_id_is_read_from_raw_headers(headers: bytes | None, msg_id: str | None) -> None:
+    assert message_id_of(headers) == msg_id
 
 
 def test_a_session_key_hides_the_token_and_message_ids_differ_per_session() -> None:

@@ -242,6 +242,7 @@ class ClusterBroker(ClusterRouter):
         # has a connection: they go out with the replay, after welcome.
         self.release(session, state)
         session.attach(link, self.loop.time())
+        state.resends_until = self.loop.time() + self.settings.ack_timeout
         return Opened(session, resumed=True, replay=session.replay(last_seq), took_over=False)
 
 

@@ -14,10 +14,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
-import nats
 import structlog
-from nats.aio.client import Client as NATS
-from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
 from nats.js.api import (
@@ -36,8 +33,10 @@ from securemsg.core.cluster import (
     directs_subject,
     filter_subject,
     parse_subject,
+    stream_position,
 )
 from securemsg.errors import ConfigError
+from securemsg.server.cluster.node_client import NodeClient, Outgoing, StreamHandler, callback
 
 __all__ = ["STREAM", "ClusterSettings", "NatsLink", "StreamMessage"]
 
@@ -97,12 +96,12 @@ class NatsLink:
         self.settings = settings
         self._on_lost = on_lost
         self._on_back = on_back
-        self.nc: NATS | None = None
+        self.nc: NodeClient | None = None
         self._js: JetStreamContext | None = None
         self.sessions: KeyValue | None = None
         self.names: KeyValue | None = None
         self.nodes: KeyValue | None = None
-        self._queue: list[tuple[str, bytes, str, dict[str, str] | None]] = []
+        self._queue: list[Outgoing] = []
         self._wake = asyncio.Event()
         self._publisher: asyncio.Task[None] | None = None
 
@@ -129,6 +128,9 @@ class NatsLink:
             "disconnected_cb": self._disconnected,
             "reconnected_cb": self._reconnected,
             "error_cb": self._error,
+            # Every subject is ours, made of validated names and rooms (core.cluster): nats-py
+            # need not check each one again on every publish.
+            "skip_subject_validation": True,
         }
         if settings.credentials is not None:
             options["user_credentials"] = settings.credentials
@@ -137,7 +139,9 @@ class NatsLink:
             options["password"] = settings.password or ""
         where = ",".join(settings.servers)
         try:
-            self.nc = await nats.connect(**options)
+            nc = NodeClient()
+            await nc.connect(**options)
+            self.nc = nc
         except (OSError, NatsError, TimeoutError) as exc:
             raise ConfigError(f"cannot reach the cluster at {where}: {exc!r}") from None
         self._js = self.nc.jetstream(timeout=settings.request_timeout)
@@ -219,12 +223,10 @@ class NatsLink:
             await self._wake.wait()
             self._wake.clear()
             batch, self._queue = self._queue, []
-            for subject, payload, reply, headers in batch:
-                try:
-                    await nc.publish(subject, payload, reply=reply, headers=headers)
-                except NatsError as exc:  # disconnected: the publishes of this batch are lost
-                    logger.debug("cluster_request_failed", request="publish", error=repr(exc))
-                    break
+            try:
+                await nc.publish_all(batch)
+            except NatsError as exc:  # disconnected: the publishes of this batch are lost
+                logger.debug("cluster_request_failed", request="publish", error=repr(exc))
 
     # -- reading -------------------------------------------------------------------------
 
@@ -233,21 +235,23 @@ class NatsLink:
         info = await self.js.stream_info(STREAM)
         return info.state.first_seq, info.state.last_seq
 
-    async def follow(
-        self, after: int, callback: Callable[[Msg], Awaitable[None]]
-    ) -> JetStreamContext.PushSubscription:
-        """The node's ordered consumer over the whole stream, from ``after + 1``."""
+    async def follow(self, after: int, handler: StreamHandler) -> JetStreamContext.PushSubscription:
+        """The node's ordered consumer over the whole stream, from ``after + 1``: ``handler``
+        gets each message in stream order (the short way: :mod:`.node_client`)."""
+        assert self.nc is not None
         config = ConsumerConfig(
             deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=after + 1
         )
-        return await self.js.subscribe(
+        psub = await self.js.subscribe(
             "sm.>",
             stream=STREAM,
-            cb=callback,
+            cb=callback(handler),
             ordered_consumer=True,
             idle_heartbeat=1.0,
             config=config,
         )
+        self.nc.follow(psub, handler)
+        return psub
 
     async def read(self, record: SessionRecord) -> list[StreamMessage]:
         """The stream messages after the record's checkpoint that may be the session's
@@ -278,7 +282,7 @@ class NatsLink:
                     min(left, _REPLAY_BATCH), timeout=self.settings.request_timeout
                 )
                 for msg in batch:
-                    sseq = msg.metadata.sequence.stream
+                    sseq = stream_position(msg.reply)
                     parse_subject(msg.subject)  # only ours are in the stream
                     messages.append((sseq, msg.subject, msg.data))
                 left -= len(batch)

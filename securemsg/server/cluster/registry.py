@@ -79,6 +79,9 @@ class SessionState:
     written_at: float = 0.0
     dropped: bool = False
     waiters: list[tuple[int, asyncio.Future[None]]] = field(default_factory=list)
+    #: Until then (loop time) its publishes ask JetStream for an answer: its client has just
+    #: resumed and resends what it kept, which JetStream may have stored already.
+    resends_until: float = 0.0
 
 
 @dataclass(slots=True)
@@ -121,7 +124,10 @@ class ClusterRegistry(Broker):
         #: Nodes heard from: when (loop time) and their client address.
         self.heard: dict[str, tuple[float, str]] = {}
         self.available = False
+        #: Publishes not known to be stored yet, by Nats-Msg-Id.
         self._pending: dict[str, Pending] = {}
+        #: The Nats-Msg-Id of each publish sent with a reply inbox, by the inbox's last token.
+        self._acks: dict[str, str] = {}
         self._tokens = itertools.count(1)
         self._ack_inbox = ""
         self._tasks: set[asyncio.Task[None]] = set()
@@ -129,8 +135,6 @@ class ClusterRegistry(Broker):
         self._loop: asyncio.AbstractEventLoop | None = None
         #: Moves waiting for the consumer to reach a position.
         self._position_waiters: list[tuple[int, asyncio.Future[None]]] = []
-        #: Publishes JetStream stored beyond what this node has read yet: (stream_seq, n, it).
-        self._unread: list[tuple[int, int, Pending]] = []
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -331,6 +335,7 @@ class ClusterRegistry(Broker):
         state = self.states.get(session)
         if state is not None:
             state.record.detached_at = None
+            state.resends_until = now + self.settings.ack_timeout
             self._save(session, state)
             self.set_connected(session, True)
         return opened

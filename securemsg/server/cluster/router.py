@@ -2,8 +2,9 @@
 and what the node's ordered consumer reads back is delivered to its own sessions.
 
 - ``publish``/``direct`` publish the message once to the stream and answer
-  :data:`ACK_LATER`: the client's ack waits for JetStream's (the message is stored). The
-  node delivers to its own sessions what its consumer reads back, in stream order, so that a
+  :data:`ACK_LATER`: the client's ack waits until the node reads the message back (by its
+  Nats-Msg-Id: it is stored), or for JetStream's answer to a possible resend. The node
+  delivers to its own sessions what its consumer reads back, in stream order, so that a
   session's numbering is a function of the stream (:mod:`securemsg.core.cluster`);
 - presence and ``who`` travel on core NATS subjects;
 - losing NATS sends every client away (``bye`` ``node_unavailable``).
@@ -12,7 +13,6 @@ and what the node's ordered consumer reads back is delivered to its own sessions
 from __future__ import annotations
 
 import asyncio
-import heapq
 from dataclasses import replace
 from typing import Any, cast
 
@@ -22,6 +22,7 @@ from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
 
 from securemsg.core.cluster import (
+    MSG_ID_HEADER,
     PresenceNote,
     WhoAnswer,
     direct_subject,
@@ -121,7 +122,7 @@ class ClusterRouter(ClusterRegistry):
         for session in list(self.states):
             self.drop(session)
         self._pending.clear()
-        self._unread.clear()
+        self._acks.clear()
 
     async def _back(self) -> None:
         # A restarted nats-server forgot our consumer: follow again from where we were.
@@ -146,22 +147,21 @@ class ClusterRouter(ClusterRegistry):
         checkpoints of sessions whose clients acknowledged, and refresh idle records."""
         now = self.loop.time()
         settings = self.settings
-        for token, pending in list(self._pending.items()):
+        for msg_id, pending in list(self._pending.items()):
             if now - pending.sent_at < settings.ack_timeout:
                 continue
             session = pending.session
             if pending.attempts >= settings.ack_attempts or session not in self.states:
-                del self._pending[token]
+                del self._pending[msg_id]
                 self._give_up(pending)
                 continue
             pending.attempts += 1
             pending.sent_at = now
-            self.link.publish(
-                pending.subject,
-                pending.payload,
-                reply=self._ack_inbox + token,
-                headers={"Nats-Msg-Id": pending.msg_id},
-            )
+            # JetStream may have stored it (and this node read it) already: then only its
+            # answer says so, the copy is dropped and never read back.
+            self._publish_confirmed(pending)
+        if self._acks:  # answers that never came
+            self._acks = {t: m for t, m in self._acks.items() if m in self._pending}
         for session, state in list(self.states.items()):
             if state.holds:
                 continue
@@ -224,17 +224,34 @@ class ClusterRouter(ClusterRegistry):
         if request_id is None or state is None:
             self.link.publish(subject, payload, headers=None)
             return None
-        token = str(next(self._tokens))
         msg_id = message_id(state.key, request_id)
         now = self.loop.time()
-        self._pending[token] = Pending(session, request_id, subject, payload, msg_id, now)
-        headers = {"Nats-Msg-Id": msg_id}
-        self.link.publish(subject, payload, reply=self._ack_inbox + token, headers=headers)
+        pending = Pending(session, request_id, subject, payload, msg_id, now)
+        self._pending[msg_id] = pending
+        if now < state.resends_until:
+            self._publish_confirmed(pending)
+        else:
+            # No reply inbox: the message is known stored when this node reads it back (by
+            # its Nats-Msg-Id, in _on_stream), which saves JetStream's answer to every
+            # publish. A copy JetStream drops as a duplicate is never read back: the sweep
+            # then asks again, with a reply (and a client resending after a resume is asked
+            # with one at once: resends_until).
+            self.link.publish(subject, payload, headers={MSG_ID_HEADER: msg_id})
         return ACK_LATER
 
+    def _publish_confirmed(self, pending: Pending) -> None:
+        """Publish asking for JetStream's answer, which says where it is stored (the first
+        copy's place for a duplicate) or that it is not."""
+        token = str(next(self._tokens))
+        self._acks[token] = pending.msg_id
+        reply = self._ack_inbox + token
+        self.link.publish(
+            pending.subject, pending.payload, reply=reply, headers={MSG_ID_HEADER: pending.msg_id}
+        )
+
     async def _on_puback(self, msg: Msg) -> None:
-        token = msg.subject[len(self._ack_inbox) :]
-        pending = self._pending.get(token)
+        msg_id = self._acks.pop(msg.subject[len(self._ack_inbox) :], None)
+        pending = self._pending.get(msg_id) if msg_id is not None else None
         if pending is None:
             return
         try:
@@ -244,14 +261,12 @@ class ClusterRouter(ClusterRegistry):
         if answer.error is not None or not answer.seq:  # not stored: the sweep resends it
             pending.sent_at = 0.0
             return
-        del self._pending[token]
         if answer.seq <= self.position:
+            del self._pending[pending.msg_id]
             self._stored(pending)
-        else:
-            # Acknowledged once this node has read it back (delivered it here): a publisher
-            # then runs at most its outbox ahead of this node's deliveries, so flow control
-            # holds it back in time. A resend JetStream dropped names the first copy's place.
-            heapq.heappush(self._unread, (answer.seq, next(self._tokens), pending))
+        # Else it is acknowledged once this node reads it back (delivers it here, in
+        # _on_stream): a publisher then runs at most its outbox ahead of this node's
+        # deliveries, so flow control holds it back in time.
 
     def _stored(self, pending: Pending) -> None:
         session = pending.session
@@ -297,18 +312,17 @@ class ClusterRouter(ClusterRegistry):
 
     # -- the stream, read back ------------------------------------------------------------
 
-    async def _on_stream(self, msg: Msg) -> None:
-        sseq = msg.metadata.sequence.stream
+    def _on_stream(self, sseq: int, subject: str, prefix: bytes, msg_id: str | None) -> None:
         if sseq <= self.position:
             return  # a consumer started again from before where we are
         self.position = sseq
         if self._position_waiters:
             self._reached(sseq)
-        unread = self._unread
-        while unread and unread[0][0] <= sseq:
-            self._stored(heapq.heappop(unread)[2])
-        kind, sender, target = parse_subject(msg.subject)
-        prefix = msg.data
+        if msg_id is not None and self._pending:
+            pending = self._pending.pop(msg_id, None)
+            if pending is not None:
+                self._stored(pending)
+        kind, sender, target = parse_subject(subject)
         states = self.states
         if kind == "r":
             recipients: list[Session] = [
