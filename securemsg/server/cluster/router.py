@@ -43,7 +43,8 @@ from securemsg.core.messages import (
 from securemsg.core.rooms import is_wildcard
 from securemsg.core.server_session import ACK_LATER
 from securemsg.server.broker import Session
-from securemsg.server.cluster.registry import ClusterLink, ClusterRegistry, Pending
+from securemsg.server.cluster.flow import ClusterFlow
+from securemsg.server.cluster.registry import ClusterLink, Pending
 
 __all__ = ["ClusterRouter"]
 
@@ -63,7 +64,7 @@ _answers = msgspec.json.Decoder(WhoAnswer)
 _json = msgspec.json.encode
 
 
-class ClusterRouter(ClusterRegistry):
+class ClusterRouter(ClusterFlow):
     """The message paths of a cluster node; :class:`~securemsg.server.cluster.broker.
     ClusterBroker` adds how sessions open."""
 
@@ -85,6 +86,7 @@ class ClusterRouter(ClusterRegistry):
         await nc.subscribe("sm.who", cb=self._on_who)
         await nc.subscribe(f"sm.node.{token}.release", cb=self._on_release)
         await nc.subscribe(f"sm.node.{token}.end", cb=self._on_end)
+        await self.start_flow()
         _, self.position = await self.link.last_seq()
         self._follower = await self.link.follow(self.position, self._on_stream)
         await self._beat()
@@ -205,6 +207,8 @@ class ClusterRouter(ClusterRegistry):
             seq=0,
         )
         prefix = message_prefix(encode(message))
+        if self.elsewhere.by_key:  # a session of another node is congested
+            self.hold_for_remote(session, "r", msg.room)
         return self._send(session, room_subject(session.name, msg.room), prefix, msg.id)
 
     def direct(self, session: Session, msg: Direct, ts: float) -> int:
@@ -215,6 +219,8 @@ class ClusterRouter(ClusterRegistry):
             sender=session.name, to=msg.to, body=msg.body, id=msg.id, re=msg.re, ts=ts, seq=0
         )
         prefix = message_prefix(encode(message))
+        if self.elsewhere.by_key:
+            self.hold_for_remote(session, "d", msg.to)
         return self._send(session, direct_subject(msg.to, session.name), prefix, msg.id) or True
 
     def _send(
@@ -326,11 +332,9 @@ class ClusterRouter(ClusterRegistry):
             else:
                 self._number(member, state, prefix, sseq)
                 if member.delivery.congested:
-                    # Flow control, as on one server, for a publisher on this node: it
-                    # publishes no more until the congested session is relieved or cut.
-                    publisher = self.by_name.get(sender)
-                    if publisher is not None:
-                        self._wait(publisher, member)
+                    # Flow control, as on one server: the publisher (on this node or
+                    # another) publishes no more until the session is relieved or cut.
+                    self.congested_here(member, sender)
 
     async def reach(self, position: int) -> None:
         """Return once this node's consumer has carried out ``position``."""
