@@ -105,6 +105,15 @@ class DeliveryLog:
             self.congested = True
         return seq
 
+    def press(self, coming: int) -> bool:
+        """Count ``coming`` messages already on their way (a cluster node's unread stream)
+        toward congestion: half way with them, and at least a quarter without, the log is
+        congested (until acknowledgements bring it down to a quarter, as ever)."""
+        pending = len(self._pending)
+        if pending >= self._low and pending + coming >= self._high:
+            self.congested = True
+        return self.congested
+
     def ack(self, seq: int) -> bool:
         """Cumulative acknowledgement: every message up to ``seq`` arrived. True when this
         ended a congestion (see the class doc)."""

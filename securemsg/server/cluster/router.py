@@ -304,7 +304,8 @@ class ClusterRouter(ClusterFlow):
     # -- the stream, read back ------------------------------------------------------------
 
     async def _on_stream(self, msg: Msg) -> None:
-        sseq = msg.metadata.sequence.stream
+        metadata = msg.metadata
+        sseq = metadata.sequence.stream
         if sseq <= self.position:
             return  # a consumer started again from before where we are
         self.position = sseq
@@ -316,6 +317,10 @@ class ClusterRouter(ClusterFlow):
         kind, sender, target = parse_subject(msg.subject)
         prefix = msg.data
         states = self.states
+        # Stream messages this node has not read yet (any may be a member's): they count
+        # toward its members' congestion, or a publisher on a node ahead of this one would be
+        # held back too late (its acks follow its own node's reading, not this one's).
+        behind = metadata.num_pending + self._follower.pending_msgs
         if kind == "r":
             recipients: list[Session] = [
                 member for member in self.rooms.match(target) if member.name != sender
@@ -331,7 +336,8 @@ class ClusterRouter(ClusterFlow):
                 state.held.append((sseq, kind, sender, target, prefix))
             else:
                 self._number(member, state, prefix, sseq)
-                if member.delivery.congested:
+                log = member.delivery
+                if log.congested or (behind and log.press(behind)):
                     # Flow control, as on one server: the publisher (on this node or
                     # another) publishes no more until the session is relieved or cut.
                     self.congested_here(member, sender)
