@@ -9,6 +9,8 @@ from hypothesis import strategies as st
 
 from securemsg.core.cluster import (
     Checkpoints,
+    CongestedElsewhere,
+    CongestionNote,
     FilterSpan,
     Renumbering,
     SessionRecord,
@@ -205,3 +207,41 @@ def test_any_stream_and_membership_history_renumbers_exactly(
         renumbering.feed(*message)
     assert renumbering.consistent
     assert [(seq, sseq) for seq, sseq, _ in renumbering.replay] == numbered[last_seq:]
+
+
+# -- flow control across nodes ---------------------------------------------------------------
+
+
+def test_a_remote_congested_session_is_reached_by_its_rooms_and_its_name_not_its_own() -> None:
+    elsewhere: CongestedElsewhere[str] = CongestedElsewhere(ttl=3.0)
+    assert not elsewhere.by_key  # what the hot path tests
+    note = CongestionNote("B", "k1", "bob", ["chat.*", "news"])
+    assert elsewhere.heard(note, now=0.0, make=lambda: "bob@B") == "bob@B"
+    assert elsewhere.reached("r", "alice", "chat.x") == ["bob@B"]
+    assert elsewhere.reached("r", "alice", "news") == ["bob@B"]
+    assert elsewhere.reached("r", "alice", "other") == []
+    assert elsewhere.reached("r", "bob", "chat.x") == []  # not sent its own message
+    assert elsewhere.reached("d", "alice", "bob") == ["bob@B"]
+    assert elsewhere.reached("d", "alice", "carol") == []
+    # Re-announced with other filters: the same placeholder, matched by the new ones only.
+    again = CongestionNote("B", "k1", "bob", ["news"])
+    assert elsewhere.heard(again, now=1.0, make=lambda: "another") == "bob@B"
+    assert elsewhere.reached("r", "alice", "chat.x") == []
+    assert elsewhere.reached("r", "alice", "news") == ["bob@B"]
+    assert elsewhere.relieved("k1") == "bob@B"
+    assert elsewhere.relieved("k1") is None
+    assert elsewhere.reached("r", "alice", "news") == []
+    assert elsewhere.reached("d", "alice", "bob") == []
+    assert not elsewhere.by_key
+
+
+def test_remote_congestion_expires_when_not_reannounced_or_its_node_dies() -> None:
+    elsewhere: CongestedElsewhere[str] = CongestedElsewhere(ttl=3.0)
+    elsewhere.heard(CongestionNote("B", "k1", "bob", ["r"]), now=0.0, make=lambda: "bob")
+    elsewhere.heard(CongestionNote("C", "k2", "carol", ["r"]), now=0.0, make=lambda: "carol")
+    assert elsewhere.expired(now=2.0, live=lambda node: True) == []
+    elsewhere.heard(CongestionNote("B", "k1", "bob", ["r"]), now=2.0, make=lambda: "x")
+    assert elsewhere.expired(now=3.5, live=lambda node: True) == ["carol"]  # not heard again
+    assert elsewhere.expired(now=3.6, live=lambda node: node != "B") == ["bob"]  # B died
+    assert len(elsewhere) == 0
+    assert elsewhere.reached("r", "alice", "r") == []

@@ -235,3 +235,17 @@ def test_a_full_delivery_log_takes_no_more_and_says_so_with_seq_zero() -> None:
     assert (log.last_seq, len(log)) == (2, 2)
     log.ack(1)
     assert log.append(b"p3") == 3
+
+
+def test_messages_on_their_way_count_toward_congestion_once_a_quarter_is_pending() -> None:
+    # A cluster node's unread stream: half way counting it, a quarter without.
+    log = DeliveryLog(max_pending=100)
+    for _ in range(24):
+        log.append(b"m")
+    assert not log.press(1_000)  # below a quarter pending: never congested by what may come
+    log.append(b"m")
+    assert not log.press(24)  # 25 + 24 < 50
+    assert log.press(25) and log.congested
+    # Relieved as ever: acknowledgements down to a quarter.
+    assert log.ack(1)
+    assert not log.congested

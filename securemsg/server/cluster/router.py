@@ -321,6 +321,8 @@ class ClusterRouter(ClusterFlow):
         # toward its members' congestion, or a publisher on a node ahead of this one would be
         # held back too late (its acks follow its own node's reading, not this one's).
         behind = metadata.num_pending + self._follower.pending_msgs
+        # Fewer unacknowledged than this, a member cannot be pressed (DeliveryLog.press).
+        floor = max(self.max_pending // 4, self.max_pending // 2 - behind) if behind else 0
         if kind == "r":
             recipients: list[Session] = [
                 member for member in self.rooms.match(target) if member.name != sender
@@ -337,7 +339,9 @@ class ClusterRouter(ClusterFlow):
             else:
                 self._number(member, state, prefix, sseq)
                 log = member.delivery
-                if log.congested or (behind and log.press(behind)):
+                if log.congested or (
+                    behind and log.last_seq - log.acked >= floor and log.press(behind)
+                ):
                     # Flow control, as on one server: the publisher (on this node or
                     # another) publishes no more until the session is relieved or cut.
                     self.congested_here(member, sender)
