@@ -83,7 +83,9 @@ async def test_a_stuck_subscriber_is_cut_while_a_publisher_on_another_node_waits
     start_node: StartNode, clients: Any, tls_files: Any, unit: float
 ) -> None:
     timeout = 5 * unit
-    options = {"max_pending": 100, "max_outgoing_bytes": 16 * 1024}
+    # Room for what the publisher's node accepts while the note travels: its outbox (50)
+    # and more, on a busy machine.
+    options = {"max_pending": 200, "max_outgoing_bytes": 16 * 1024}
     a = await start_node(**options)
     b = await start_node(slow_consumer_timeout=timeout, **options)
     fast = await clients(b.port, "fast")
@@ -109,8 +111,9 @@ async def test_a_stuck_subscriber_is_cut_while_a_publisher_on_another_node_waits
         await stuck.close()
     assert got == list(range(count))
     cut = [entry for entry in logs if entry["event"] == "slow_consumer"]
-    assert [entry["name"] for entry in cut] == ["stuck"]
-    assert not [entry for entry in logs if entry["event"] == "session_overflowed"]
+    overflowed = [entry for entry in logs if entry["event"] == "session_overflowed"]
+    assert [entry["name"] for entry in cut] == ["stuck"], (cut, overflowed)
+    assert not overflowed
     assert "stuck" not in b.broker.by_name  # ended: a resume is told of the gap
     # The publisher waited for the stuck one, not much longer than the timeout (the check
     # runs every quarter of it; generous for a busy machine).

@@ -19,12 +19,15 @@ node as it is by one on its own (docs/protocol.md section 5, docs/cluster.md).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
 import msgspec
 import structlog
 from nats.aio.msg import Msg
+from nats.errors import Error as NatsError
 
 from securemsg.core.cluster import CongestedElsewhere, CongestionNote, ReliefNote
 from securemsg.core.server_session import ServerSession
@@ -59,6 +62,10 @@ class ClusterFlow(ClusterRegistry):
         )
         #: This node's sessions the cluster was told are congested.
         self.announced: dict[Session, None] = {}
+        #: Notes not yet handed to NATS, and who waits until they are.
+        self.notes: list[tuple[str, bytes]] = []
+        self._notes_wake = asyncio.Event()
+        self._notes_waiters: list[asyncio.Future[None]] = []
 
     async def start_flow(self) -> None:
         nc = self.link.nc
@@ -66,6 +73,45 @@ class ClusterFlow(ClusterRegistry):
         await nc.subscribe("sm.congested", cb=self._on_congested)
         await nc.subscribe("sm.relieved", cb=self._on_relieved)
         self.spawn(self._every(self.settings.beat_interval, self._flow_beat))
+        self.spawn(self._send_notes())
+
+    # -- the notes: sent at once, not behind the stream publishes ---------------------------
+
+    def _note(self, subject: str, note: CongestionNote | ReliefNote) -> None:
+        if self.available:
+            self.notes.append((subject, _json(note)))
+            self._notes_wake.set()
+
+    async def _send_notes(self) -> None:
+        nc = self.link.nc
+        assert nc is not None
+        while True:  # bounded by the node's life: cancelled at stop
+            await self._notes_wake.wait()
+            self._notes_wake.clear()
+            notes, self.notes = self.notes, []
+            waiters, self._notes_waiters = self._notes_waiters, []
+            try:
+                for subject, data in notes:
+                    await nc.publish(subject, data)
+                await nc.flush(timeout=max(1, round(self.settings.request_timeout)))
+            except (NatsError, TimeoutError) as exc:
+                logger.debug("cluster_request_failed", request="flow_note", error=repr(exc))
+            finally:
+                for waiter in waiters:
+                    if not waiter.done():
+                        waiter.set_result(None)
+
+    async def notes_out(self) -> None:
+        """Return once the notes queued so far reached NATS. The stream reader calls it
+        after announcing: it would otherwise deliver its whole backlog before the note
+        left (it does not yield while messages are queued), and the publishers elsewhere
+        would go on meanwhile."""
+        waiter: asyncio.Future[None] = self.loop.create_future()
+        self._notes_waiters.append(waiter)
+        self._notes_wake.set()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.settings.request_timeout):
+                await waiter
 
     # -- this node's congested sessions ----------------------------------------------------
 
@@ -84,8 +130,7 @@ class ClusterFlow(ClusterRegistry):
         if state is None or not self.available:
             return
         filters = sorted(self.rooms.filters_of(member))
-        note = CongestionNote(self.node, state.key, member.name, filters)
-        self.link.publish("sm.congested", _json(note), headers=None)
+        self._note("sm.congested", CongestionNote(self.node, state.key, member.name, filters))
 
     def relieved(self, session: Session) -> None:
         since = session.stalled_since
@@ -99,9 +144,8 @@ class ClusterFlow(ClusterRegistry):
             return
         del self.announced[session]
         state = self.states.get(session)
-        if state is not None and self.available:
-            note = ReliefNote(self.node, state.key)
-            self.link.publish("sm.relieved", _json(note), headers=None)
+        if state is not None:
+            self._note("sm.relieved", ReliefNote(self.node, state.key))
 
     async def _flow_beat(self) -> None:
         """Re-announce what is still congested (a node that joined since, or missed a note,

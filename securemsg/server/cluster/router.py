@@ -345,6 +345,8 @@ class ClusterRouter(ClusterFlow):
                     # Flow control, as on one server: the publisher (on this node or
                     # another) publishes no more until the session is relieved or cut.
                     self.congested_here(member, sender)
+        if self.notes:  # the other nodes must hear of a congestion before we read on
+            await self.notes_out()
 
     async def reach(self, position: int) -> None:
         """Return once this node's consumer has carried out ``position``."""
