@@ -55,6 +55,7 @@ class DeliveryLog:
         "_low_bytes",
         "_pending",
         "acked",
+        "coming",
         "congested",
         "last_seq",
         "max_pending",
@@ -75,6 +76,8 @@ class DeliveryLog:
         self.sent_seq = 0
         self.pending_bytes = 0
         self.congested = False
+        #: Messages that may still come, counted toward congestion (:meth:`press`).
+        self.coming = 0
         # Made on the first message and dropped once all are acknowledged: an empty deque
         # costs ~770 bytes, and most sessions are idle most of the time.
         self._pending: deque[tuple[int, bytes]] | tuple[()] = ()
@@ -106,12 +109,13 @@ class DeliveryLog:
         return seq
 
     def press(self, coming: int) -> bool:
-        """Count ``coming`` messages already on their way (a cluster node's unread stream)
-        toward congestion: half way with them, and at least a quarter without, the log is
-        congested (until acknowledgements bring it down to a quarter, as ever)."""
-        pending = len(self._pending)
-        if pending >= self._low and pending + coming >= self._high:
+        """Count ``coming`` messages that may be on their way (a cluster node's unread
+        stream) toward congestion: half way with them, the log is congested until its
+        pending and :attr:`coming` (which the caller lowers as they arrive) are down to a
+        quarter."""
+        if len(self._pending) + coming >= self._high:
             self.congested = True
+            self.coming = coming
         return self.congested
 
     def ack(self, seq: int) -> bool:
@@ -134,8 +138,13 @@ class DeliveryLog:
             self.pending_bytes = size
             if not pending:
                 self._pending = ()
-        if self.congested and len(pending) <= self._low and self.pending_bytes <= self._low_bytes:
+        if (
+            self.congested
+            and len(pending) + self.coming <= self._low
+            and self.pending_bytes <= self._low_bytes
+        ):
             self.congested = False
+            self.coming = 0
             return True
         return False
 

@@ -237,15 +237,19 @@ def test_a_full_delivery_log_takes_no_more_and_says_so_with_seq_zero() -> None:
     assert log.append(b"p3") == 3
 
 
-def test_messages_on_their_way_count_toward_congestion_once_a_quarter_is_pending() -> None:
-    # A cluster node's unread stream: half way counting it, a quarter without.
+def test_messages_on_their_way_count_toward_congestion_until_both_are_down_to_a_quarter() -> None:
+    # A cluster node's unread stream: half way counting it; relieved once the pending and
+    # what may still come (lowered by the caller as it arrives) are down to a quarter.
     log = DeliveryLog(max_pending=100)
-    for _ in range(24):
+    for _ in range(10):
         log.append(b"m")
-    assert not log.press(1_000)  # below a quarter pending: never congested by what may come
-    log.append(b"m")
-    assert not log.press(24)  # 25 + 24 < 50
-    assert log.press(25) and log.congested
-    # Relieved as ever: acknowledgements down to a quarter.
-    assert log.ack(1)
-    assert not log.congested
+    assert not log.press(39)  # 10 + 39 < 50
+    assert log.press(40) and log.congested and log.coming == 40
+    assert not log.ack(1)  # 9 pending, but 40 may come: 49 > 25
+    log.coming = 16  # the node read on
+    assert log.ack(2)  # 8 + 16 <= 25
+    assert not log.congested and log.coming == 0
+    for _ in range(50):
+        log.append(b"m")
+    assert log.congested and log.coming == 0  # the usual rule, unchanged
+    assert log.ack(log.last_seq - 25)

@@ -58,6 +58,9 @@ class _PubAck(msgspec.Struct):
     error: dict[str, Any] | None = None
 
 
+#: The stream reader lets the event loop run every this many messages.
+_YIELD_EVERY = 64
+
 _pubacks = msgspec.json.Decoder(_PubAck)
 _notes = msgspec.json.Decoder(PresenceNote)
 _answers = msgspec.json.Decoder(WhoAnswer)
@@ -321,8 +324,8 @@ class ClusterRouter(ClusterFlow):
         # toward its members' congestion, or a publisher on a node ahead of this one would be
         # held back too late (its acks follow its own node's reading, not this one's).
         behind = metadata.num_pending + self._follower.pending_msgs
-        # Fewer unacknowledged than this, a member cannot be pressed (DeliveryLog.press).
-        floor = max(self.max_pending // 4, self.max_pending // 2 - behind) if behind else 0
+        # Fewer unacknowledged than this, a member is not pressed (DeliveryLog.press).
+        floor = self.max_pending // 2 - behind
         if kind == "r":
             recipients: list[Session] = [
                 member for member in self.rooms.match(target) if member.name != sender
@@ -339,14 +342,21 @@ class ClusterRouter(ClusterFlow):
             else:
                 self._number(member, state, prefix, sseq)
                 log = member.delivery
-                if log.congested or (
-                    behind and log.last_seq - log.acked >= floor and log.press(behind)
-                ):
+                if log.congested:
+                    if log.coming:  # pressed: what may still come shrinks as we catch up
+                        log.coming = behind
                     # Flow control, as on one server: the publisher (on this node or
                     # another) publishes no more until the session is relieved or cut.
                     self.congested_here(member, sender)
+                elif behind and log.last_seq - log.acked >= floor and log.press(behind):
+                    self.congested_here(member, sender)
         if self.notes:  # the other nodes must hear of a congestion before we read on
             await self.notes_out()
+        elif not sseq % _YIELD_EVERY:
+            # nats-py hands a queued backlog over without yielding: the clients' acks (and
+            # their writes) must go on meanwhile, or flow control sees sessions fill up with
+            # what they could have taken.
+            await asyncio.sleep(0)
 
     async def reach(self, position: int) -> None:
         """Return once this node's consumer has carried out ``position``."""
