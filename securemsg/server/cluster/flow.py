@@ -5,6 +5,9 @@ node as it is by one on its own (docs/protocol.md section 5, docs/cluster.md).
   node tells the cluster (``sm.congested``: the session's key, name and filters), again every
   beat while it lasts, and ``sm.relieved`` once acknowledgements relieve it or it ends or
   leaves the node;
+- a session's congestion counts the stream messages its node has not read yet
+  (:meth:`~securemsg.core.delivery.DeliveryLog.press`, from the stream reader): a
+  publisher's node may run ahead of this one, and its backlog must not overflow a session;
 - every node keeps the others' congested sessions (:class:`~securemsg.core.cluster.
   CongestedElsewhere`), each as a placeholder session; a local publish or direct that
   reaches one makes its publisher wait for it exactly as for a local one (its connection
