@@ -352,10 +352,11 @@ class ClusterRouter(ClusterFlow):
                     self.congested_here(member, sender)
         if self.notes:  # the other nodes must hear of a congestion before we read on
             await self.notes_out()
-        elif not sseq % _YIELD_EVERY:
+        elif recipients and not sseq % _YIELD_EVERY:
             # nats-py hands a queued backlog over without yielding: the clients' acks (and
             # their writes) must go on meanwhile, or flow control sees sessions fill up with
-            # what they could have taken.
+            # what they could have taken. (A node that delivers nothing need not: yielding
+            # more makes smaller NATS writes, which cost a publishing node ~20 % more CPU.)
             await asyncio.sleep(0)
 
     async def reach(self, position: int) -> None:
