@@ -118,6 +118,22 @@ class DeliveryLog:
             self.coming = coming
         return self.congested
 
+    def settle(self, coming: int) -> bool:
+        """Fewer messages may still come than :meth:`press` counted (the node read on): True
+        when that ended the congestion."""
+        if coming >= self.coming:
+            return False
+        self.coming = coming
+        if (
+            self.congested
+            and len(self._pending) + coming <= self._low
+            and self.pending_bytes <= self._low_bytes
+        ):
+            self.congested = False
+            self.coming = 0
+            return True
+        return False
+
     def ack(self, seq: int) -> bool:
         """Cumulative acknowledgement: every message up to ``seq`` arrived. True when this
         ended a congestion (see the class doc)."""

@@ -246,10 +246,21 @@ def test_messages_on_their_way_count_toward_congestion_until_both_are_down_to_a_
     assert not log.press(39)  # 10 + 39 < 50
     assert log.press(40) and log.congested and log.coming == 40
     assert not log.ack(1)  # 9 pending, but 40 may come: 49 > 25
-    log.coming = 16  # the node read on
-    assert log.ack(2)  # 8 + 16 <= 25
+    assert not log.settle(41)  # more than counted: nothing changes
+    assert not log.settle(20) and log.coming == 20  # the node read on: 9 + 20 > 25
+    assert log.ack(5)  # 5 + 20 <= 25
     assert not log.congested and log.coming == 0
     for _ in range(50):
         log.append(b"m")
     assert log.congested and log.coming == 0  # the usual rule, unchanged
     assert log.ack(log.last_seq - 25)
+
+
+def test_a_pressed_log_is_relieved_when_the_node_catches_up_without_another_ack() -> None:
+    log = DeliveryLog(max_pending=100)
+    for _ in range(10):
+        log.append(b"m")
+    log.ack(10)  # all acknowledged: no ack will come again until something arrives
+    assert log.press(60)
+    assert not log.settle(30)  # 0 + 30 > 25
+    assert log.settle(25) and not log.congested and log.coming == 0

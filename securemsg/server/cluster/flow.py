@@ -65,6 +65,8 @@ class ClusterFlow(ClusterRegistry):
         )
         #: This node's sessions the cluster was told are congested.
         self.announced: dict[Session, None] = {}
+        #: Sessions congested by this node's unread backlog (DeliveryLog.press).
+        self.pressed: dict[Session, None] = {}
         #: Notes not yet handed to NATS, and who waits until they are.
         self.notes: list[tuple[str, bytes]] = []
         self._notes_wake = asyncio.Event()
@@ -127,6 +129,18 @@ class ClusterFlow(ClusterRegistry):
             self.announced[member] = None
             self.stalled.add(member)  # the slow-consumer rule counts the remote waiters
             self._announce(member)
+
+    def caught_up(self, behind: int) -> None:
+        """This node is ``behind`` stream messages now: a session pressed by more is
+        relieved once its pending and that are down to a quarter, even if nothing more
+        comes to it (its publishers wait) and it has nothing left to acknowledge."""
+        for session in list(self.pressed):
+            log = session.delivery
+            if not log.coming or self.by_token.get(session.token) is not session:
+                del self.pressed[session]  # relieved by an ack meanwhile, or gone
+            elif log.settle(behind):
+                del self.pressed[session]
+                self.relieved(session)
 
     def _announce(self, member: Session) -> None:
         state = self.states.get(member)

@@ -343,13 +343,14 @@ class ClusterRouter(ClusterFlow):
                 self._number(member, state, prefix, sseq)
                 log = member.delivery
                 if log.congested:
-                    if log.coming:  # pressed: what may still come shrinks as we catch up
-                        log.coming = behind
                     # Flow control, as on one server: the publisher (on this node or
                     # another) publishes no more until the session is relieved or cut.
                     self.congested_here(member, sender)
                 elif behind and log.last_seq - log.acked >= floor and log.press(behind):
+                    self.pressed[member] = None
                     self.congested_here(member, sender)
+        if self.pressed:
+            self.caught_up(behind)
         if self.notes:  # the other nodes must hear of a congestion before we read on
             await self.notes_out()
         elif recipients and not sseq % _YIELD_EVERY:
