@@ -324,8 +324,10 @@ class ClusterRouter(ClusterFlow):
         # toward its members' congestion, or a publisher on a node ahead of this one would be
         # held back too late (its acks follow its own node's reading, not this one's).
         behind = metadata.num_pending + self._follower.pending_msgs
-        # Fewer unacknowledged than this, a member is not pressed (DeliveryLog.press).
+        # Fewer unacknowledged than this, a member is not pressed (DeliveryLog.press). Not by
+        # a publisher of this node: its acks follow this node's reading already.
         floor = self.max_pending // 2 - behind
+        press = behind if behind and sender not in self.by_name else 0
         if kind == "r":
             recipients: list[Session] = [
                 member for member in self.rooms.match(target) if member.name != sender
@@ -346,14 +348,14 @@ class ClusterRouter(ClusterFlow):
                     # Flow control, as on one server: the publisher (on this node or
                     # another) publishes no more until the session is relieved or cut.
                     self.congested_here(member, sender)
-                elif behind and log.last_seq - log.acked >= floor and log.press(behind):
+                elif press and log.last_seq - log.acked >= floor and log.press(press):
                     self.pressed[member] = None
                     self.congested_here(member, sender)
-        if self.pressed:
+        if self.pressed and behind <= self.max_pending // 4:  # else none can be relieved
             self.caught_up(behind)
         if self.notes:  # the other nodes must hear of a congestion before we read on
             await self.notes_out()
-        elif recipients and not sseq % _YIELD_EVERY:
+        elif recipients and not sseq % _YIELD_EVERY and self._follower.pending_msgs:
             # nats-py hands a queued backlog over without yielding: the clients' acks (and
             # their writes) must go on meanwhile, or flow control sees sessions fill up with
             # what they could have taken. (A node that delivers nothing need not: yielding
