@@ -26,13 +26,13 @@ from __future__ import annotations
 
 import hashlib
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Final, Literal
+from typing import Final, Generic, Literal, TypeVar
 
 import msgspec
 
-from securemsg.core.rooms import filter_matches
+from securemsg.core.rooms import RoomRegistry, filter_matches
 
 __all__ = [
     "DIRECT_PREFIX",
@@ -40,10 +40,13 @@ __all__ = [
     "ROOM_PREFIX",
     "STREAM_SUBJECTS",
     "Checkpoints",
+    "CongestedElsewhere",
+    "CongestionNote",
     "FilterSpan",
     "NameClaim",
     "NodeBeat",
     "PresenceNote",
+    "ReliefNote",
     "Renumbering",
     "SessionRecord",
     "WhoAnswer",
@@ -59,6 +62,7 @@ __all__ = [
     "parse_subject",
     "room_subject",
     "session_key",
+    "stream_pending",
     "stream_position",
 ]
 
@@ -110,6 +114,16 @@ def parse_subject(subject: str) -> tuple[Literal["r", "d"], str, str]:
         if sender:
             return "d", sender.replace("%", "."), to.replace("%", ".")
     raise ValueError(f"not a securemsg stream subject: {subject!r}")
+
+
+def stream_pending(reply: str) -> int:
+    """How many more messages the stream holds for the consumer, from the same reply
+    subject as :func:`stream_position` (its ``<pending>`` token). ValueError for anything
+    else."""
+    tokens = reply.split(".")
+    if tokens[0] != "$JS" or tokens[1] != "ACK" or len(tokens) not in (9, 11, 12):
+        raise ValueError(f"not a JetStream delivery: {reply!r}")
+    return int(tokens[8] if len(tokens) == 9 else tokens[10])
 
 
 def stream_position(reply: str) -> int:
@@ -230,6 +244,24 @@ class WhoAnswer(msgspec.Struct, array_like=True):
     names: list[str]
 
 
+class CongestionNote(msgspec.Struct, array_like=True):
+    """``sm.congested``: a session of ``node`` is congested by publishers of other nodes
+    (sent when it becomes so, and again every beat while it lasts)."""
+
+    node: str
+    #: The session's key (:func:`session_key`), its name (directs) and its filters (rooms).
+    session: str
+    name: str
+    filters: list[str]
+
+
+class ReliefNote(msgspec.Struct, array_like=True):
+    """``sm.relieved``: the session is no longer congested, or it ended or left the node."""
+
+    node: str
+    session: str
+
+
 # -- membership and numbering ----------------------------------------------------------------
 
 
@@ -319,3 +351,91 @@ def live_nodes(heard: Mapping[str, float], *, now: float, timeout: float) -> lis
 
 def merge_names(answers: Iterable[list[str]]) -> list[str]:
     return sorted({name for names in answers for name in names})
+
+
+# -- flow control across nodes ---------------------------------------------------------------
+
+M = TypeVar("M", bound=Hashable)
+
+
+@dataclass(slots=True)
+class _Congested(Generic[M]):
+    node: str
+    name: str
+    filters: frozenset[str]
+    heard_at: float
+    member: M
+
+
+class CongestedElsewhere(Generic[M]):
+    """The sessions of other nodes that said they are congested, each standing here as a
+    ``member`` (a placeholder the driver makes) that a local publisher can wait for.
+
+    A publish reaches one when a filter of it matches the room and it is not the sender; a
+    direct when it has the name. An entry lasts while its notes keep coming: it goes with a
+    relief note, when not heard for ``ttl`` seconds (its node stopped re-announcing it, or
+    missed the relief note), or when its node is dead.
+    """
+
+    __slots__ = ("_by_name", "_rooms", "by_key", "ttl")
+
+    def __init__(self, *, ttl: float) -> None:
+        self.ttl = ttl
+        #: By session key; empty (falsy) in the common case: the hot path tests only that.
+        self.by_key: dict[str, _Congested[M]] = {}
+        self._by_name: dict[str, M] = {}
+        self._rooms: RoomRegistry[M] = RoomRegistry()
+
+    def __len__(self) -> int:
+        return len(self.by_key)
+
+    def heard(self, note: CongestionNote, *, now: float, make: Callable[[], M]) -> M:
+        """A congestion note: the session is (still) congested, with these filters now."""
+        filters = frozenset(note.filters)
+        entry = self.by_key.get(note.session)
+        if entry is None:
+            entry = _Congested(note.node, note.name, frozenset(), now, make())
+            self.by_key[note.session] = entry
+        entry.heard_at, entry.node = now, note.node
+        member = entry.member
+        if entry.name != note.name:
+            self._drop_name(entry)
+            entry.name = note.name
+        self._by_name[note.name] = member
+        for gone in entry.filters - filters:
+            self._rooms.leave(member, gone)
+        for new in filters - entry.filters:
+            self._rooms.join(member, new)
+        entry.filters = filters
+        return member
+
+    def relieved(self, key: str) -> M | None:
+        """A relief note: the placeholder whose waiters may go on, if it was known."""
+        entry = self.by_key.pop(key, None)
+        if entry is None:
+            return None
+        self._rooms.leave_all(entry.member)
+        self._drop_name(entry)
+        return entry.member
+
+    def expired(self, *, now: float, live: Callable[[str], bool]) -> list[M]:
+        """Forget the entries not heard for ``ttl`` or whose node is dead; their placeholders."""
+        stale = [
+            key
+            for key, entry in self.by_key.items()
+            if now - entry.heard_at > self.ttl or not live(entry.node)
+        ]
+        return [member for key in stale if (member := self.relieved(key)) is not None]
+
+    def reached(self, kind: str, sender: str, target: str) -> list[M]:
+        """The congested sessions a publish (``kind`` "r", ``target`` its room) or a direct
+        ("d", ``target`` the name) from ``sender`` reaches."""
+        if kind == "d":
+            member = self._by_name.get(target)
+            return [] if member is None else [member]
+        own = self._by_name.get(sender)  # a session is not sent its own message
+        return [member for member in self._rooms.match(target) if member is not own]
+
+    def _drop_name(self, entry: _Congested[M]) -> None:
+        if self._by_name.get(entry.name) is entry.member:
+            del self._by_name[entry.name]

@@ -55,6 +55,7 @@ class DeliveryLog:
         "_low_bytes",
         "_pending",
         "acked",
+        "coming",
         "congested",
         "last_seq",
         "max_pending",
@@ -75,6 +76,8 @@ class DeliveryLog:
         self.sent_seq = 0
         self.pending_bytes = 0
         self.congested = False
+        #: Messages that may still come, counted toward congestion (:meth:`press`).
+        self.coming = 0
         # Made on the first message and dropped once all are acknowledged: an empty deque
         # costs ~770 bytes, and most sessions are idle most of the time.
         self._pending: deque[tuple[int, bytes]] | tuple[()] = ()
@@ -105,6 +108,32 @@ class DeliveryLog:
             self.congested = True
         return seq
 
+    def press(self, coming: int) -> bool:
+        """Count ``coming`` messages that may be on their way (a cluster node's unread
+        stream) toward congestion: half way with them, the log is congested until its
+        pending and :attr:`coming` (which the caller lowers as they arrive) are down to a
+        quarter."""
+        if len(self._pending) + coming >= self._high:
+            self.congested = True
+            self.coming = coming
+        return self.congested
+
+    def settle(self, coming: int) -> bool:
+        """Fewer messages may still come than :meth:`press` counted (the node read on): True
+        when that ended the congestion."""
+        if coming >= self.coming:
+            return False
+        self.coming = coming
+        if (
+            self.congested
+            and len(self._pending) + coming <= self._low
+            and self.pending_bytes <= self._low_bytes
+        ):
+            self.congested = False
+            self.coming = 0
+            return True
+        return False
+
     def ack(self, seq: int) -> bool:
         """Cumulative acknowledgement: every message up to ``seq`` arrived. True when this
         ended a congestion (see the class doc)."""
@@ -125,8 +154,13 @@ class DeliveryLog:
             self.pending_bytes = size
             if not pending:
                 self._pending = ()
-        if self.congested and len(pending) <= self._low and self.pending_bytes <= self._low_bytes:
+        if (
+            self.congested
+            and len(pending) + self.coming <= self._low
+            and self.pending_bytes <= self._low_bytes
+        ):
             self.congested = False
+            self.coming = 0
             return True
         return False
 

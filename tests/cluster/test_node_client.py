@@ -21,10 +21,16 @@ class Seen(list[tuple[int, str, bytes, "str | None"]]):
     def __init__(self) -> None:
         super().__init__()
         self.grew = asyncio.Event()
+        #: What the stream still held for the consumer at each message.
+        self.unread: list[int] = []
 
-    def __call__(self, sseq: int, subject: str, data: bytes, msg_id: str | None) -> None:
+    def __call__(
+        self, sseq: int, subject: str, data: bytes, msg_id: str | None, unread: int
+    ) -> bool:
         self.append((sseq, subject, data, msg_id))
+        self.unread.append(unread)
         self.grew.set()
+        return False
 
     async def until(self, count: int) -> None:
         async with asyncio.timeout(20):
@@ -73,6 +79,10 @@ async def test_the_stream_is_read_once_in_order_across_the_start_of_the_short_wa
     assert [int(data) for _, _, data, _ in seen] == list(range(1, 6001))
     assert {subject for _, subject, _, _ in seen} == {"sm.r.alice.feed"}
     assert [msg_id for *_, msg_id in seen] == [f"id:{n}" for n in range(1, 6001)]
+    # Both ways pass on what the stream still holds for the consumer (flow control counts
+    # it): 2,999 behind the first of the 3,000 stored before it, none behind the last.
+    assert seen.unread[0] == 2999
+    assert seen.unread[-1] == 0
 
 
 async def test_after_its_consumer_is_lost_the_node_reads_on_from_where_it_was(

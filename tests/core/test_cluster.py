@@ -9,6 +9,8 @@ from hypothesis import strategies as st
 
 from securemsg.core.cluster import (
     Checkpoints,
+    CongestedElsewhere,
+    CongestionNote,
     FilterSpan,
     Renumbering,
     SessionRecord,
@@ -22,6 +24,7 @@ from securemsg.core.cluster import (
     parse_subject,
     room_subject,
     session_key,
+    stream_pending,
     stream_position,
 )
 from securemsg.core.rooms import RoomRegistry
@@ -61,6 +64,23 @@ def test_the_stream_position_is_read_from_a_delivery_reply_subject(
 def test_a_reply_subject_that_is_no_jetstream_delivery_is_refused(reply: str) -> None:
     with pytest.raises(ValueError):
         stream_position(reply)
+    with pytest.raises(ValueError):
+        stream_pending(reply)
+
+
+@pytest.mark.parametrize(
+    ("reply", "unread"),
+    [
+        ("$JS.ACK.SECUREMSG.Xy12.1.4071.4070.1764662400000000000.12", 12),
+        ("$JS.ACK.SECUREMSG.Xy12.2.7.9.1764662400000000000.0", 0),
+        ("$JS.ACK.hub.ACCHASH.SECUREMSG.Xy12.1.4071.4070.1764662400000000000.12", 12),
+        ("$JS.ACK.hub.ACCHASH.SECUREMSG.Xy12.1.4071.4070.1764662400000000000.5.r4nd", 5),
+    ],
+)
+def test_what_the_stream_still_holds_is_read_from_a_delivery_reply_subject(
+    reply: str, unread: int
+) -> None:
+    assert stream_pending(reply) == unread
 
 
 @pytest.mark.parametrize(
@@ -244,3 +264,41 @@ def test_any_stream_and_membership_history_renumbers_exactly(
         renumbering.feed(*message)
     assert renumbering.consistent
     assert [(seq, sseq) for seq, sseq, _ in renumbering.replay] == numbered[last_seq:]
+
+
+# -- flow control across nodes ---------------------------------------------------------------
+
+
+def test_a_remote_congested_session_is_reached_by_its_rooms_and_its_name_not_its_own() -> None:
+    elsewhere: CongestedElsewhere[str] = CongestedElsewhere(ttl=3.0)
+    assert not elsewhere.by_key  # what the hot path tests
+    note = CongestionNote("B", "k1", "bob", ["chat.*", "news"])
+    assert elsewhere.heard(note, now=0.0, make=lambda: "bob@B") == "bob@B"
+    assert elsewhere.reached("r", "alice", "chat.x") == ["bob@B"]
+    assert elsewhere.reached("r", "alice", "news") == ["bob@B"]
+    assert elsewhere.reached("r", "alice", "other") == []
+    assert elsewhere.reached("r", "bob", "chat.x") == []  # not sent its own message
+    assert elsewhere.reached("d", "alice", "bob") == ["bob@B"]
+    assert elsewhere.reached("d", "alice", "carol") == []
+    # Re-announced with other filters: the same placeholder, matched by the new ones only.
+    again = CongestionNote("B", "k1", "bob", ["news"])
+    assert elsewhere.heard(again, now=1.0, make=lambda: "another") == "bob@B"
+    assert elsewhere.reached("r", "alice", "chat.x") == []
+    assert elsewhere.reached("r", "alice", "news") == ["bob@B"]
+    assert elsewhere.relieved("k1") == "bob@B"
+    assert elsewhere.relieved("k1") is None
+    assert elsewhere.reached("r", "alice", "news") == []
+    assert elsewhere.reached("d", "alice", "bob") == []
+    assert not elsewhere.by_key
+
+
+def test_remote_congestion_expires_when_not_reannounced_or_its_node_dies() -> None:
+    elsewhere: CongestedElsewhere[str] = CongestedElsewhere(ttl=3.0)
+    elsewhere.heard(CongestionNote("B", "k1", "bob", ["r"]), now=0.0, make=lambda: "bob")
+    elsewhere.heard(CongestionNote("C", "k2", "carol", ["r"]), now=0.0, make=lambda: "carol")
+    assert elsewhere.expired(now=2.0, live=lambda node: True) == []
+    elsewhere.heard(CongestionNote("B", "k1", "bob", ["r"]), now=2.0, make=lambda: "x")
+    assert elsewhere.expired(now=3.5, live=lambda node: True) == ["carol"]  # not heard again
+    assert elsewhere.expired(now=3.6, live=lambda node: node != "B") == ["bob"]  # B died
+    assert len(elsewhere) == 0
+    assert elsewhere.reached("r", "alice", "r") == []

@@ -235,3 +235,32 @@ def test_a_full_delivery_log_takes_no_more_and_says_so_with_seq_zero() -> None:
     assert (log.last_seq, len(log)) == (2, 2)
     log.ack(1)
     assert log.append(b"p3") == 3
+
+
+def test_messages_on_their_way_count_toward_congestion_until_both_are_down_to_a_quarter() -> None:
+    # A cluster node's unread stream: half way counting it; relieved once the pending and
+    # what may still come (lowered by the caller as it arrives) are down to a quarter.
+    log = DeliveryLog(max_pending=100)
+    for _ in range(10):
+        log.append(b"m")
+    assert not log.press(39)  # 10 + 39 < 50
+    assert log.press(40) and log.congested and log.coming == 40
+    assert not log.ack(1)  # 9 pending, but 40 may come: 49 > 25
+    assert not log.settle(41)  # more than counted: nothing changes
+    assert not log.settle(20) and log.coming == 20  # the node read on: 9 + 20 > 25
+    assert log.ack(5)  # 5 + 20 <= 25
+    assert not log.congested and log.coming == 0
+    for _ in range(50):
+        log.append(b"m")
+    assert log.congested and log.coming == 0  # the usual rule, unchanged
+    assert log.ack(log.last_seq - 25)
+
+
+def test_a_pressed_log_is_relieved_when_the_node_catches_up_without_another_ack() -> None:
+    log = DeliveryLog(max_pending=100)
+    for _ in range(10):
+        log.append(b"m")
+    log.ack(10)  # all acknowledged: no ack will come again until something arrives
+    assert log.press(60)
+    assert not log.settle(30)  # 0 + 30 > 25
+    assert log.settle(25) and not log.congested and log.coming == 0

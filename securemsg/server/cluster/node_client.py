@@ -25,6 +25,7 @@ its way, in order.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Any, Final
 
@@ -32,14 +33,21 @@ import structlog
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from securemsg.core.cluster import MSG_ID_HEADER, message_id_of, stream_position
+from securemsg.core.cluster import (
+    MSG_ID_HEADER,
+    message_id_of,
+    stream_pending,
+    stream_position,
+)
 
 __all__ = ["NodeClient", "Outgoing", "StreamHandler"]
 
 logger = structlog.get_logger("securemsg.server.cluster")
 
 #: (stream position, subject, payload, Nats-Msg-Id or None): one stream message, in order.
-StreamHandler = Callable[[int, str, bytes, "str | None"], None]
+#: (stream seq, subject, payload, Nats-Msg-Id, messages still pending for the consumer):
+#: True asks for a yield to the loop before the next message, where the caller can.
+StreamHandler = Callable[[int, str, bytes, "str | None", int], bool]
 
 #: One publish: (subject, payload, reply inbox or "", headers or None).
 Outgoing = tuple[str, bytes, str, "dict[str, str] | None"]
@@ -80,7 +88,9 @@ class _Follower:
         jsi.track_sequences(reply.decode())
         sub._received += 1
         try:
-            self.handler(sseq, subject.decode(), data, message_id_of(headers))
+            # Its wish to yield waits for the end of this read: nats-py's parser goes on
+            # with the rest of it without awaiting anything.
+            self.handler(sseq, subject.decode(), data, message_id_of(headers), int(tokens[8]))
         except Exception as exc:  # as nats-py reports a callback's error: it reads on
             logger.warning("cluster_error", error=repr(exc), exc_info=exc)
         return True
@@ -169,6 +179,8 @@ def callback(handler: StreamHandler) -> Callable[[Msg], Any]:
     async def on_message(msg: Msg) -> None:
         headers = msg.headers
         msg_id = headers.get(MSG_ID_HEADER) if headers else None
-        handler(stream_position(msg.reply), msg.subject, msg.data, msg_id)
+        reply = msg.reply
+        if handler(stream_position(reply), msg.subject, msg.data, msg_id, stream_pending(reply)):
+            await asyncio.sleep(0)
 
     return on_message
