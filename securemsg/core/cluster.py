@@ -56,7 +56,6 @@ __all__ = [
     "filter_subject",
     "live_nodes",
     "message_id",
-    "message_id_of",
     "name_key",
     "node_token",
     "parse_subject",
@@ -141,21 +140,6 @@ def stream_position(reply: str) -> int:
 
 
 MSG_ID_HEADER: Final = "Nats-Msg-Id"
-_MSG_ID_LINE: Final = b"\r\n" + MSG_ID_HEADER.encode() + b":"
-
-
-def message_id_of(headers: bytes | None) -> str | None:
-    """The ``Nats-Msg-Id`` in a message's raw NATS headers (``NATS/1.0\r\nName: value\r\n
-    ...\r\n\r\n``), or None: the one header a node reads back from the stream."""
-    if not headers:
-        return None
-    start = headers.find(_MSG_ID_LINE)
-    if start < 0:
-        return None
-    start += len(_MSG_ID_LINE)
-    end = headers.find(b"\r\n", start)
-    value = headers[start:end].strip() if end >= 0 else b""
-    return value.decode("utf-8", "replace") or None
 
 
 def name_key(name: str) -> str:

@@ -1,6 +1,7 @@
-"""The node's read of the stream (securemsg/server/cluster/node_client.py), over a real
-nats-server: every message once, in stream order, with its Nats-Msg-Id, whichever way it
-took in (the short way, or nats-py's callback for what came first or after a restart)."""
+"""The node's read of the stream (securemsg/server/cluster/link.py and node_client.py), over
+a real nats-server: every message once, in stream order, with its Nats-Msg-Id and what the
+stream still holds for the consumer, across a consumer's start and restart; and the node's
+publishes written the short way out."""
 
 from __future__ import annotations
 
@@ -32,6 +33,9 @@ class Seen(list[tuple[int, str, bytes, "str | None"]]):
         self.grew.set()
         return False
 
+    async def pause(self) -> None:
+        await asyncio.sleep(0)
+
     async def until(self, count: int) -> None:
         async with asyncio.timeout(20):
             while len(self) < count:  # bounded by the timeout
@@ -55,11 +59,11 @@ def _publish(link: NatsLink, first: int, count: int) -> None:
         link.publish(subject, str(n).encode(), headers={"Nats-Msg-Id": f"id:{n}"})
 
 
-async def test_the_stream_is_read_once_in_order_across_the_start_of_the_short_way(
+async def test_the_stream_is_read_once_in_order_across_the_consumer_start(
     nats_url: str,
 ) -> None:
-    # Messages stored before the consumer exists arrive while nats-py is still setting it
-    # up: they go its way (queued), and the short way must not overtake them.
+    # Messages stored before the consumer exists and those published after it started: one
+    # sequence, in order, each once.
     await wipe(nats_url)
     link = await _link(nats_url)
     try:
@@ -69,7 +73,7 @@ async def test_the_stream_is_read_once_in_order_across_the_start_of_the_short_wa
                 break
             await asyncio.sleep(0.01)
         seen = Seen()
-        await link.follow(0, seen)
+        await link.follow(0, seen, seen.pause)
         _publish(link, 3001, 3000)
         await seen.until(6000)
         await asyncio.sleep(0.2)
@@ -89,12 +93,12 @@ async def test_after_its_consumer_is_lost_the_node_reads_on_from_where_it_was(
     nats_url: str,
 ) -> None:
     # nats-py restarts an ordered consumer that went quiet after the last stream position it
-    # knows was read: the short way must keep that position, or the stream is read again.
+    # knows was read: the node must read on from there, not read the stream again.
     await wipe(nats_url)
     link = await _link(nats_url)
     try:
         seen = Seen()
-        follower = await link.follow(0, seen)
+        follower = await link.follow(0, seen, seen.pause)
         _publish(link, 1, 500)
         await seen.until(500)
         info = await follower.consumer_info()
@@ -117,7 +121,7 @@ async def test_a_batch_of_publishes_is_stored_in_order_with_its_ids_and_deduplic
     link = await _link(nats_url)
     try:
         seen = Seen()
-        await link.follow(0, seen)
+        await link.follow(0, seen, seen.pause)
         subject = room_subject("alice", "feed")
         ids = ["k:1", "k:2", " k:3 ", "k:\u00e9", "k:5\r\nX-Evil: 1", "k:1", None, "k:7"]
         for n, msg_id in enumerate(ids):

@@ -19,7 +19,6 @@ from securemsg.core.cluster import (
     directs_subject,
     filter_subject,
     message_id,
-    message_id_of,
     name_key,
     parse_subject,
     room_subject,
@@ -81,20 +80,6 @@ def test_what_the_stream_still_holds_is_read_from_a_delivery_reply_subject(
     reply: str, unread: int
 ) -> None:
     assert stream_pending(reply) == unread
-
-
-@pytest.mark.parametrize(
-    ("headers", "msg_id"),
-    [
-        (b"NATS/1.0\r\nNats-Msg-Id: 3f2a:p1\r\n\r\n", "3f2a:p1"),
-        (b"NATS/1.0\r\nA: b\r\nNats-Msg-Id:3f2a:p1 \r\nC: d\r\n\r\n", "3f2a:p1"),
-        (b"NATS/1.0\r\nA: b\r\n\r\n", None),
-        (b"", None),
-        (None, None),
-    ],
-)
-def test_the_message_id_is_read_from_raw_headers(headers: bytes | None, msg_id: str | None) -> None:
-    assert message_id_of(headers) == msg_id
 
 
 def test_a_session_key_hides_the_token_and_message_ids_differ_per_session() -> None:

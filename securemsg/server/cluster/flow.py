@@ -71,6 +71,8 @@ class ClusterFlow(ClusterRegistry):
         self.notes: list[tuple[str, bytes]] = []
         self._notes_wake = asyncio.Event()
         self._notes_waiters: list[asyncio.Future[None]] = []
+        #: The stream reader queued notes and must wait until they left (_pause_reading).
+        self._notes_due = False
 
     async def start_flow(self) -> None:
         nc = self.link.nc
@@ -105,11 +107,6 @@ class ClusterFlow(ClusterRegistry):
                 for waiter in waiters:
                     if not waiter.done():
                         waiter.set_result(None)
-
-    def notes_soon(self) -> None:
-        """Send the notes queued so far at the loop's next turn (the stream reader calls it
-        after announcing, and yields when it can: see ClusterRouter._on_stream)."""
-        self._notes_wake.set()
 
     async def notes_out(self) -> None:
         """Return once the notes queued so far reached NATS. The stream reader calls it

@@ -36,7 +36,13 @@ from securemsg.core.cluster import (
     stream_position,
 )
 from securemsg.errors import ConfigError
-from securemsg.server.cluster.node_client import NodeClient, Outgoing, StreamHandler, callback
+from securemsg.server.cluster.node_client import (
+    NodeClient,
+    Outgoing,
+    Pause,
+    StreamHandler,
+    callback,
+)
 
 __all__ = ["STREAM", "ClusterSettings", "NatsLink", "StreamMessage"]
 
@@ -235,9 +241,12 @@ class NatsLink:
         info = await self.js.stream_info(STREAM)
         return info.state.first_seq, info.state.last_seq
 
-    async def follow(self, after: int, handler: StreamHandler) -> JetStreamContext.PushSubscription:
+    async def follow(
+        self, after: int, handler: StreamHandler, pause: Pause
+    ) -> JetStreamContext.PushSubscription:
         """The node's ordered consumer over the whole stream, from ``after + 1``: ``handler``
-        gets each message in stream order (the short way: :mod:`.node_client`)."""
+        gets each message in stream order ; when it
+        returns True, ``pause`` is awaited before the next."""
         assert self.nc is not None
         config = ConsumerConfig(
             deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=after + 1
@@ -245,12 +254,11 @@ class NatsLink:
         psub = await self.js.subscribe(
             "sm.>",
             stream=STREAM,
-            cb=callback(handler),
+            cb=callback(handler, pause),
             ordered_consumer=True,
             idle_heartbeat=1.0,
             config=config,
         )
-        self.nc.follow(psub, handler)
         return psub
 
     async def read(self, record: SessionRecord) -> list[StreamMessage]:
