@@ -18,6 +18,7 @@ import msgspec
 import pytest
 from structlog.testing import capture_logs
 
+from securemsg import datagram
 from securemsg.client.client import Client, connect
 from securemsg.core.messages import Ack, Bye, Delivery, Error, Join, Publish, ServerAck, Welcome
 from securemsg.errors import AuthError, RejectedError
@@ -409,3 +410,30 @@ async def read_all(client: Client, count: int, *, slowly: bool = False) -> list[
         if slowly and n % 5 == 4:
             await asyncio.sleep(0.005)
     return got
+
+
+async def test_a_datagram_publish_reaches_datagram_members_only_and_numbers_nothing(
+    start_node: StartNode, clients: Any, tls_files: Any
+) -> None:
+    """A session's numbers follow the stream: a datagram publish numbered for a TLS member
+    outside it would leave a gap nobody could replay on another node. On a node it reaches
+    the node's datagram members; the TLS member's next message is still its seq 1."""
+    node = await start_node()
+    assert node.datagram is not None
+    dashboard = await clients(node.port, "dashboard")
+    await dashboard.join("sensors.>")
+    ca = str(tls_files.ca_pem)
+    sensor = await datagram.connect("localhost", node.port, name="sensor", ca=ca, timeout=5)
+    watcher = await datagram.connect("localhost", node.port, name="watcher", ca=ca, timeout=5)
+    try:
+        await watcher.join("sensors.>")
+        await sensor.publish("sensors.kitchen", {"c": 21.5})
+        got = await watcher.receive(timeout=5)
+        assert (got.body, got.datagram) == ({"c": 21.5}, True)
+    finally:
+        await sensor.close()
+        await watcher.close()
+    publisher = await clients(node.port, "alice")
+    await publisher.publish("sensors.kitchen", {"c": 22.0}, confirm=True)
+    got = await dashboard.receive(timeout=5)
+    assert (got.body, got.datagram, got.seq) == ({"c": 22.0}, False, 1)

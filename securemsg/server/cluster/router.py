@@ -199,6 +199,14 @@ class ClusterRouter(ClusterFlow):
 
     # -- requests -------------------------------------------------------------------------
 
+    def publish_datagram(self, prefix: bytes, room: str) -> tuple[int, int]:
+        """In a cluster a session's numbers follow the stream (core/cluster.py): a message
+        numbered outside it would make a moved session's numbers unrecoverable. So a
+        datagram publish reaches this node's datagram members only (the listener's part),
+        and every TLS member misses it, counted; nothing crosses to other nodes."""
+        self.messages_received += 1
+        return 0, len(self.rooms.match(room))
+
     # The Router's publish may answer ACK_LATER; the single server's never does.
     def publish(self, session: Session, msg: Publish, ts: float) -> int | None:  # type: ignore[override]
         self.messages_received += 1
