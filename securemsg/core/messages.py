@@ -303,6 +303,27 @@ class Delivery(_Base, tag="message", kw_only=True, frozen=True):
     ts: float
     seq: int
 
+    @classmethod
+    def of_publish(
+        cls, msg: Publish, *, sender: str, ts: float, datagram: bool = False
+    ) -> Delivery:
+        """``msg`` as its room's members get it (``seq`` spliced in per recipient)."""
+        return cls(
+            room=msg.room,
+            sender=sender,
+            body=msg.body,
+            id=msg.id,
+            reply_to=msg.reply_to,
+            datagram=datagram,
+            ts=ts,
+            seq=0,
+        )
+
+    @classmethod
+    def of_direct(cls, msg: Direct, *, sender: str, ts: float) -> Delivery:
+        """``msg`` as its recipient gets it."""
+        return cls(sender=sender, to=msg.to, body=msg.body, id=msg.id, re=msg.re, ts=ts, seq=0)
+
 
 class Message(msgspec.Struct, frozen=True, kw_only=True, tag="message", tag_field="type"):
     """A message delivered to this client: a room message (``room`` set) or a direct one

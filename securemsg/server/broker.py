@@ -304,15 +304,7 @@ class Broker:
         self.messages_received += 1
         members = self.rooms.match(msg.room)
         if members and (len(members) > 1 or members[0] is not session):
-            message = Delivery(
-                room=msg.room,
-                sender=session.name,
-                body=msg.body,
-                id=msg.id,
-                reply_to=msg.reply_to,
-                ts=ts,
-                seq=0,
-            )
+            message = Delivery.of_publish(msg, sender=session.name, ts=ts)
             # Encoded once for every recipient; only the sequence number is spliced in.
             prefix = message_prefix(encode(message))
             if self._durable:
@@ -331,9 +323,7 @@ class Broker:
         if target is None:
             return False
         self.messages_received += 1
-        message = Delivery(
-            sender=session.name, to=msg.to, body=msg.body, id=msg.id, re=msg.re, ts=ts, seq=0
-        )
+        message = Delivery.of_direct(msg, sender=session.name, ts=ts)
         prefix = message_prefix(encode(message))
         if self._durable:
             self._deliver_stored(session, (target,), prefix)

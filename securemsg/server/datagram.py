@@ -398,15 +398,8 @@ class DatagramListener(asyncio.DatagramProtocol):
             return
         assert association.name is not None
         self.counts["publishes"] += 1
-        message = Delivery(
-            room=publish.room,
-            sender=association.name,
-            body=publish.body,
-            id=publish.id,
-            reply_to=publish.reply_to,
-            datagram=True,
-            ts=time.time(),
-            seq=0,
+        message = Delivery.of_publish(
+            publish, sender=association.name, ts=time.time(), datagram=True
         )
         prefix = message_prefix(encode(message))
         # A TLS member reads frames up to max_frame: a tiny one (configured) misses it.

@@ -23,7 +23,7 @@ import socket
 import ssl
 import time
 from collections import Counter
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final
 
@@ -39,6 +39,7 @@ from securemsg.server.certificates import CertificateKeeper, server_context_for
 from securemsg.server.connection import ServerConnection
 from securemsg.server.loopwatch import LoopWatch
 from securemsg.server.store import MemoryStore, SessionStore, SqliteStore
+from securemsg.server.tasks import Tasks
 from securemsg.server.timerwheel import TimerWheel
 from securemsg.server.tlstransport import TLSTransport
 from securemsg.tls.contexts import describe_server_handshake_error
@@ -97,7 +98,7 @@ class Server:
         self.connections: set[ServerConnection] = set()
         self._pending_handshakes = 0
         self._sockets: list[socket.socket] = []
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = Tasks()
         self._expiry: dict[ServerSession[Link], asyncio.TimerHandle] = {}
         self._ids = itertools.count(1)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -175,7 +176,7 @@ class Server:
     def _store_failed(self, error: StoreError) -> None:
         # Nothing more can be acknowledged: stop rather than serve without the promise.
         logger.error("store_failed", reason=str(error))
-        self._spawn(self.close())
+        self._tasks.spawn(self.close())
 
     async def _restore_sessions(self) -> None:
         stored = await self.broker.store.open()
@@ -302,10 +303,7 @@ class Server:
             sock.close()
         if self.datagram is not None:
             await self.datagram.close()
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._tasks.cancel_all()
         connections = list(self.connections)
         for conn in connections:
             conn.send_bye(BYE_SERVER_SHUTDOWN)
@@ -340,17 +338,6 @@ class Server:
         self._stopped.set()
 
     # -- accepting ----------------------------------------------------------------------------
-
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = self.loop.create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            exc = task.exception()
-            logger.error("task_failed", task=task.get_name(), error=repr(exc), exc_info=exc)
 
     def _accept_ready(self, listener: socket.socket) -> None:
         for _ in range(_ACCEPTS_PER_WAKEUP):
@@ -391,7 +378,7 @@ class Server:
         sock.setblocking(False)
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._spawn(self._open(sock, peer))
+        self._tasks.spawn(self._open(sock, peer))
 
     async def _open(self, sock: socket.socket, peer: str) -> None:
         loop = self.loop

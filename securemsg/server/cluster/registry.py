@@ -41,6 +41,7 @@ from securemsg.core.messages import (
 from securemsg.errors import ProtocolError
 from securemsg.server.broker import Broker, Link, Opened, Session
 from securemsg.server.cluster.link import ClusterSettings, NatsLink
+from securemsg.server.tasks import Tasks
 
 __all__ = ["ClusterLink", "ClusterRegistry", "SessionState"]
 
@@ -130,7 +131,7 @@ class ClusterRegistry(Broker):
         self._acks: dict[str, str] = {}
         self._tokens = itertools.count(1)
         self._ack_inbox = ""
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = Tasks()
         self._follower: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
         #: Moves waiting for the consumer to reach a position.
@@ -150,15 +151,7 @@ class ClusterRegistry(Broker):
     # -- tasks ----------------------------------------------------------------------------
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = self.loop.create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            exc = task.exception()
-            logger.error("task_failed", task=task.get_name(), error=repr(exc), exc_info=exc)
+        self._tasks.spawn(coro)
 
     async def _every(
         self, interval: float, action: Callable[[], Coroutine[Any, Any, None]]

@@ -110,10 +110,7 @@ class ClusterRouter(ClusterFlow):
         if pending and self.available:
             await asyncio.wait(pending, timeout=self.settings.request_timeout)
         self.available = False
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._tasks.cancel_all()
         await self.link.close()
 
     def _lost(self) -> None:
@@ -210,15 +207,7 @@ class ClusterRouter(ClusterFlow):
     # The Router's publish may answer ACK_LATER; the single server's never does.
     def publish(self, session: Session, msg: Publish, ts: float) -> int | None:  # type: ignore[override]
         self.messages_received += 1
-        message = Delivery(
-            room=msg.room,
-            sender=session.name,
-            body=msg.body,
-            id=msg.id,
-            reply_to=msg.reply_to,
-            ts=ts,
-            seq=0,
-        )
+        message = Delivery.of_publish(msg, sender=session.name, ts=ts)
         prefix = message_prefix(encode(message))
         if self.elsewhere.by_key:  # a session of another node is congested
             self.hold_for_remote(session, "r", msg.room)
@@ -228,9 +217,7 @@ class ClusterRouter(ClusterFlow):
         if msg.to not in self.by_name and msg.to not in self.names:
             return False
         self.messages_received += 1
-        message = Delivery(
-            sender=session.name, to=msg.to, body=msg.body, id=msg.id, re=msg.re, ts=ts, seq=0
-        )
+        message = Delivery.of_direct(msg, sender=session.name, ts=ts)
         prefix = message_prefix(encode(message))
         if self.elsewhere.by_key:
             self.hold_for_remote(session, "d", msg.to)
