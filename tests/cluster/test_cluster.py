@@ -20,11 +20,13 @@ from structlog.testing import capture_logs
 
 from securemsg import datagram
 from securemsg.client.client import Client, connect
+from securemsg.config import ServerConfig
 from securemsg.core.messages import Ack, Bye, Delivery, Error, Join, Publish, ServerAck, Welcome
-from securemsg.errors import AuthError, RejectedError
+from securemsg.errors import AuthError, ConfigError, RejectedError
 from securemsg.errors import TimeoutError as ClientTimeoutError
+from securemsg.server.server import Server
 from securemsg.tls.contexts import client_context
-from tests.cluster.conftest import NatsServer, StartNode
+from tests.cluster.conftest import NatsServer, StartNode, free_port
 from tests.integration.conftest import RawClient
 
 pytestmark = pytest.mark.timeout(60)
@@ -437,3 +439,24 @@ async def test_a_datagram_publish_reaches_datagram_members_only_and_numbers_noth
     await publisher.publish("sensors.kitchen", {"c": 22.0}, confirm=True)
     got = await dashboard.receive(timeout=5)
     assert (got.body, got.datagram, got.seq) == ({"c": 22.0}, False, 1)
+
+
+async def test_a_node_that_cannot_reach_nats_at_start_fails_in_one_sentence(
+    tls_files: Any,
+) -> None:
+    """nats-py retries a first connect forever when reconnects are unbounded: the node hung
+    at start (and ignored SIGTERM meanwhile) instead of saying what is wrong."""
+    nobody = f"nats://127.0.0.1:{free_port()}"
+    node = Server(
+        ServerConfig(
+            host="127.0.0.1",
+            port=0,
+            cert=str(tls_files.server_cert),
+            key=str(tls_files.server_key),
+            cluster=nobody,
+            datagram_port="off",
+        )
+    )
+    with pytest.raises(ConfigError, match=f"^cannot reach the cluster at {nobody}: no answer$"):
+        async with asyncio.timeout(20):
+            await node.start()

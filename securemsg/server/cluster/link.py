@@ -56,6 +56,10 @@ _PUBLISH_QUEUE: Final = 100_000
 StreamMessage = tuple[int, str, bytes]
 
 
+#: A first connect gives up after this many request timeouts (several rounds of the URLs).
+_FIRST_CONNECT_ATTEMPTS: Final = 3
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ClusterSettings:
     servers: list[str]
@@ -144,12 +148,18 @@ class NatsLink:
             options["user"] = settings.user
             options["password"] = settings.password or ""
         where = ",".join(settings.servers)
+        nc = NodeClient()
         try:
-            nc = NodeClient()
-            await nc.connect(**options)
+            # Bounded: with max_reconnect_attempts -1 nats-py retries a first connect forever
+            # too, and a node that cannot reach NATS would hang at start.
+            async with asyncio.timeout(_FIRST_CONNECT_ATTEMPTS * settings.request_timeout):
+                await nc.connect(**options)
             self.nc = nc
         except (OSError, NatsError, TimeoutError) as exc:
-            raise ConfigError(f"cannot reach the cluster at {where}: {exc!r}") from None
+            with contextlib.suppress(Exception):
+                await nc.close()
+            reason = "no answer" if isinstance(exc, TimeoutError) else repr(exc)
+            raise ConfigError(f"cannot reach the cluster at {where}: {reason}") from None
         self._js = self.nc.jetstream(timeout=settings.request_timeout)
         try:
             await self._make_stream()
