@@ -18,6 +18,7 @@ from securemsg.bench.cluster import NatsServer as ProcessNats
 from securemsg.bench.cluster import NodeProcess, nats_server_path
 from securemsg.config import ServerConfig
 from securemsg.server.server import Server
+from tests.integration.conftest import server_options
 
 StartNode = Callable[..., Awaitable[Server]]
 StartNodeProcess = Callable[..., Awaitable[NodeProcess]]
@@ -112,18 +113,8 @@ async def start_node(tls_files: Any, unit: float, nats_url: str) -> AsyncIterato
     nodes: list[Server] = []
 
     async def start(**overrides: Any) -> Server:
-        options: dict[str, Any] = {
-            "host": "127.0.0.1",
-            "port": 0,
-            "cert": str(tls_files.server_cert),
-            "key": str(tls_files.server_key),
-            "heartbeat_interval": 20 * unit,
-            "heartbeat_timeout": 60 * unit,
-            "handshake_timeout": 50 * unit,
-            "shutdown_timeout": 10 * unit,
-            "cluster": nats_url,
-        }
-        options.update(overrides)
+        options = server_options(tls_files, unit)
+        options |= {"handshake_timeout": 50 * unit, "cluster": nats_url} | overrides
         node = Server(ServerConfig(**options))
         await node.start()
         nodes.append(node)

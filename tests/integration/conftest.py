@@ -30,23 +30,27 @@ def pytest_configure(config: pytest.Config) -> None:
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
+def server_options(tls_files: Any, unit: float) -> dict[str, Any]:
+    """A test server's settings: port 0, the test certificates, short timeouts."""
+    return {
+        "host": "127.0.0.1",
+        "port": 0,
+        "cert": str(tls_files.server_cert),
+        "key": str(tls_files.server_key),
+        "heartbeat_interval": 20 * unit,
+        "heartbeat_timeout": 60 * unit,
+        "handshake_timeout": 20 * unit,
+        "shutdown_timeout": 10 * unit,
+    }
+
+
 @pytest.fixture
 async def start_server(tls_files: Any, unit: float) -> AsyncIterator[StartServer]:
     """Start servers on port 0 with test certificates and short timeouts; closed at the end."""
     servers: list[Server] = []
 
     async def start(**overrides: Any) -> Server:
-        options: dict[str, Any] = {
-            "host": "127.0.0.1",
-            "port": 0,
-            "cert": str(tls_files.server_cert),
-            "key": str(tls_files.server_key),
-            "heartbeat_interval": 20 * unit,
-            "heartbeat_timeout": 60 * unit,
-            "handshake_timeout": 20 * unit,
-            "shutdown_timeout": 10 * unit,
-        }
-        options.update(overrides)
+        options = server_options(tls_files, unit) | overrides
         server = Server(ServerConfig(**options))
         await server.start()
         servers.append(server)
