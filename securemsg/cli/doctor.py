@@ -80,13 +80,18 @@ def _fail(step: str, detail: str, fix: str, **facts: Any) -> _Failed:
 
 def check_files(config: ClientConfig) -> list[Step]:
     """The local configuration: CA, certificate and key, name and token."""
-    steps: list[Step] = []
+    return _until_failed(_file_steps(config))
+
+
+def _until_failed(steps: Iterator[Step]) -> list[Step]:
+    """The steps taken, the failed one last (a step that fails raises _Failed)."""
+    taken: list[Step] = []
     try:
-        for step in _file_steps(config):
-            steps.append(step)
+        for step in steps:
+            taken.append(step)
     except _Failed as failed:
-        steps.append(failed.step)
-    return steps
+        taken.append(failed.step)
+    return taken
 
 
 def _file_steps(config: ClientConfig) -> Iterator[Step]:
@@ -144,13 +149,7 @@ def _validity_step(step: str, what: str, info: CertInfo) -> Step:
 
 def diagnose(config: ClientConfig) -> list[Step]:
     """Follow one connection to ``config.host:config.port``; stops at the first failure."""
-    steps: list[Step] = []
-    try:
-        for step in _connection_steps(config):
-            steps.append(step)
-    except _Failed as failed:
-        steps.append(failed.step)
-    return steps
+    return _until_failed(_connection_steps(config))
 
 
 def _connection_steps(config: ClientConfig) -> Iterator[Step]:
