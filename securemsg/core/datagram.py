@@ -155,6 +155,9 @@ class ClientHelloRecord:
     message_seq: int
     cookie: bytes
     size: int  # of the whole datagram
+    #: The client's random: a retransmitted ClientHello repeats it, a restarted client's
+    #: new handshake does not.
+    random: bytes = b""
 
 
 def parse_client_hello(datagram: bytes) -> ClientHelloRecord | None:
@@ -190,7 +193,11 @@ def parse_client_hello(datagram: bytes) -> ClientHelloRecord | None:
     if len(cookie) != cookie_length:
         return None
     return ClientHelloRecord(
-        record_seq=record_seq, message_seq=message_seq, cookie=cookie, size=len(datagram)
+        record_seq=record_seq,
+        message_seq=message_seq,
+        cookie=cookie,
+        size=len(datagram),
+        random=hello[2:34],
     )
 
 

@@ -31,6 +31,7 @@ class Association:
         "address",
         "conn",
         "established",
+        "hello_random",
         "identity",
         "key",
         "name",
@@ -50,8 +51,12 @@ class Association:
         key: bytes,
         send: Callable[[bytes, tuple[str, int]], None],
         now: float,
+        hello_random: bytes = b"",
     ) -> None:
         self.conn = conn
+        #: The random of the ClientHello that opened it: a late copy of that ClientHello is
+        #: a retransmission, not a new handshake.
+        self.hello_random = hello_random
         self.address = address
         self.peer = f"{address[0]}:{address[1]}"
         self.key = key

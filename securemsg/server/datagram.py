@@ -228,6 +228,12 @@ class DatagramListener(asyncio.DatagramProtocol):
         self, association: Association, data: bytes, address: tuple[str, int], key: bytes
     ) -> None:
         hello = parse_client_hello(data)
+        if hello is not None and hello.random == association.hello_random:
+            # The ClientHello that opened this association, resent by the client's timer and
+            # delayed or reordered on the way: ending the association for it would strand a
+            # client that already finished its handshake.
+            self.counts["hello_retransmissions"] += 1
+            return
         if hello is not None and self.cookies.valid(key, hello.cookie, self._now()):
             # No close_notify: it would go to the new handshake's peer.
             self._end(association, "new_handshake", notify=False)
@@ -278,7 +284,9 @@ class DatagramListener(asyncio.DatagramProtocol):
         except SSL.Error:
             self.counts["dropped"] += 1
             return
-        association = Association(conn, address=address, key=key, send=self._send, now=now)
+        association = Association(
+            conn, address=address, key=key, send=self._send, now=now, hello_random=hello.random
+        )
         self.table.add(key, association, now)
         self._handshake(association)
 

@@ -27,12 +27,17 @@ PEER = peer_key("192.0.2.7", 40000)
 
 
 def client_hello(
-    *, cookie: bytes = b"", record_seq: int = 0, message_seq: int = 0, extensions: bytes = b""
+    *,
+    cookie: bytes = b"",
+    record_seq: int = 0,
+    message_seq: int = 0,
+    extensions: bytes = b"",
+    random: bytes = bytes(32),
 ) -> bytes:
     """A DTLS 1.2 ClientHello record, as a client's first (or second) flight."""
     hello = (
         b"\xfe\xfd"
-        + bytes(32)  # random
+        + random
         + b"\x00"  # no session id
         + bytes([len(cookie)])
         + cookie
@@ -56,6 +61,15 @@ def test_a_client_hello_is_parsed_with_its_cookie_and_sequence_numbers() -> None
     assert hello.cookie == b"c" * 16
     assert hello.message_seq == 1
     assert hello.record_seq == (1).to_bytes(6, "big")
+
+
+def test_a_client_hello_carries_its_random_which_tells_a_resend_from_a_new_handshake() -> None:
+    first = parse_client_hello(client_hello(random=b"r" * 32))
+    resent = parse_client_hello(client_hello(random=b"r" * 32, record_seq=3))
+    restarted = parse_client_hello(client_hello(random=b"s" * 32))
+    assert first is not None and resent is not None and restarted is not None
+    assert first.random == resent.random == b"r" * 32
+    assert restarted.random != first.random
 
 
 def test_every_truncation_of_a_client_hello_is_refused_without_raising() -> None:

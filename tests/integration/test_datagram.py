@@ -13,8 +13,9 @@ import pytest
 from OpenSSL import SSL
 
 from securemsg import datagram
+from securemsg.bench.lossy import Impairment, UdpProxy
 from securemsg.client.datagram import DatagramClient
-from securemsg.core.datagram import MAX_UDP_PAYLOAD
+from securemsg.core.datagram import MAX_UDP_PAYLOAD, parse_client_hello
 from securemsg.errors import AuthError, ClosedError, TimeoutError, TLSError
 from securemsg.server.server import Server
 from securemsg.tls.dtls import PeerCheck, client_dtls_context
@@ -315,6 +316,40 @@ async def test_a_burst_of_datagram_publishes_is_not_lost_on_loopback(
         await sensor.publish("r", n)
     got = [(await watcher.receive(timeout=5)).body for _ in range(600)]
     assert got == list(range(600))
+
+
+class _RecordingProxy(UdpProxy):
+    """A lossless relay that keeps what the client sent, to send it again later."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        super().__init__(target, Impairment(), host="127.0.0.1")
+        self.sent: list[bytes] = []
+
+    def _from_client(self, data: bytes, client: Any) -> None:
+        self.sent.append(data)
+        super()._from_client(data, client)
+
+    def replay(self, data: bytes) -> None:
+        (back,) = self._backs.values()
+        assert back.transport is not None
+        back.transport.sendto(data)
+
+
+async def test_a_late_copy_of_the_opening_client_hello_leaves_the_association_alone(
+    start_server: StartServer, dtls: Any
+) -> None:
+    # A lossy link delivers the client's resent ClientHello after the handshake ended
+    # (this stranded a client in CI): it must not replace the association.
+    server = await start_server()
+    async with _RecordingProxy(("127.0.0.1", udp_port(server))) as proxy:
+        client = await dtls(proxy.port, name="sensor")
+        hellos = [d for d in proxy.sent if (h := parse_client_hello(d)) and h.cookie]
+        assert len(hellos) == 1
+        proxy.replay(hellos[0])
+        assert await client.ping() < 5
+        assert server.datagram is not None
+        assert server.datagram.counts["hello_retransmissions"] == 1
+        assert server.datagram.counts["associations_closed"] == 0
 
 
 async def test_a_client_restarted_on_the_same_source_port_gets_a_new_association(
