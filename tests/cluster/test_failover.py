@@ -5,6 +5,9 @@ its session on another within one backoff step, missing nothing and doubling not
 from __future__ import annotations
 
 import asyncio
+import socket
+import ssl
+import time
 from typing import Any
 
 import pytest
@@ -12,7 +15,19 @@ import pytest
 from securemsg.bench.cluster import nats_server_path
 from securemsg.client.client import Reconnected, Reconnecting, StateChange, connect
 from securemsg.config import ServerConfig
+from securemsg.core.frames import FrameDecoder
+from securemsg.core.messages import (
+    PROTOCOL_VERSION,
+    Hello,
+    Join,
+    ServerAck,
+    Welcome,
+    decode_server,
+    encode_frame_of,
+)
+from securemsg.tls.contexts import client_context
 from tests.cluster.conftest import StartNodeProcess
+from tests.faults import record_figure
 
 pytestmark = [
     pytest.mark.timeout(60),
@@ -67,3 +82,76 @@ async def test_a_client_learns_the_nodes_and_resumes_elsewhere_when_its_node_is_
         # Within one backoff step: the first attempt, at the next address, was welcomed.
         attempts = [c for c in changes[: changes.index(moved)] if isinstance(c, Reconnecting)]
         assert [a.attempt for a in attempts] == [1]
+
+
+def _ghost(address: str, ca: str, room: str) -> ssl.SSLSocket:
+    """A client that joins ``room`` and never reconnects once its node is gone (a bare TLS
+    socket speaking the protocol: no backoff, no resume)."""
+    host, port = address.rsplit(":", 1)
+    sock = client_context(ca=ca).wrap_socket(
+        socket.create_connection((host, int(port)), timeout=10), server_hostname="localhost"
+    )
+    decoder = FrameDecoder(1 << 20)
+
+    def until(kind: type) -> None:
+        while not any(isinstance(decode_server(p), kind) for p in decoder.feed(sock.recv(65536))):
+            pass
+
+    sock.sendall(encode_frame_of(Hello(version=PROTOCOL_VERSION, name="ghost")))
+    until(Welcome)
+    sock.sendall(encode_frame_of(Join(room=room, id="j1")))
+    until(ServerAck)
+    return sock
+
+
+async def test_a_dead_nodes_session_that_nobody_resumes_expires_with_presence_after_session_ttl(
+    start_node_process: StartNodeProcess, tls_files: Any, unit: float
+) -> None:
+    # node0 dies with two sessions: alice resumes on node1 at once, ghost never comes back.
+    nodes = [await start_node_process(f"node{i}", "--session-ttl", "1") for i in range(2)]
+    ca = str(tls_files.ca_pem)
+    settings: dict[str, Any] = {"ca": ca, "reconnect_base": unit, "reconnect_cap": 4 * unit}
+    async with (
+        connect(nodes[0].address, name="alice", **settings) as alice,
+        connect(nodes[1].address, name="bob", **settings) as bob,
+    ):
+        await bob.join("hall", timeout=10)
+        await alice.join("hall", timeout=10)
+        events: list[tuple[str, str]] = []
+
+        async def watch() -> None:
+            async for note in bob.presence():
+                events.append((note.name, note.event))
+
+        watcher = asyncio.create_task(watch())
+        ghost = await asyncio.to_thread(_ghost, nodes[0].address, ca, "hall")
+        try:
+            for _ in range(100):
+                if ("ghost", "join") in events:
+                    break
+                await asyncio.sleep(0.1)
+            await asyncio.to_thread(nodes[0].kill)
+            killed = time.monotonic()
+            # Expiry: session_ttl (1 s) after node0 is seen dead (3 s), at the next sweep
+            # (every 3 s): about 7 s at most. Bounded at 30.
+            for _ in range(300):
+                if ("ghost", "leave") in events:
+                    break
+                await asyncio.sleep(0.1)
+            assert ("ghost", "leave") in events, events
+            record_figure(
+                "a dead node's unresumed session expires (session_ttl 1 s)",
+                leave_after_kill_s=round(time.monotonic() - killed, 2),
+            )
+            # Alice resumed on node1 before her session could expire: still a member, and
+            # nobody was told she left.
+            await bob.publish("hall", "still here?")
+            assert (await alice.receive(timeout=10)).body == "still here?"
+            assert ("alice", "leave") not in events
+            assert alice.address == nodes[1].address
+        finally:
+            watcher.cancel()
+            ghost.close()
+        # The name is free again: a new ghost is welcomed on node1.
+        async with connect(nodes[1].address, name="ghost", **settings) as again:
+            assert again.name == "ghost"

@@ -280,6 +280,10 @@ class ClusterRegistry(Broker):
     async def _forget(self, key: str, name: str) -> None:
         """A session ended: its record goes, and its name if it still holds it."""
         await self._delete_record(key)
+        await self.free_name(key, name)
+
+    async def free_name(self, key: str, name: str) -> None:
+        """Free ``name`` if the session ``key`` still holds it."""
         kv = self.link.names
         assert kv is not None
         try:

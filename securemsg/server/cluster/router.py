@@ -45,6 +45,7 @@ from securemsg.core.rooms import is_wildcard
 from securemsg.core.server_session import ACK_LATER
 from securemsg.server.broker import Session
 from securemsg.server.cluster.flow import ClusterFlow
+from securemsg.server.cluster.orphans import Orphans
 from securemsg.server.cluster.registry import ClusterLink, Pending
 
 __all__ = ["ClusterRouter"]
@@ -99,6 +100,7 @@ class ClusterRouter(ClusterFlow):
         await self.watch(self.link.names, self._named)
         self.spawn(self._every(self.settings.beat_interval, self._beat))
         self.spawn(self._every(self.settings.checkpoint_interval, self._sweep))
+        self.spawn(self._every(self.settings.node_timeout, Orphans(self).sweep))
         self.available = True
         logger.info("cluster_connected", node=self.node, position=self.position)
 

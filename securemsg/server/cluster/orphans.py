@@ -1,0 +1,127 @@
+"""Sessions orphaned by a dead node: they expire ``session_ttl`` after it died, as a
+session whose connection dropped expires on one server.
+
+A node killed with its sessions connected leaves their records in ``sm_sessions`` with no
+``detached_at``. Their clients usually resume on another node within a second (the record
+changes owner); a client that never comes back would otherwise keep its record until the
+bucket's max_age and never leave its rooms. One node sweeps, the first live one by name: it
+reads the records of dead owners, and deletes those past ``session_ttl`` (a delete
+conditional on the revision it read, so a resume that won the race keeps its session),
+then announces that the session left its rooms and frees its name.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import msgspec
+import structlog
+from nats.errors import Error as NatsError
+from nats.js.errors import KeyWrongLastSequenceError
+
+from securemsg.core.cluster import PresenceNote, SessionRecord
+
+if TYPE_CHECKING:
+    from nats.js.kv import KeyValue
+
+    from securemsg.server.cluster.registry import ClusterRegistry
+
+__all__ = ["Orphans"]
+
+logger = structlog.get_logger("securemsg.server.cluster")
+
+_records = msgspec.json.Decoder(SessionRecord)
+#: The node of an expiry's presence notes: no node, so every node (the sweeper too)
+#: delivers them to its members.
+NO_NODE = ""
+
+
+class Orphans:
+    """The sweep of one node; :meth:`sweep` runs every ``node_timeout``."""
+
+    def __init__(self, registry: ClusterRegistry) -> None:
+        self.registry = registry
+        #: When each orphaned record was first seen orphaned (loop time).
+        self._since: dict[str, float] = {}
+        #: Dead nodes whose records were all looked at since they died.
+        self._clean: set[str] = set()
+        self._swept_once = False
+
+    def _dead_since(self, owner: str, now: float) -> float:
+        heard = self.registry.heard.get(owner)
+        if heard is None:  # died before this node started: count from now
+            return now
+        return min(now, heard[0] + self.registry.settings.node_timeout)
+
+    def _needed(self) -> bool:
+        registry = self.registry
+        dead = {node for node in registry.heard if not registry.is_live(node)}
+        self._clean &= dead  # a node that came back and may die again
+        return not self._swept_once or bool(self._since) or bool(dead - self._clean)
+
+    async def sweep(self) -> None:
+        registry = self.registry
+        live = registry.live_nodes()
+        if not live or min(live) != registry.node or not self._needed():
+            return
+        kv = registry.link.sessions
+        assert kv is not None
+        now, wall = registry.loop.time(), time.time()
+        ttl = registry.settings.session_ttl
+        orphaned: dict[str, float] = {}
+        for entry in await _entries(kv, registry.settings.request_timeout):
+            assert entry.value is not None
+            record = _records.decode(entry.value)
+            if registry.is_live(record.owner):
+                continue
+            since = self._since.get(entry.key) or self._dead_since(record.owner, now)
+            if record.detached_at is not None:
+                expired = wall - record.detached_at >= ttl
+            else:
+                expired = now - since >= ttl
+            if not expired:
+                orphaned[entry.key] = since
+            elif not await self._expire(kv, entry.key, entry.revision, record):
+                orphaned[entry.key] = since
+        self._since = orphaned
+        self._swept_once = True
+        self._clean |= {node for node in registry.heard if not registry.is_live(node)}
+
+    async def _expire(
+        self, kv: KeyValue, key: str, revision: int | None, record: SessionRecord
+    ) -> bool:
+        """Delete the record if it is still the one read; True when it is gone."""
+        registry = self.registry
+        try:
+            await kv.delete(key, last=revision)
+        except KeyWrongLastSequenceError:
+            return True  # resumed (or ended) meanwhile: not ours to expire
+        except (NatsError, TimeoutError) as exc:
+            logger.debug("cluster_request_failed", request="expire_orphan", error=repr(exc))
+            return False
+        rooms = [span.filter for span in record.filters if span.end is None]
+        for room in rooms:
+            note = PresenceNote(room, record.name, "leave", NO_NODE)
+            registry.link.publish("sm.presence", msgspec.json.encode(note), headers=None)
+        await registry.free_name(key, record.name)
+        logger.info(
+            "cluster_session_expired",
+            name=record.name,
+            node=record.owner,
+            reason="node_dead",
+            rooms=len(rooms),
+        )
+        return True
+
+
+async def _entries(kv: KeyValue, timeout: float) -> list[KeyValue.Entry]:
+    """Every record in the bucket now (one ordered consumer, not one request per key)."""
+    watcher = await kv.watchall(ignore_deletes=True)
+    entries = []
+    try:
+        while (entry := await watcher.updates(timeout)) is not None:  # type: ignore[no-untyped-call]
+            entries.append(entry)
+    finally:
+        await watcher.stop()  # type: ignore[no-untyped-call]
+    return entries
