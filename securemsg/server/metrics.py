@@ -97,6 +97,7 @@ class ServerCollector(Collector):
         yield from self._sessions()
         yield from self._certificate()
         yield from self._datagram()
+        yield from self._cluster()
         if server.loopwatch is not None:
             yield _lag_histogram(server.loopwatch)
 
@@ -181,6 +182,41 @@ class ServerCollector(Collector):
             "the DTLS listener's counts (datagrams, cookies, drops, associations, publishes)",
             "event",
             listener.counts,
+        )
+
+
+    def _cluster(self) -> Iterator[Metric]:
+        cluster = getattr(self.server, "cluster", None)
+        if cluster is None:
+            return
+        yield _gauge(
+            "cluster_available",
+            "1 while this node reaches NATS and serves, 0 while it sends clients away",
+            1.0 if cluster.available else 0.0,
+        )
+        yield _gauge(
+            "cluster_nodes_live", "nodes heard from within node_timeout", len(cluster.live_nodes())
+        )
+        yield _gauge(
+            "cluster_stream_position",
+            "the last message stream position this node carried out",
+            cluster.position,
+        )
+        yield _gauge(
+            "cluster_publishes_pending",
+            "publishes sent to JetStream and not acknowledged yet",
+            cluster.publishes_pending,
+        )
+        yield _counter_value(
+            "cluster_publishes_resent",
+            "publishes sent to JetStream again after ack_timeout",
+            cluster.resends,
+        )
+        yield _by_label(
+            "cluster_events",
+            "what happened to the node and its sessions, by log event name",
+            "event",
+            cluster.events,
         )
 
 

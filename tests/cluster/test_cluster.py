@@ -28,6 +28,7 @@ from securemsg.server.server import Server
 from securemsg.tls.contexts import client_context
 from tests.cluster.conftest import NatsServer, StartNode, free_port
 from tests.integration.conftest import RawClient
+from tests.integration.test_metrics import scrape
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -174,7 +175,7 @@ async def read_bodies(client: RawClient, count: int, *, ack: bool = True) -> lis
 async def test_a_session_resumes_on_another_node_while_its_node_lives(
     start_node: StartNode, raw: Any, clients: Any
 ) -> None:
-    a, b = await start_node(), await start_node()
+    a, b = await start_node(metrics_port=0), await start_node(metrics_port=0)
     sub = await raw(a.port, "sub")
     sub.send(Join(room="feed", id="j1"))
     assert (await sub.recv(timeout=5)).ids == ["j1"]
@@ -192,6 +193,17 @@ async def test_a_session_resumes_on_another_node_while_its_node_lives(
     assert [seq for seq, _ in first + rest] == list(range(1, 16))
     closing = await sub.recv_type(Error)
     assert closing.code == "session_taken_over"
+    # The move, in the metrics of both nodes.
+    assert a.metrics is not None and b.metrics is not None
+    at_a, at_b = await scrape(a.metrics.port), await scrape(b.metrics.port)
+    assert at_b["securemsg_cluster_available"] == 1
+    assert at_b["securemsg_cluster_nodes_live"] == 2
+    assert at_b["securemsg_cluster_stream_position"] >= 15
+    assert at_b["securemsg_cluster_publishes_pending"] == 0
+    assert at_b["securemsg_cluster_events_total"]["session_moved"] == 1
+    assert at_b["securemsg_cluster_events_total"]["cluster_connected"] == 1
+    assert at_a["securemsg_cluster_events_total"]["session_moved_away"] == 1
+    assert "session_moved" not in at_a["securemsg_cluster_events_total"]
 
 
 async def test_losing_nats_sends_clients_away_and_refuses_hellos_until_it_is_back(
@@ -212,10 +224,12 @@ async def test_losing_nats_sends_clients_away_and_refuses_hellos_until_it_is_bac
             handshake_timeout=50 * unit,
             heartbeat_interval=20 * unit,
             heartbeat_timeout=60 * unit,
+            metrics_port=0,
         )
     )
     try:
         await node.start()
+        assert node.metrics is not None
         alice = await raw(node.port, "alice")
         token = alice.welcome.session
         nats.stop()
@@ -224,6 +238,9 @@ async def test_losing_nats_sends_clients_away_and_refuses_hellos_until_it_is_bac
         refused = await raw(node.port, "bob")
         assert isinstance(refused.welcome, Error) and refused.welcome.code == "server_busy"
         assert node.readiness_problems() == ["the cluster (NATS) is unreachable"]
+        down = await scrape(node.metrics.port)
+        assert down["securemsg_cluster_available"] == 0
+        assert down["securemsg_cluster_events_total"]["cluster_lost"] == 1
         nats.start()  # the same store: the session records survived
         welcome = None
         async with asyncio.timeout(10):
@@ -231,6 +248,9 @@ async def test_losing_nats_sends_clients_away_and_refuses_hellos_until_it_is_bac
                 await asyncio.sleep(0.1)
                 welcome = (await raw(node.port, "alice", session=token, last_seq=0)).welcome
         assert welcome.resumed is True
+        up = await scrape(node.metrics.port)
+        assert up["securemsg_cluster_available"] == 1
+        assert up["securemsg_cluster_events_total"]["cluster_connected"] == 2
     finally:
         await node.close()
         nats.stop()

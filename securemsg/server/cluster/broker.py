@@ -143,7 +143,7 @@ class ClusterBroker(ClusterRouter):
             await self._put_claim(name, NameClaim(node=self.node, session=key, connected=False))
             return None
         self.set_connected(opened.session, True)
-        logger.info(
+        self.event(
             "session_moved",
             session=opened.session.id,
             name=name,
@@ -223,8 +223,9 @@ class ClusterBroker(ClusterRouter):
             if numbering.seq <= last_seq:
                 base = (sseq, numbering.seq)
         if not numbering.consistent:
-            logger.warning(
+            self.event(
                 "session_replay_inconsistent",
+                warning=True,
                 name=session.name,
                 client_last_seq=last_seq,
                 stream_seq=numbering.seq,

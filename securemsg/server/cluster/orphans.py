@@ -105,7 +105,7 @@ class Orphans:
             note = PresenceNote(room, record.name, "leave", NO_NODE)
             registry.link.publish("sm.presence", msgspec.json.encode(note), headers=None)
         await registry.free_name(key, record.name)
-        logger.info(
+        registry.event(
             "cluster_session_expired",
             name=record.name,
             node=record.owner,

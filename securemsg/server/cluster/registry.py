@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
+from collections import Counter
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -134,6 +135,10 @@ class ClusterRegistry(Broker):
         self._tasks = Tasks()
         self._follower: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        #: What happened, by log event name (the metrics' securemsg_cluster_events_total).
+        self.events: Counter[str] = Counter()
+        #: Publishes sent again to JetStream (no answer within ack_timeout).
+        self.resends = 0
         #: Moves waiting for the consumer to reach a position.
         self._position_waiters: list[tuple[int, asyncio.Future[None]]] = []
 
@@ -147,6 +152,16 @@ class ClusterRegistry(Broker):
 
     async def _back(self) -> None:
         """NATS is back (the router follows the stream again)."""
+
+    @property
+    def publishes_pending(self) -> int:
+        """Publishes not known to be stored yet."""
+        return len(self._pending)
+
+    def event(self, event: str, *, warning: bool = False, **fields: Any) -> None:
+        """Log ``event`` and count it."""
+        self.events[event] += 1
+        (logger.warning if warning else logger.info)(event, **fields)
 
     # -- tasks ----------------------------------------------------------------------------
 
@@ -388,7 +403,7 @@ class ClusterRegistry(Broker):
         """Another node takes over one of our sessions (its client resumed there)."""
         session = self.by_key.get(msg.data.decode())
         if session is not None:
-            logger.info("session_moved_away", session=session.id, name=session.name, asked=True)
+            self.event("session_moved_away", session=session.id, name=session.name, asked=True)
             self.drop(session, closing="the session resumed on another node")
         await msg.respond(b"ok")
 
@@ -426,13 +441,15 @@ class ClusterRegistry(Broker):
                 try:
                     state.revision = await kv.update(state.key, _json(record), last=state.revision)
                 except KeyWrongLastSequenceError:
-                    logger.info(
+                    self.event(
                         "session_moved_away", session=session.id, name=session.name, asked=False
                     )
                     self.drop(session, closing="the session resumed on another node")
                     break
                 except (NatsError, TimeoutError) as exc:
-                    logger.warning("session_record_failed", name=session.name, error=repr(exc))
+                    self.event(
+                        "session_record_failed", warning=True, name=session.name, error=repr(exc)
+                    )
                     break
                 state.written, state.written_at = target, self.loop.time()
                 self._wake_waiters(state, target)

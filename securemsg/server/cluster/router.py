@@ -102,7 +102,7 @@ class ClusterRouter(ClusterFlow):
         self.spawn(self._every(self.settings.checkpoint_interval, self._sweep))
         self.spawn(self._every(self.settings.node_timeout, Orphans(self).sweep))
         self.available = True
-        logger.info("cluster_connected", node=self.node, position=self.position)
+        self.event("cluster_connected", node=self.node, position=self.position)
 
     async def stop(self) -> None:
         """Write what the records lack (bounded), then leave NATS."""
@@ -121,7 +121,7 @@ class ClusterRouter(ClusterFlow):
         if not self.available:
             return
         self.available = False
-        logger.warning("cluster_lost", node=self.node, sessions=len(self.states))
+        self.event("cluster_lost", warning=True, node=self.node, sessions=len(self.states))
         self._on_lost()
         for session in list(self.states):
             self.drop(session)
@@ -141,10 +141,10 @@ class ClusterRouter(ClusterFlow):
             )
             await self._beat()
         except (NatsError, TimeoutError) as exc:
-            logger.warning("cluster_resume_failed", error=repr(exc))
+            self.event("cluster_resume_failed", warning=True, error=repr(exc))
             return
         self.available = True
-        logger.info("cluster_connected", node=self.node, position=self.position, again=True)
+        self.event("cluster_connected", node=self.node, position=self.position, again=True)
 
     # -- acks and checkpoints -----------------------------------------------------------
 
@@ -163,6 +163,7 @@ class ClusterRouter(ClusterFlow):
                 continue
             pending.attempts += 1
             pending.sent_at = now
+            self.resends += 1
             # JetStream may have stored it (and this node read it) already: then only its
             # answer says so, the copy is dropped and never read back.
             self._publish_confirmed(pending)
@@ -191,7 +192,9 @@ class ClusterRouter(ClusterFlow):
         session.recent.forget(pending.request_id)
         link = session.link
         if link is not None:
-            logger.warning("cluster_unacknowledged", name=session.name, attempts=pending.attempts)
+            self.event(
+                "cluster_unacknowledged", warning=True, name=session.name, attempts=pending.attempts
+            )
             link.close_with(
                 ErrorCode.SERVER_BUSY, "the cluster did not store a message in time: resend it"
             )
