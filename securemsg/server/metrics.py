@@ -184,7 +184,6 @@ class ServerCollector(Collector):
             listener.counts,
         )
 
-
     def _cluster(self) -> Iterator[Metric]:
         cluster = getattr(self.server, "cluster", None)
         if cluster is None:

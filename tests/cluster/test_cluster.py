@@ -21,7 +21,17 @@ from structlog.testing import capture_logs
 from securemsg import datagram
 from securemsg.client.client import Client, connect
 from securemsg.config import ServerConfig
-from securemsg.core.messages import Ack, Bye, Delivery, Error, Join, Publish, ServerAck, Welcome
+from securemsg.core.messages import (
+    Ack,
+    Bye,
+    Delivery,
+    Error,
+    Join,
+    Leave,
+    Publish,
+    ServerAck,
+    Welcome,
+)
 from securemsg.errors import AuthError, ConfigError, RejectedError
 from securemsg.errors import TimeoutError as ClientTimeoutError
 from securemsg.server.server import Server
@@ -204,6 +214,27 @@ async def test_a_session_resumes_on_another_node_while_its_node_lives(
     assert at_b["securemsg_cluster_events_total"]["cluster_connected"] == 1
     assert at_a["securemsg_cluster_events_total"]["session_moved_away"] == 1
     assert "session_moved" not in at_a["securemsg_cluster_events_total"]
+
+
+async def test_a_leave_resent_after_a_move_is_acknowledged_not_refused(
+    start_node: StartNode, raw: Any
+) -> None:
+    # Its first copy was carried out on the old node, whose window of ids seen stays there.
+    a, b = await start_node(), await start_node()
+    client = await raw(a.port, "mover")
+    client.send(Join(room="hall", id="j1"))
+    assert (await client.recv_type(ServerAck)).ids == ["j1"]
+    client.send(Leave(room="hall", id="l1"))
+    assert (await client.recv_type(ServerAck)).ids == ["l1"]
+    moved = await raw(b.port, "mover", session=client.welcome.session, last_seq=0)
+    assert moved.welcome.resumed is True
+    moved.send(Leave(room="hall", id="l1"))  # the resend of an ack the client never saw
+    assert (await moved.recv_type(ServerAck)).ids == ["l1"]
+    # Later, a leave of a room it is not in is refused, as on one server.
+    await asyncio.sleep(1.2)  # past ack_timeout (1 s): the resends are over
+    moved.send(Leave(room="hall", id="l2"))
+    refused = await moved.recv_type(Error)
+    assert (refused.code, refused.ref) == ("not_member", "l2")
 
 
 async def test_losing_nats_sends_clients_away_and_refuses_hellos_until_it_is_back(

@@ -313,7 +313,11 @@ class ClusterRouter(ClusterFlow):
 
     def leave(self, session: Session, room_filter: str) -> bool:
         if not self.rooms.leave(session, room_filter):
-            return False
+            # Just after a move, a leave the client resends was carried out on the old node
+            # (the window of ids seen does not move with a session): it is done, so it is
+            # acknowledged, as one server acknowledges a duplicate.
+            state = self.states.get(session)
+            return state is not None and self.loop.time() < state.resends_until
         self._presence(session, room_filter, "leave")
         state = self.states.get(session)
         if state is not None:
