@@ -140,6 +140,8 @@ def stream_position(reply: str) -> int:
 
 
 MSG_ID_HEADER: Final = "Nats-Msg-Id"
+#: Join and leave ids a session record keeps (SessionRecord.recent).
+RECENT_REQUESTS: Final = 64
 
 
 def name_key(name: str) -> str:
@@ -179,6 +181,7 @@ class SessionRecord(msgspec.Struct, kw_only=True):
 
     name: str
     owner: str
+    owner_boot: str = ""
     #: The stream position the session started at: directs after it are its own.
     start: int
     filters: list[FilterSpan] = msgspec.field(default_factory=list)
@@ -187,6 +190,14 @@ class SessionRecord(msgspec.Struct, kw_only=True):
     seq: int = 0
     #: Wall-clock time the session lost its connection; None while connected.
     detached_at: float | None = None
+    #: The ids of its last joins and leaves (at most RECENT_REQUESTS): the node it moves to
+    #: knows their resends as duplicates (publishes have JetStream's Nats-Msg-Id for that).
+    recent: list[str] = msgspec.field(default_factory=list)
+
+    def requested(self, ref: str) -> None:
+        if ref not in self.recent:
+            self.recent.append(ref)
+            del self.recent[:-RECENT_REQUESTS]
 
     def joined(self, room_filter: str, position: int) -> None:
         self.filters.append(FilterSpan(room_filter, position))
@@ -207,6 +218,7 @@ class NameClaim(msgspec.Struct, kw_only=True):
     node: str
     session: str
     connected: bool = True
+    boot: str = ""
 
 
 class NodeBeat(msgspec.Struct, kw_only=True):
@@ -214,6 +226,9 @@ class NodeBeat(msgspec.Struct, kw_only=True):
 
     node: str
     address: str
+    #: Drawn at each start: a node restarted under its name is another incarnation, and
+    #: the sessions and names of the one before are a dead node's.
+    boot: str = ""
 
 
 class PresenceNote(msgspec.Struct, array_like=True):

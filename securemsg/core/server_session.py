@@ -147,8 +147,9 @@ class Router(Protocol[L]):
     def subscriptions(self, session: ServerSession[L]) -> Collection[str]:
         """The rooms and filters ``session`` has joined (asked only at the limit)."""
 
-    def leave(self, session: ServerSession[L], room_filter: str) -> bool:
-        """False when the session was not a member."""
+    def leave(self, session: ServerSession[L], room_filter: str, *, ref: str | None = None) -> int:
+        """Carry out the leave whose id is ``ref``: False (0) when the session was not a
+        member, :data:`ACK_LATER` when the router acknowledges it later itself."""
 
     def who(
         self, room_filter: str, ref: str | None, session: ServerSession[L] | None = None
@@ -372,10 +373,12 @@ class ServerSession(Generic[L]):
                 self.hold_ack(msg_id, now)
             return Joined(message.room)
         if isinstance(message, Leave):
-            if not router.leave(self, message.room):
+            done = router.leave(self, message.room, ref=msg_id)
+            if not done:
                 text = f"not a member of {message.room!r}"
                 return self._refuse(msg_id, ErrorCode.NOT_MEMBER, text)
-            self.hold_ack(msg_id, now)
+            if done != ACK_LATER:
+                self.hold_ack(msg_id, now)
             return Left(message.room)
         assert isinstance(message, Who)
         return Answered(router.who(message.room, msg_id, self))

@@ -268,7 +268,7 @@ class Broker:
     def subscriptions(self, session: Session) -> frozenset[str]:
         return self.rooms.filters_of(session)
 
-    def leave(self, session: Session, room_filter: str) -> bool:
+    def leave(self, session: Session, room_filter: str, *, ref: str | None = None) -> bool:
         """False when the session was not a member."""
         if not self.rooms.leave(session, room_filter):
             return False

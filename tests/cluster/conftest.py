@@ -138,8 +138,12 @@ def nats_process(tmp_path: Path) -> Iterator[ProcessNats]:
 
 
 @pytest.fixture
-def start_node_process(nats_url: str, tls_files: Any, tmp_path: Path) -> Iterator[StartNodeProcess]:
-    """Start securemsg cluster nodes as subprocesses; all killed at the end."""
+async def start_node_process(
+    nats_url: str, tls_files: Any, tmp_path: Path
+) -> AsyncIterator[StartNodeProcess]:
+    """Start securemsg cluster nodes as subprocesses on an empty cluster; all killed at the
+    end."""
+    await wipe(nats_url)
     nodes: list[NodeProcess] = []
 
     async def start(

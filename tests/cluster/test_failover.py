@@ -25,6 +25,7 @@ from securemsg.core.messages import (
     decode_server,
     encode_frame_of,
 )
+from securemsg.errors import AuthError
 from securemsg.tls.contexts import client_context
 from tests.cluster.conftest import StartNodeProcess
 from tests.faults import record_figure
@@ -84,7 +85,7 @@ async def test_a_client_learns_the_nodes_and_resumes_elsewhere_when_its_node_is_
         assert [a.attempt for a in attempts] == [1]
 
 
-def _ghost(address: str, ca: str, room: str) -> ssl.SSLSocket:
+def _ghost(address: str, ca: str, room: str, name: str = "ghost") -> ssl.SSLSocket:
     """A client that joins ``room`` and never reconnects once its node is gone (a bare TLS
     socket speaking the protocol: no backoff, no resume)."""
     host, port = address.rsplit(":", 1)
@@ -97,7 +98,7 @@ def _ghost(address: str, ca: str, room: str) -> ssl.SSLSocket:
         while not any(isinstance(decode_server(p), kind) for p in decoder.feed(sock.recv(65536))):
             pass
 
-    sock.sendall(encode_frame_of(Hello(version=PROTOCOL_VERSION, name="ghost")))
+    sock.sendall(encode_frame_of(Hello(version=PROTOCOL_VERSION, name=name)))
     until(Welcome)
     sock.sendall(encode_frame_of(Join(room=room, id="j1")))
     until(ServerAck)
@@ -155,3 +156,55 @@ async def test_a_dead_nodes_session_that_nobody_resumes_expires_with_presence_af
         # The name is free again: a new ghost is welcomed on node1.
         async with connect(nodes[1].address, name="ghost", **settings) as again:
             assert again.name == "ghost"
+
+
+async def test_a_node_restarted_under_its_name_keeps_neither_its_old_sessions_nor_names(
+    start_node_process: StartNodeProcess, tls_files: Any, unit: float
+) -> None:
+    # Node names default to host:port, so a restarted node is usually "alive" again at
+    # once: the sessions of the process before must still end, as a dead node's do.
+    nodes = [await start_node_process(f"node{i}", "--session-ttl", "1") for i in range(2)]
+    ca = str(tls_files.ca_pem)
+    settings: dict[str, Any] = {"ca": ca, "reconnect_base": unit, "reconnect_cap": 4 * unit}
+    async with connect(nodes[1].address, name="bob", **settings) as bob:
+        await bob.join("hall", timeout=10)
+        events: list[tuple[str, str]] = []
+
+        async def watch() -> None:
+            async for note in bob.presence():
+                events.append((note.name, note.event))
+
+        async def seen(event: tuple[str, str]) -> None:
+            for _ in range(300):  # 30 s at most
+                if event in events:
+                    return
+                await asyncio.sleep(0.1)
+            raise AssertionError(f"{event} never came: {events}")
+
+        watcher = asyncio.create_task(watch())
+        ghosts = [
+            await asyncio.to_thread(_ghost, nodes[0].address, ca, "hall", name)
+            for name in ("taken", "forgotten")
+        ]
+        try:
+            await seen(("forgotten", "join"))
+            await asyncio.to_thread(nodes[0].kill)
+            await asyncio.to_thread(nodes[0].start)  # same name, same port
+            # "taken": its name is taken over by a new client (once node1 has heard the new
+            # incarnation, within a beat), which ends the old session with presence.
+            taker = None
+            for _ in range(50):
+                try:
+                    taker = await connect(nodes[1].address, name="taken", **settings)
+                    break
+                except AuthError:  # name_taken: the old incarnation still seemed alive
+                    await asyncio.sleep(0.1)
+            assert taker is not None
+            await taker.close()
+            await seen(("taken", "leave"))
+            # "forgotten": nobody takes it: it expires session_ttl after the restart.
+            await seen(("forgotten", "leave"))
+        finally:
+            watcher.cancel()
+            for ghost in ghosts:
+                ghost.close()

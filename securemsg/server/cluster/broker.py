@@ -98,7 +98,11 @@ class ClusterBroker(ClusterRouter):
         session = self._new_session(name, token)
         # Directs to the name count from here: the position when the session becomes ours.
         record = SessionRecord(
-            name=name, owner=self.node, start=self.position, stream_seq=self.position
+            name=name,
+            owner=self.node,
+            owner_boot=self.boot,
+            start=self.position,
+            stream_seq=self.position,
         )
         state = _state(key, record, 0)
         self.register(session, state)
@@ -140,7 +144,8 @@ class ClusterBroker(ClusterRouter):
         if opened is None:
             # Not resumable after all: the record goes, and the name waits for a new session.
             self.spawn(self._delete_record(key))
-            await self._put_claim(name, NameClaim(node=self.node, session=key, connected=False))
+            claim = NameClaim(node=self.node, session=key, connected=False, boot=self.boot)
+            await self._put_claim(name, claim)
             return None
         self.set_connected(opened.session, True)
         self.event(
@@ -167,7 +172,7 @@ class ClusterBroker(ClusterRouter):
         if record.name != name:
             return None
         owner = record.owner
-        if owner != self.node and self.is_live(owner):
+        if owner != self.node and self.is_current(owner, record.owner_boot):
             await self._ask_release(owner, key)
             entry = await kv.get(key)
             assert entry.value is not None
@@ -175,7 +180,7 @@ class ClusterBroker(ClusterRouter):
         if record.detached_at is not None and time.time() - record.detached_at > self.session_ttl:
             self.spawn(self._delete_record(key))
             return None
-        record.owner, record.detached_at = self.node, None
+        record.owner, record.owner_boot, record.detached_at = self.node, self.boot, None
         try:
             revision = await kv.update(key, msgspec.json.encode(record), last=entry.revision)
         except KeyWrongLastSequenceError:
@@ -215,6 +220,8 @@ class ClusterBroker(ClusterRouter):
         for span in record.filters:
             if span.end is None:
                 self.rooms.join(session, span.filter)
+        for ref in record.recent:  # its resends are duplicates here too
+            session.recent.seen(ref)
         messages = await self.link.read(record)
         numbering = Renumbering(record, last_seq=last_seq, upto=1 << 62)
         base = (record.stream_seq, record.seq)

@@ -5,9 +5,11 @@ A node killed with its sessions connected leaves their records in ``sm_sessions`
 ``detached_at``. Their clients usually resume on another node within a second (the record
 changes owner); a client that never comes back would otherwise keep its record until the
 bucket's max_age and never leave its rooms. One node sweeps, the first live one by name: it
-reads the records of dead owners, and deletes those past ``session_ttl`` (a delete
-conditional on the revision it read, so a resume that won the race keeps its session),
-then announces that the session left its rooms and frees its name.
+reads the records whose owner is dead, or alive in another incarnation (restarted under its
+name), and deletes those past ``session_ttl`` (a delete conditional on the revision it
+read, so a resume that won the race keeps its session), then announces that the session
+left its rooms and frees its name. A name taken over from such a session ends it the same
+way (:meth:`Orphans.expire`).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import TYPE_CHECKING
 import msgspec
 import structlog
 from nats.errors import Error as NatsError
-from nats.js.errors import KeyWrongLastSequenceError
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 
 from securemsg.core.cluster import PresenceNote, SessionRecord
 
@@ -47,18 +49,21 @@ class Orphans:
         #: Dead nodes whose records were all looked at since they died.
         self._clean: set[str] = set()
         self._swept_once = False
+        self._restarts = 0
 
     def _dead_since(self, owner: str, now: float) -> float:
         heard = self.registry.heard.get(owner)
-        if heard is None:  # died before this node started: count from now
-            return now
+        if heard is None or self.registry.is_live(owner):
+            return now  # died before this node started, or restarted: count from now
         return min(now, heard[0] + self.registry.settings.node_timeout)
 
     def _needed(self) -> bool:
         registry = self.registry
         dead = {node for node in registry.heard if not registry.is_live(node)}
         self._clean &= dead  # a node that came back and may die again
-        return not self._swept_once or bool(self._since) or bool(dead - self._clean)
+        restarted = registry.restarts != self._restarts
+        self._restarts = registry.restarts
+        return not self._swept_once or restarted or bool(self._since) or bool(dead - self._clean)
 
     async def sweep(self) -> None:
         registry = self.registry
@@ -73,7 +78,7 @@ class Orphans:
         for entry in await _entries(kv, registry.settings.request_timeout):
             assert entry.value is not None
             record = _records.decode(entry.value)
-            if registry.is_live(record.owner):
+            if registry.is_current(record.owner, record.owner_boot):
                 continue
             since = self._since.get(entry.key) or self._dead_since(record.owner, now)
             if record.detached_at is not None:
@@ -82,14 +87,25 @@ class Orphans:
                 expired = now - since >= ttl
             if not expired:
                 orphaned[entry.key] = since
-            elif not await self._expire(kv, entry.key, entry.revision, record):
+            elif not await self._expire(kv, entry.key, entry.revision, record, "node_dead"):
                 orphaned[entry.key] = since
         self._since = orphaned
         self._swept_once = True
         self._clean |= {node for node in registry.heard if not registry.is_live(node)}
 
+    async def expire(self, key: str, *, reason: str) -> None:
+        """End the orphaned session ``key`` now (its name was taken over)."""
+        kv = self.registry.link.sessions
+        assert kv is not None
+        try:
+            entry = await kv.get(key)
+        except KeyNotFoundError:
+            return
+        assert entry.value is not None
+        await self._expire(kv, key, entry.revision, _records.decode(entry.value), reason)
+
     async def _expire(
-        self, kv: KeyValue, key: str, revision: int | None, record: SessionRecord
+        self, kv: KeyValue, key: str, revision: int | None, record: SessionRecord, reason: str
     ) -> bool:
         """Delete the record if it is still the one read; True when it is gone."""
         registry = self.registry
@@ -109,7 +125,7 @@ class Orphans:
             "cluster_session_expired",
             name=record.name,
             node=record.owner,
-            reason="node_dead",
+            reason=reason,
             rooms=len(rooms),
         )
         return True

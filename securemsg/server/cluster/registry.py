@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import secrets
 import time
 from collections import Counter
 from collections.abc import Callable, Coroutine
@@ -42,6 +43,7 @@ from securemsg.core.messages import (
 from securemsg.errors import ProtocolError
 from securemsg.server.broker import Broker, Link, Opened, Session
 from securemsg.server.cluster.link import ClusterSettings, NatsLink
+from securemsg.server.cluster.orphans import Orphans
 from securemsg.server.tasks import Tasks
 
 __all__ = ["ClusterLink", "ClusterRegistry", "SessionState"]
@@ -123,8 +125,14 @@ class ClusterRegistry(Broker):
         self.by_key: dict[str, Session] = {}
         #: Every name held in the cluster (watched from the sm_names bucket).
         self.names: dict[str, NameClaim] = {}
+        self.orphans = Orphans(self)
         #: Nodes heard from: when (loop time) and their client address.
         self.heard: dict[str, tuple[float, str]] = {}
+        #: This process's incarnation, and each node's as last heard (NodeBeat.boot).
+        self.boot = secrets.token_hex(8)
+        self.boots: dict[str, str] = {}
+        #: How many times a node was heard with a new incarnation (it restarted).
+        self.restarts = 0
         self.available = False
         #: Publishes not known to be stored yet, by Nats-Msg-Id.
         self._pending: dict[str, Pending] = {}
@@ -183,9 +191,10 @@ class ClusterRegistry(Broker):
 
     async def _beat(self) -> None:
         assert self.link.nodes is not None
-        beat = NodeBeat(node=self.node, address=self.settings.address)
+        beat = NodeBeat(node=self.node, address=self.settings.address, boot=self.boot)
         await self.link.nodes.put(node_token(self.node), _json(beat))
         self.heard[self.node] = (self.loop.time(), self.settings.address)
+        self.boots[self.node] = self.boot
 
     async def watch(self, kv: KeyValue, apply: Callable[[KeyValue.Entry], None]) -> None:
         """Apply what ``kv`` holds now (before returning), then every change (in a task)."""
@@ -208,6 +217,10 @@ class ClusterRegistry(Broker):
         if entry.value is not None and entry.operation is None:
             beat = _beats.decode(entry.value)
             self.heard[beat.node] = (self.loop.time(), beat.address)
+            before = self.boots.get(beat.node)
+            if before is not None and before != beat.boot:
+                self.restarts += 1
+            self.boots[beat.node] = beat.boot
 
     def live_nodes(self) -> list[str]:
         heard = {node: at for node, (at, _) in self.heard.items()}
@@ -219,6 +232,10 @@ class ClusterRegistry(Broker):
     def is_live(self, node: str) -> bool:
         heard = self.heard.get(node)
         return heard is not None and self.loop.time() - heard[0] <= self.settings.node_timeout
+
+    def is_current(self, node: str, boot: str) -> bool:
+        """Is ``node`` alive in the incarnation ``boot`` (not dead, nor restarted since)?"""
+        return self.is_live(node) and self.boots.get(node, "") == boot
 
     # -- names ----------------------------------------------------------------------------
 
@@ -235,7 +252,7 @@ class ClusterRegistry(Broker):
         session, or on a dead node, is taken over (that session ends, as on one server)."""
         kv = self.link.names
         assert kv is not None
-        nk, value = name_key(name), _json(NameClaim(node=self.node, session=key))
+        nk, value = name_key(name), _json(NameClaim(node=self.node, session=key, boot=self.boot))
         try:
             await kv.create(nk, value)
             return
@@ -252,7 +269,7 @@ class ClusterRegistry(Broker):
             holder = self.by_key.get(held.session)
             in_use = holder is not None and holder.link is not None
         else:
-            in_use = held.connected and self.is_live(held.node)
+            in_use = held.connected and self.is_current(held.node, held.boot)
         if in_use:
             raise ProtocolError(ErrorCode.NAME_TAKEN, f"the name {name!r} is in use")
         try:
@@ -266,17 +283,19 @@ class ClusterRegistry(Broker):
         holder = self.by_key.get(held.session)
         if holder is not None:
             self.end(holder, reason="taken_over")
-        elif self.is_live(held.node):
+        elif self.is_current(held.node, held.boot):
             self.link.publish(
                 f"sm.node.{node_token(held.node)}.end", held.session.encode(), headers=None
             )
-        else:
-            self.spawn(self._delete_record(held.session))
+        else:  # a dead node's session (or one of an incarnation before): it ends here
+            self.spawn(self.orphans.expire(held.session, reason="taken_over"))
 
     def set_connected(self, session: Session, connected: bool) -> None:
         state = self.states.get(session)
         if state is not None and self.available:
-            claim = NameClaim(node=self.node, session=state.key, connected=connected)
+            claim = NameClaim(
+                node=self.node, session=state.key, connected=connected, boot=self.boot
+            )
             self.spawn(self._put_claim(session.name, claim))
 
     async def _put_claim(self, name: str, claim: NameClaim) -> None:

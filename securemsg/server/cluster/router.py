@@ -45,8 +45,7 @@ from securemsg.core.rooms import is_wildcard
 from securemsg.core.server_session import ACK_LATER
 from securemsg.server.broker import Session
 from securemsg.server.cluster.flow import ClusterFlow
-from securemsg.server.cluster.orphans import Orphans
-from securemsg.server.cluster.registry import ClusterLink, Pending
+from securemsg.server.cluster.registry import ClusterLink, Pending, SessionState
 
 __all__ = ["ClusterRouter"]
 
@@ -100,7 +99,7 @@ class ClusterRouter(ClusterFlow):
         await self.watch(self.link.names, self._named)
         self.spawn(self._every(self.settings.beat_interval, self._beat))
         self.spawn(self._every(self.settings.checkpoint_interval, self._sweep))
-        self.spawn(self._every(self.settings.node_timeout, Orphans(self).sweep))
+        self.spawn(self._every(self.settings.node_timeout, self.orphans.sweep))
         self.available = True
         self.event("cluster_connected", node=self.node, position=self.position)
 
@@ -299,31 +298,39 @@ class ClusterRouter(ClusterFlow):
         if state is None:
             return None
         state.record.joined(room_filter, self.position)
+        return self._ack_when_recorded(session, state, ref)
+
+    def leave(  # type: ignore[override]
+        self, session: Session, room_filter: str, *, ref: str | None = None
+    ) -> int:
+        """Acknowledged once the session's record no longer holds the filter, as a join."""
+        if not self.rooms.leave(session, room_filter):
+            return False
+        self._presence(session, room_filter, "leave")
+        state = self.states.get(session)
+        if state is None:
+            return True
+        state.record.left(room_filter, self.position)
+        return self._ack_when_recorded(session, state, ref) or True
+
+    def _ack_when_recorded(
+        self, session: Session, state: SessionState, ref: str | None
+    ) -> int | None:
+        """Write the changed membership; ACK_LATER: ``ref`` is acknowledged once written. Its
+        id goes into the record, so a resend after a move is known there as a duplicate."""
+        if ref is not None:
+            state.record.requested(ref)
         recorded = self._changed(session)
         if recorded is None or ref is None:
             return None
-        recorded.add_done_callback(lambda _: self._joined(session, ref))
+        recorded.add_done_callback(lambda _: self._recorded(session, ref))
         return ACK_LATER
 
-    def _joined(self, session: Session, ref: str) -> None:
+    def _recorded(self, session: Session, ref: str) -> None:
         link = session.link
         if link is not None and session in self.states:
             session.hold_ack(ref, self.loop.time())
             cast(ClusterLink, link).acks_held()
-
-    def leave(self, session: Session, room_filter: str) -> bool:
-        if not self.rooms.leave(session, room_filter):
-            # Just after a move, a leave the client resends was carried out on the old node
-            # (the window of ids seen does not move with a session): it is done, so it is
-            # acknowledged, as one server acknowledges a duplicate.
-            state = self.states.get(session)
-            return state is not None and self.loop.time() < state.resends_until
-        self._presence(session, room_filter, "leave")
-        state = self.states.get(session)
-        if state is not None:
-            state.record.left(room_filter, self.position)
-            self._changed(session)
-        return True
 
     # -- the stream, read back ------------------------------------------------------------
 
