@@ -40,6 +40,7 @@ from securemsg.core.server_session import (
     Answered,
     HelloPolicy,
     Joined,
+    Left,
     Request,
     RequestRefused,
     ServerSession,
@@ -73,7 +74,7 @@ class Router:
         self.carried_out.append(f"join {room_filter}")
         self.rooms.join(session, room_filter)
 
-    def leave(self, session: Session, room_filter: str) -> bool:
+    def leave(self, session: Session, room_filter: str, *, ref: str | None = None) -> int:
         if not self.rooms.leave(session, room_filter):
             return False
         self.carried_out.append(f"leave {room_filter}")
@@ -458,7 +459,8 @@ def test_a_join_past_max_subscriptions_is_refused_and_the_session_goes_on() -> N
 
 @dataclass
 class LaterRouter(Router):
-    """A cluster node's router: publishes and directs are acknowledged once stored."""
+    """A cluster node's router: publishes and directs are acknowledged once stored, joins
+    and leaves once recorded."""
 
     def publish(self, session: Session, msg: Publish, ts: float) -> int:  # type: ignore[override]
         super().publish(session, msg, ts)
@@ -473,8 +475,11 @@ class LaterRouter(Router):
         super().join(session, room_filter)
         return ACK_LATER
 
+    def leave(self, session: Session, room_filter: str, *, ref: str | None = None) -> int:
+        return ACK_LATER if super().leave(session, room_filter) else False
 
-def test_a_router_may_acknowledge_publishes_directs_and_joins_later() -> None:
+
+def test_a_router_may_acknowledge_publishes_directs_joins_and_leaves_later() -> None:
     router = LaterRouter(names={"bob"})
     session = new_session()
     link = Link(session, router)
@@ -490,3 +495,12 @@ def test_a_router_may_acknowledge_publishes_directs_and_joins_later() -> None:
     session.hold_ack("4", 0.0)
     assert link.acks() == ["2", "4"]
     assert router.carried_out == ["publish 1", "direct 2", "join r"]
+    # A leave too; one of a room the session is not in is still refused at once.
+    not_member = Error(code=ErrorCode.NOT_MEMBER, message="not a member of 'x'", ref="6")
+    assert link.send(Leave(room="r", id="5"), Leave(room="x", id="6")) == [
+        Left("r"),
+        RequestRefused(not_member),
+    ]
+    assert link.acks() == []
+    session.hold_ack("5", 0.0)
+    assert link.acks() == ["5"]

@@ -113,7 +113,7 @@ class RecordingBroker(Broker):
         self._carried()
         super().join(session, room_filter)
 
-    def leave(self, session: Any, room_filter: str) -> bool:
+    def leave(self, session: Any, room_filter: str, *, ref: str | None = None) -> bool:
         done = super().leave(session, room_filter)
         if done:
             self._carried()

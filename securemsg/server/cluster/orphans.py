@@ -15,7 +15,7 @@ way (:meth:`Orphans.expire`).
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
 import structlog
@@ -25,9 +25,11 @@ from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from securemsg.core.cluster import PresenceNote, SessionRecord
 
 if TYPE_CHECKING:
+    import asyncio
+
     from nats.js.kv import KeyValue
 
-    from securemsg.server.cluster.registry import ClusterRegistry
+    from securemsg.server.cluster.link import ClusterSettings, NatsLink
 
 __all__ = ["Orphans"]
 
@@ -39,10 +41,34 @@ _records = msgspec.json.Decoder(SessionRecord)
 NO_NODE = ""
 
 
+class ClusterView(Protocol):
+    """What the sweep reads of its node (:class:`~securemsg.server.cluster.registry.
+    ClusterRegistry`)."""
+
+    node: str
+    settings: ClusterSettings
+    link: NatsLink
+    heard: dict[str, tuple[float, str]]
+    restarts: int
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop: ...
+
+    def live_nodes(self) -> list[str]: ...
+
+    def is_live(self, node: str) -> bool: ...
+
+    def is_current(self, node: str, boot: str) -> bool: ...
+
+    def event(self, event: str, *, warning: bool = False, **fields: Any) -> None: ...
+
+    async def free_name(self, key: str, name: str) -> None: ...
+
+
 class Orphans:
     """The sweep of one node; :meth:`sweep` runs every ``node_timeout``."""
 
-    def __init__(self, registry: ClusterRegistry) -> None:
+    def __init__(self, registry: ClusterView) -> None:
         self.registry = registry
         #: When each orphaned record was first seen orphaned (loop time).
         self._since: dict[str, float] = {}
