@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from securemsg.bench.cluster import nats_server_path
-from securemsg.client.client import Reconnected, Reconnecting, StateChange, connect
+from securemsg.client.client import Client, Reconnected, Reconnecting, StateChange, connect
 from securemsg.config import ServerConfig
 from securemsg.core.frames import FrameDecoder
 from securemsg.core.messages import (
@@ -105,6 +105,30 @@ def _ghost(address: str, ca: str, room: str, name: str = "ghost") -> ssl.SSLSock
     return sock
 
 
+class PresenceLog:
+    """The presence events a client hears, in order, and a bounded wait for one."""
+
+    def __init__(self, client: Client) -> None:
+        self.events: list[tuple[str, str]] = []
+        self._task = asyncio.create_task(self._watch(client))
+
+    async def _watch(self, client: Client) -> None:
+        async for note in client.presence():
+            self.events.append((note.name, note.event))
+
+    async def seen(self, name: str, event: str, *, within: float = 30.0) -> float:
+        """Seconds until ``name`` ``event`` was heard; AssertionError past ``within``."""
+        started = time.monotonic()
+        while (name, event) not in self.events:
+            if time.monotonic() - started > within:
+                raise AssertionError(f"no {event} of {name} in {within:g} s: {self.events}")
+            await asyncio.sleep(0.1)
+        return time.monotonic() - started
+
+    def close(self) -> None:
+        self._task.cancel()
+
+
 async def test_a_dead_nodes_session_that_nobody_resumes_expires_with_presence_after_session_ttl(
     start_node_process: StartNodeProcess, tls_files: Any, unit: float
 ) -> None:
@@ -118,40 +142,26 @@ async def test_a_dead_nodes_session_that_nobody_resumes_expires_with_presence_af
     ):
         await bob.join("hall", timeout=10)
         await alice.join("hall", timeout=10)
-        events: list[tuple[str, str]] = []
-
-        async def watch() -> None:
-            async for note in bob.presence():
-                events.append((note.name, note.event))
-
-        watcher = asyncio.create_task(watch())
+        presence = PresenceLog(bob)
         ghost = await asyncio.to_thread(_ghost, nodes[0].address, ca, "hall")
         try:
-            for _ in range(100):
-                if ("ghost", "join") in events:
-                    break
-                await asyncio.sleep(0.1)
+            await presence.seen("ghost", "join")
             await asyncio.to_thread(nodes[0].kill)
-            killed = time.monotonic()
             # Expiry: session_ttl (1 s) after node0 is seen dead (3 s), at the next sweep
-            # (every 3 s): about 7 s at most. Bounded at 30.
-            for _ in range(300):
-                if ("ghost", "leave") in events:
-                    break
-                await asyncio.sleep(0.1)
-            assert ("ghost", "leave") in events, events
+            # (every 3 s): about 7 s at most.
+            waited = await presence.seen("ghost", "leave")
             record_figure(
                 "a dead node's unresumed session expires (session_ttl 1 s)",
-                leave_after_kill_s=round(time.monotonic() - killed, 2),
+                leave_after_kill_s=round(waited, 2),
             )
             # Alice resumed on node1 before her session could expire: still a member, and
             # nobody was told she left.
             await bob.publish("hall", "still here?")
             assert (await alice.receive(timeout=10)).body == "still here?"
-            assert ("alice", "leave") not in events
+            assert ("alice", "leave") not in presence.events
             assert alice.address == nodes[1].address
         finally:
-            watcher.cancel()
+            presence.close()
             ghost.close()
         # The name is free again: a new ghost is welcomed on node1.
         async with connect(nodes[1].address, name="ghost", **settings) as again:
@@ -168,26 +178,13 @@ async def test_a_node_restarted_under_its_name_keeps_neither_its_old_sessions_no
     settings: dict[str, Any] = {"ca": ca, "reconnect_base": unit, "reconnect_cap": 4 * unit}
     async with connect(nodes[1].address, name="bob", **settings) as bob:
         await bob.join("hall", timeout=10)
-        events: list[tuple[str, str]] = []
-
-        async def watch() -> None:
-            async for note in bob.presence():
-                events.append((note.name, note.event))
-
-        async def seen(event: tuple[str, str]) -> None:
-            for _ in range(300):  # 30 s at most
-                if event in events:
-                    return
-                await asyncio.sleep(0.1)
-            raise AssertionError(f"{event} never came: {events}")
-
-        watcher = asyncio.create_task(watch())
+        presence = PresenceLog(bob)
         ghosts = [
             await asyncio.to_thread(_ghost, nodes[0].address, ca, "hall", name)
             for name in ("taken", "forgotten")
         ]
         try:
-            await seen(("forgotten", "join"))
+            await presence.seen("forgotten", "join")
             await asyncio.to_thread(nodes[0].kill)
             await asyncio.to_thread(nodes[0].start)  # same name, same port
             # "taken": its name is taken over by a new client (once node1 has heard the new
@@ -201,10 +198,10 @@ async def test_a_node_restarted_under_its_name_keeps_neither_its_old_sessions_no
                     await asyncio.sleep(0.1)
             assert taker is not None
             await taker.close()
-            await seen(("taken", "leave"))
+            await presence.seen("taken", "leave")
             # "forgotten": nobody takes it: it expires session_ttl after the restart.
-            await seen(("forgotten", "leave"))
+            await presence.seen("forgotten", "leave")
         finally:
-            watcher.cancel()
+            presence.close()
             for ghost in ghosts:
                 ghost.close()
