@@ -531,6 +531,9 @@ def _cluster_broker(server: Server, options: dict[str, Any]) -> ClusterBroker:
         password=config.cluster_password,
         max_bytes=config.cluster_max_bytes,
         session_ttl=config.session_ttl,
+        node_timeout=config.cluster_node_timeout,
+        # Three beats per node_timeout, so one lost beat is no death.
+        beat_interval=min(1.0, config.cluster_node_timeout / 3),
     )
     return ClusterBroker(
         settings, on_lost=server._cluster_lost, on_drop=server.session_ended, **options

@@ -39,6 +39,8 @@ pytestmark = [
 ]
 
 COUNT = 300
+#: Sessions live 1 s after their node's death, which is found after 1 s.
+FAST_EXPIRY = ("--session-ttl", "1", "--cluster-node-timeout", "1")
 
 
 async def test_a_client_learns_the_nodes_and_resumes_elsewhere_when_its_node_is_killed(
@@ -133,7 +135,7 @@ async def test_a_dead_nodes_session_that_nobody_resumes_expires_with_presence_af
     start_node_process: StartNodeProcess, tls_files: Any, unit: float
 ) -> None:
     # node0 dies with two sessions: alice resumes on node1 at once, ghost never comes back.
-    nodes = [await start_node_process(f"node{i}", "--session-ttl", "1") for i in range(2)]
+    nodes = [await start_node_process(f"node{i}", *FAST_EXPIRY) for i in range(2)]
     ca = str(tls_files.ca_pem)
     settings: dict[str, Any] = {"ca": ca, "reconnect_base": unit, "reconnect_cap": 4 * unit}
     async with (
@@ -147,11 +149,11 @@ async def test_a_dead_nodes_session_that_nobody_resumes_expires_with_presence_af
         try:
             await presence.seen("ghost", "join")
             await asyncio.to_thread(nodes[0].kill)
-            # Expiry: session_ttl (1 s) after node0 is seen dead (3 s), at the next sweep
-            # (every 3 s): about 7 s at most.
+            # Expiry: session_ttl (1 s) after node0 is seen dead (1 s), at the next sweep
+            # (every 1 s): about 3 s at most.
             waited = await presence.seen("ghost", "leave")
             record_figure(
-                "a dead node's unresumed session expires (session_ttl 1 s)",
+                "a dead node's unresumed session expires (session_ttl 1 s, node timeout 1 s)",
                 leave_after_kill_s=round(waited, 2),
             )
             # Alice resumed on node1 before her session could expire: still a member, and
@@ -173,7 +175,7 @@ async def test_a_node_restarted_under_its_name_keeps_neither_its_old_sessions_no
 ) -> None:
     # Node names default to host:port, so a restarted node is usually "alive" again at
     # once: the sessions of the process before must still end, as a dead node's do.
-    nodes = [await start_node_process(f"node{i}", "--session-ttl", "1") for i in range(2)]
+    nodes = [await start_node_process(f"node{i}", *FAST_EXPIRY) for i in range(2)]
     ca = str(tls_files.ca_pem)
     settings: dict[str, Any] = {"ca": ca, "reconnect_base": unit, "reconnect_cap": 4 * unit}
     async with connect(nodes[1].address, name="bob", **settings) as bob:
