@@ -239,6 +239,19 @@ async def test_joins_and_leaves_resent_after_a_move_are_known_as_duplicates(
     assert (refused.code, refused.ref) == ("not_member", "l2")
 
 
+async def test_a_node_with_other_ttls_joins_the_buckets_the_first_node_made(
+    start_node: StartNode, clients: Any
+) -> None:
+    # The buckets' ages follow session_ttl and cluster_node_timeout: JetStream refuses to
+    # make an existing bucket again with other limits, which kept such a node out.
+    a = await start_node()
+    b = await start_node(session_ttl=100.0, cluster_node_timeout=1.0)
+    alice, bob = await clients(a.port, "alice"), await clients(b.port, "bob")
+    await bob.join("r", timeout=5)
+    await alice.publish("r", "across", confirm=True)
+    assert (await bob.receive(timeout=5)).body == "across"
+
+
 async def test_losing_nats_sends_clients_away_and_refuses_hellos_until_it_is_back(
     tmp_path: Any, tls_files: Any, unit: float, raw: Any
 ) -> None:

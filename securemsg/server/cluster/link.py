@@ -163,18 +163,23 @@ class NatsLink:
         self._js = self.nc.jetstream(timeout=settings.request_timeout)
         try:
             await self._make_stream()
-            self.sessions = await self.js.create_key_value(
-                bucket="sm_sessions", ttl=settings.max_age, history=1
-            )
+            self.sessions = await self._bucket("sm_sessions", ttl=settings.max_age)
             # No max age: a name is held as long as its session lives, however long.
-            self.names = await self.js.create_key_value(bucket="sm_names", history=1)
-            self.nodes = await self.js.create_key_value(
-                bucket="sm_nodes", ttl=settings.node_timeout * 4, history=1
-            )
+            self.names = await self._bucket("sm_names")
+            self.nodes = await self._bucket("sm_nodes", ttl=settings.node_timeout * 4)
         except (NatsError, TimeoutError) as exc:
             await self.nc.close()
             raise ConfigError(f"the cluster at {where} has no usable JetStream: {exc!r}") from None
         self._publisher = asyncio.get_running_loop().create_task(self._publish_loop())
+
+    async def _bucket(self, name: str, *, ttl: float | None = None) -> KeyValue:
+        """The key-value bucket ``name``, made with ``ttl`` if it does not exist yet. One
+        made by a node with other settings (session_ttl, cluster_node_timeout) is used as
+        it is, as the stream is: refusing it would keep this node out of the cluster."""
+        try:
+            return await self.js.create_key_value(bucket=name, ttl=ttl, history=1)
+        except BadRequestError:
+            return await self.js.key_value(name)
 
     async def _make_stream(self) -> None:
         settings = self.settings
