@@ -121,6 +121,9 @@ class ServerConfig(_Config, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     cluster_credentials: str | None = None
     cluster_user: str | None = None
     cluster_password: str | None = None
+    cluster_ca: str | None = None
+    cluster_cert: str | None = None
+    cluster_key: str | None = None
     cluster_max_bytes: int = 1024 * _MIB
     cluster_node_timeout: float = 3.0
     metrics_port: int | None = None
@@ -216,6 +219,9 @@ FIELD_HELP: Final[dict[str, dict[str, str]]] = {
         "cluster_credentials": "NATS credentials file (.creds) for the cluster",
         "cluster_user": "NATS user name for the cluster",
         "cluster_password": "NATS password; set SECUREMSG_CLUSTER_PASSWORD, never a file or flag",
+        "cluster_ca": "CA file the NATS servers' certificates chain to (TLS to NATS)",
+        "cluster_cert": "certificate this node presents to NATS (mutual TLS), PEM",
+        "cluster_key": "private key of cluster_cert, PEM (default: in cluster_cert)",
         "cluster_max_bytes": "bytes the cluster's message stream keeps at most (JetStream)",
         "cluster_node_timeout": "seconds without a beat after which a node counts as dead",
         "metrics_port": "port of the HTTP listener for /metrics, /healthz, /readyz; none: off",
@@ -369,7 +375,15 @@ _HOST_PORT: Final = re.compile(r"^\S+:[0-9]{1,5}\Z")
 
 def _cluster_problem(config: ServerConfig) -> _Problem | None:
     if config.cluster is None:
-        for name in ("node_name", "advertise", "cluster_credentials", "cluster_user"):
+        for name in (
+            "node_name",
+            "advertise",
+            "cluster_credentials",
+            "cluster_user",
+            "cluster_ca",
+            "cluster_cert",
+            "cluster_key",
+        ):
             if getattr(config, name) is not None:
                 return (name,), f"{name} is a cluster setting: it needs cluster (the NATS servers)"
         return None
@@ -390,6 +404,8 @@ def _cluster_problem(config: ServerConfig) -> _Problem | None:
         )
     if config.advertise is not None and not _HOST_PORT.match(config.advertise):
         return ("advertise",), f"advertise must be HOST:PORT, got {config.advertise!r}"
+    if config.cluster_key is not None and config.cluster_cert is None:
+        return ("cluster_key",), "cluster_key was given without cluster_cert (the certificate)"
     if config.cluster_credentials is not None and config.cluster_user is not None:
         return ("cluster_credentials", "cluster_user"), (
             "cluster_credentials and cluster_user cannot be used together: choose one way to"
@@ -676,6 +692,9 @@ def _metavar(field: _Field) -> str | None:
         "store",
         "session_file",
         "cluster_credentials",
+        "cluster_ca",
+        "cluster_cert",
+        "cluster_key",
     }:
         return "PATH"
     if field.name == "cluster":

@@ -298,8 +298,9 @@ class Server:
         if self._stall_check is not None:
             self._stall_check.cancel()
         for sock in self._sockets:
-            with contextlib.suppress(OSError):
-                self.loop.remove_reader(sock.fileno())
+            if sock.fileno() != -1:  # closed already when start() failed
+                with contextlib.suppress(OSError):
+                    self.loop.remove_reader(sock.fileno())
             sock.close()
         if self.datagram is not None:
             await self.datagram.close()
@@ -529,6 +530,9 @@ def _cluster_broker(server: Server, options: dict[str, Any]) -> ClusterBroker:
         credentials=config.cluster_credentials,
         user=config.cluster_user,
         password=config.cluster_password,
+        ca=config.cluster_ca,
+        cert=config.cluster_cert,
+        key=config.cluster_key,
         max_bytes=config.cluster_max_bytes,
         session_ttl=config.session_ttl,
         node_timeout=config.cluster_node_timeout,

@@ -36,10 +36,12 @@ def free_port() -> int:
 class NatsServer:
     """One nats-server process with JetStream, its store in ``store``; restartable."""
 
-    def __init__(self, store: Path) -> None:
+    def __init__(self, store: Path, *, tls: list[str] | None = None) -> None:
+        """``tls``: nats-server's TLS flags (``--tls``, ``--tlscert``, ...), if any."""
         self.store = store
         self.port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
+        self.tls = tls or []
 
     @property
     def address(self) -> tuple[str, int]:
@@ -47,13 +49,13 @@ class NatsServer:
 
     @property
     def url(self) -> str:
-        return f"nats://127.0.0.1:{self.port}"
+        return f"{'tls' if self.tls else 'nats'}://127.0.0.1:{self.port}"
 
     def start(self) -> None:
         assert NATS_SERVER is not None
         command = [NATS_SERVER, "-js", "-sd", str(self.store), "-a", "127.0.0.1"]
         self.process = subprocess.Popen(
-            [*command, "-p", str(self.port)],
+            [*command, "-p", str(self.port), *self.tls],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
 import structlog
+from nats.errors import AuthorizationError
 from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
 from nats.js.api import (
@@ -69,6 +71,10 @@ class ClusterSettings:
     credentials: str | None = None
     user: str | None = None
     password: str | None = None
+    #: TLS to NATS: the CA of its servers, and this node's certificate for mutual TLS.
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
     max_bytes: int = 1 << 30
     session_ttl: float = 60.0
     #: A node says it is alive this often, and is dead when not heard for node_timeout.
@@ -92,6 +98,43 @@ class ClusterSettings:
         return max(300.0, 4 * self.session_ttl)
 
 
+def nats_tls_context(settings: ClusterSettings) -> ssl.SSLContext | None:
+    """The context of TLS to NATS when a CA or certificate is set (else None: nats-py makes
+    one trusting the system's CAs for tls:// URLs); ConfigError in one sentence when a file
+    cannot be used."""
+    if settings.ca is None and settings.cert is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    files = (("cluster_ca", settings.ca), ("cluster_cert", settings.cert))
+    for setting, path in files:
+        if path is None:
+            continue
+        try:
+            if setting == "cluster_ca":
+                context.load_verify_locations(cafile=path)
+            else:
+                context.load_cert_chain(path, settings.key)
+        except FileNotFoundError:
+            raise ConfigError(f"{setting} file {path} does not exist") from None
+        except (OSError, ssl.SSLError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise ConfigError(f"{setting} file {path} cannot be used for TLS: {reason}") from None
+    return context
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"its certificate is not trusted ({exc.verify_message}): check cluster_ca"
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS failed ({exc.reason or exc}): check cluster_ca, cluster_cert and cluster_key"
+    if isinstance(exc, AuthorizationError):
+        return "it refused our credentials: check cluster_credentials or cluster_user"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    return repr(exc)
+
+
 class NatsLink:
     """One NATS connection with JetStream: the ``SECUREMSG`` stream and the buckets
     ``sm_sessions``, ``sm_names`` and ``sm_nodes``."""
@@ -107,6 +150,9 @@ class NatsLink:
         self._on_lost = on_lost
         self._on_back = on_back
         self.nc: NodeClient | None = None
+        #: The first connect's last failure, and the one no retry can mend, if any.
+        self._last_error: Exception | None = None
+        self._refused: asyncio.Future[Exception] | None = None
         self._js: JetStreamContext | None = None
         self.sessions: KeyValue | None = None
         self.names: KeyValue | None = None
@@ -142,6 +188,9 @@ class NatsLink:
             # need not check each one again on every publish.
             "skip_subject_validation": True,
         }
+        tls = nats_tls_context(settings)
+        if tls is not None:
+            options["tls"] = tls
         if settings.credentials is not None:
             options["user_credentials"] = settings.credentials
         if settings.user is not None:
@@ -149,16 +198,27 @@ class NatsLink:
             options["password"] = settings.password or ""
         where = ",".join(settings.servers)
         nc = NodeClient()
+        refused = self._refused = asyncio.get_running_loop().create_future()
+        connecting = asyncio.ensure_future(nc.connect(**options))
         try:
             # Bounded: with max_reconnect_attempts -1 nats-py retries a first connect forever
-            # too, and a node that cannot reach NATS would hang at start.
+            # too, and a node that cannot reach NATS would hang at start. A refusal that no
+            # retry can mend (a certificate, a password) ends the wait at once.
             async with asyncio.timeout(_FIRST_CONNECT_ATTEMPTS * settings.request_timeout):
-                await nc.connect(**options)
+                await asyncio.wait({connecting, refused}, return_when="FIRST_COMPLETED")
+            if not connecting.done():
+                raise refused.result()
+            await connecting
             self.nc = nc
         except (OSError, NatsError, TimeoutError) as exc:
+            connecting.cancel()
             with contextlib.suppress(Exception):
                 await nc.close()
-            reason = "no answer" if isinstance(exc, TimeoutError) else repr(exc)
+            last = self._last_error
+            if isinstance(exc, TimeoutError):
+                reason = "no answer" if last is None else f"no connection ({_describe(last)})"
+            else:
+                reason = _describe(exc)
             raise ConfigError(f"cannot reach the cluster at {where}: {reason}") from None
         self._js = self.nc.jetstream(timeout=settings.request_timeout)
         try:
@@ -219,6 +279,15 @@ class NatsLink:
         await self._on_back()
 
     async def _error(self, exc: Exception) -> None:
+        if self.nc is None:  # the first connect
+            self._last_error = exc
+            refused = self._refused
+            if (
+                isinstance(exc, ssl.SSLError | AuthorizationError)
+                and refused
+                and not refused.done()
+            ):
+                refused.set_result(exc)
         # While NATS is down every reconnect attempt fails: cluster_lost said it once.
         if self.connected:
             logger.warning("cluster_error", error=repr(exc))
