@@ -66,13 +66,15 @@ class ClusterView(Protocol):
 
 
 class Orphans:
-    """The sweep of one node; :meth:`sweep` runs every ``node_timeout``."""
+    """The sweep of one node; :meth:`sweep` runs every ``node_timeout``. It reads every
+    record once per death or restart of a node, not at every sweep (a cluster holds many
+    records), and then only the orphans that are due."""
 
     def __init__(self, registry: ClusterView) -> None:
         self.registry = registry
-        #: When each orphaned record was first seen orphaned (loop time).
-        self._since: dict[str, float] = {}
-        #: Dead nodes whose records were all looked at since they died.
+        #: Orphaned records not due yet: when each is (loop time), and the revision read.
+        self._due: dict[str, tuple[float, int | None]] = {}
+        #: Dead nodes whose records were all read since they died.
         self._clean: set[str] = set()
         self._swept_once = False
         self._restarts = 0
@@ -83,41 +85,66 @@ class Orphans:
             return now  # died before this node started, or restarted: count from now
         return min(now, heard[0] + self.registry.settings.node_timeout)
 
-    def _needed(self) -> bool:
+    def _scan_needed(self) -> bool:
+        """Read every record only when a node died or restarted since the last reading
+        (or this node never read them): the orphans found are remembered until due."""
         registry = self.registry
         dead = {node for node in registry.heard if not registry.is_live(node)}
         self._clean &= dead  # a node that came back and may die again
         restarted = registry.restarts != self._restarts
         self._restarts = registry.restarts
-        return not self._swept_once or restarted or bool(self._since) or bool(dead - self._clean)
+        return not self._swept_once or restarted or bool(dead - self._clean)
 
     async def sweep(self) -> None:
         registry = self.registry
         live = registry.live_nodes()
-        if not live or min(live) != registry.node or not self._needed():
+        if not live or min(live) != registry.node:
+            self._due.clear()  # another node sweeps; it read the records itself
+            self._swept_once = False
             return
         kv = registry.link.sessions
         assert kv is not None
+        if self._scan_needed():
+            await self._scan(kv)
+        now = registry.loop.time()
+        for key, (due, revision) in list(self._due.items()):
+            if due <= now and await self._expire_read(kv, key, revision):
+                del self._due[key]
+
+    async def _scan(self, kv: KeyValue) -> None:
+        registry = self.registry
         now, wall = registry.loop.time(), time.time()
         ttl = registry.settings.session_ttl
-        orphaned: dict[str, float] = {}
+        due: dict[str, tuple[float, int | None]] = {}
         for entry in await _entries(kv, registry.settings.request_timeout):
             assert entry.value is not None
             record = _records.decode(entry.value)
             if registry.is_current(record.owner, record.owner_boot):
                 continue
-            since = self._since.get(entry.key) or self._dead_since(record.owner, now)
             if record.detached_at is not None:
-                expired = wall - record.detached_at >= ttl
+                at = now + (record.detached_at + ttl - wall)
+            elif entry.key in self._due:
+                at = self._due[entry.key][0]
             else:
-                expired = now - since >= ttl
-            if not expired:
-                orphaned[entry.key] = since
-            elif not await self._expire(kv, entry.key, entry.revision, record, "node_dead"):
-                orphaned[entry.key] = since
-        self._since = orphaned
+                at = self._dead_since(record.owner, now) + ttl
+            due[entry.key] = (at, entry.revision)
+        self._due = due
         self._swept_once = True
         self._clean |= {node for node in registry.heard if not registry.is_live(node)}
+
+    async def _expire_read(self, kv: KeyValue, key: str, revision: int | None) -> bool:
+        """Expire ``key`` if it is still the record read at ``revision``; True when it is
+        no orphan any more (expired, resumed or gone), False to try again."""
+        try:
+            entry = await kv.get(key)
+        except KeyNotFoundError:
+            return True
+        except (NatsError, TimeoutError):
+            return False
+        if entry.revision != revision or entry.value is None:
+            return True  # resumed meanwhile: its new owner writes it
+        record = _records.decode(entry.value)
+        return await self._expire(kv, key, revision, record, "node_dead")
 
     async def expire(self, key: str, *, reason: str) -> None:
         """End the orphaned session ``key`` now (its name was taken over)."""
