@@ -261,19 +261,8 @@ async def test_losing_nats_sends_clients_away_and_refuses_hellos_until_it_is_bac
 
     nats = NatsServer(tmp_path / "js")
     nats.start()
-    node = Server(
-        ServerConfig(
-            host="127.0.0.1",
-            port=0,
-            cert=str(tls_files.server_cert),
-            key=str(tls_files.server_key),
-            cluster=nats.url,
-            handshake_timeout=50 * unit,
-            heartbeat_interval=20 * unit,
-            heartbeat_timeout=60 * unit,
-            metrics_port=0,
-        )
-    )
+    options = server_options(tls_files, unit) | {"cluster": nats.url, "metrics_port": 0}
+    node = Server(ServerConfig(**options | {"handshake_timeout": 50 * unit}))
     try:
         await node.start()
         assert node.metrics is not None
@@ -552,21 +541,13 @@ async def test_tls_to_nats_with_a_private_ca_and_a_client_certificate(
 
 
 async def test_a_node_that_cannot_reach_nats_at_start_fails_in_one_sentence(
-    tls_files: Any,
+    tls_files: Any, unit: float
 ) -> None:
     """nats-py retries a first connect forever when reconnects are unbounded: the node hung
     at start (and ignored SIGTERM meanwhile) instead of saying what is wrong."""
     nobody = f"nats://127.0.0.1:{free_port()}"
-    node = Server(
-        ServerConfig(
-            host="127.0.0.1",
-            port=0,
-            cert=str(tls_files.server_cert),
-            key=str(tls_files.server_key),
-            cluster=nobody,
-            datagram_port="off",
-        )
-    )
+    options = server_options(tls_files, unit) | {"cluster": nobody, "datagram_port": "off"}
+    node = Server(ServerConfig(**options))
     match = f"^cannot reach the cluster at {nobody}: no connection \\(connection refused\\)$"
     with pytest.raises(ConfigError, match=match):
         async with asyncio.timeout(20):
