@@ -256,9 +256,6 @@ async def test_a_node_with_other_ttls_joins_the_buckets_the_first_node_made(
 async def test_losing_nats_sends_clients_away_and_refuses_hellos_until_it_is_back(
     tmp_path: Any, tls_files: Any, unit: float, raw: Any
 ) -> None:
-    from securemsg.config import ServerConfig
-    from securemsg.server.server import Server
-
     nats = NatsServer(tmp_path / "js")
     nats.start()
     options = server_options(tls_files, unit) | {"cluster": nats.url, "metrics_port": 0}
