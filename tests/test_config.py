@@ -457,6 +457,12 @@ def test_the_cluster_password_flag_is_refused(capsys: pytest.CaptureFixture[str]
         ({"node_name": "n1"}, "--node-name: node_name is a cluster setting: it needs cluster"),
         ({"cluster": "nats://a:1", "advertise": "nohost"}, "--advertise: advertise must be"),
         ({"cluster": "nats://a:1", "node_name": "a b"}, "--node-name: node_name must be 1 to 64"),
+        ({"cluster_ca": "ca.pem"}, "--cluster-ca: cluster_ca is a cluster setting"),
+        (
+            {"cluster": "nats://a:1", "cluster_key": "k.pem"},
+            "--cluster-key: cluster_key was given without cluster_cert",
+        ),
+        ({"cluster": "nats://a:1", "cluster_node_timeout": 0}, "--cluster-node-timeout: "),
     ],
 )
 def test_cluster_settings_are_checked_in_one_sentence(given: dict[str, Any], message: str) -> None:

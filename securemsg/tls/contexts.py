@@ -29,6 +29,7 @@ __all__ = [
     "describe_server_handshake_error",
     "is_hostname_mismatch",
     "peer_identity",
+    "reason_text",
     "server_context",
     "translate_client_error",
 ]
@@ -186,7 +187,7 @@ def _load_identity(context: ssl.SSLContext, cert: PathLike, key: PathLike | None
             ) from exc
         raise TLSConfigError(
             f"certificate file {cert} (--cert) or {key_source} could not be loaded"
-            f" ({_reason_text(exc)})"
+            f" ({reason_text(exc)})"
         ) from exc
     except OSError as exc:  # the file changed under us since we read it
         raise TLSConfigError(
@@ -201,7 +202,7 @@ def _load_ca(context: ssl.SSLContext, ca: PathLike) -> None:
         context.load_verify_locations(cafile=str(ca))
     except ssl.SSLError as exc:
         raise TLSConfigError(
-            f"CA file {ca} (--ca) could not be loaded ({_reason_text(exc)})"
+            f"CA file {ca} (--ca) could not be loaded ({reason_text(exc)})"
         ) from exc
     except OSError as exc:
         raise TLSConfigError(f"CA file {ca} (--ca) cannot be read: {_why(exc)}") from exc
@@ -260,7 +261,7 @@ def translate_client_error(
         return _verification_error(exc, host=host, ca=ca, names=names)
     reason = getattr(exc, "reason", None) if isinstance(exc, ssl.SSLError) else None
     if reason in _CLIENT_CERT_ALERTS:
-        alert = _reason_text(exc)
+        alert = reason_text(exc)
         if mutual:
             message = (
                 f"{host} rejected our client certificate ({alert}); check that --cert/--key"
@@ -273,7 +274,7 @@ def translate_client_error(
         return TLSError(f"{host} did not answer in TLS (is it a plaintext port?)", check="protocol")
     if reason in _VERSION_REASONS:
         return TLSError(
-            f"{host} and this client share no TLS version ({_reason_text(exc)}); TLS 1.2 or"
+            f"{host} and this client share no TLS version ({reason_text(exc)}); TLS 1.2 or"
             " newer is required",
             check="protocol",
         )
@@ -295,7 +296,7 @@ def translate_client_error(
             " certificate (pass --cert/--key)",
             check="other",
         )
-    return TLSError(f"TLS handshake with {host} failed: {_reason_text(exc)}", check="other")
+    return TLSError(f"TLS handshake with {host} failed: {reason_text(exc)}", check="other")
 
 
 def is_hostname_mismatch(exc: BaseException) -> bool:
@@ -323,7 +324,7 @@ def _verification_error(
     exc: ssl.SSLCertVerificationError, *, host: str, ca: str | None, names: Sequence[str] = ()
 ) -> TLSError:
     code = exc.verify_code
-    detail = exc.verify_message or _reason_text(exc)
+    detail = exc.verify_message or reason_text(exc)
     if code in _UNKNOWN_AUTHORITY_CODES:
         where = f"the CA in {ca}" if ca is not None else "the system's trusted CAs"
         return TLSError(
@@ -379,7 +380,7 @@ def _server_reason_family(reason: str) -> str | None:
     return None
 
 
-def _reason_text(exc: BaseException) -> str:
+def reason_text(exc: BaseException) -> str:
     """OpenSSL's words without the ``[SSL: X] ... (_ssl.c:1006)`` decoration."""
     reason = getattr(exc, "reason", None)
     if isinstance(reason, str):

@@ -45,6 +45,7 @@ from securemsg.server.cluster.node_client import (
     StreamHandler,
     callback,
 )
+from securemsg.tls.contexts import TLS12_CIPHERS, reason_text
 
 __all__ = ["STREAM", "ClusterSettings", "NatsLink", "StreamMessage"]
 
@@ -100,27 +101,41 @@ class ClusterSettings:
 
 def nats_tls_context(settings: ClusterSettings) -> ssl.SSLContext | None:
     """The context of TLS to NATS when a CA or certificate is set (else None: nats-py makes
-    one trusting the system's CAs for tls:// URLs); ConfigError in one sentence when a file
-    cannot be used."""
+    one trusting the system's CAs for tls:// URLs), with the TLS side's cipher policy;
+    ConfigError in one sentence when a file cannot be used."""
     if settings.ca is None and settings.cert is None:
         return None
     context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    files = (("cluster_ca", settings.ca), ("cluster_cert", settings.cert))
-    for setting, path in files:
-        if path is None:
-            continue
-        try:
-            if setting == "cluster_ca":
-                context.load_verify_locations(cafile=path)
-            else:
-                context.load_cert_chain(path, settings.key)
-        except FileNotFoundError:
-            raise ConfigError(f"{setting} file {path} does not exist") from None
-        except (OSError, ssl.SSLError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-            raise ConfigError(f"{setting} file {path} cannot be used for TLS: {reason}") from None
+    context.set_ciphers(TLS12_CIPHERS)
+    context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
+    setting, path = "cluster_ca", settings.ca
+    try:
+        if path is not None:
+            context.load_verify_locations(cafile=path)
+        setting, path = "cluster_cert", settings.cert
+        if path is not None:
+            context.load_cert_chain(path, settings.key, _no_password)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{setting} file {exc.filename or path} does not exist") from None
+    except _EncryptedKey:
+        raise ConfigError(
+            f"cluster_key {settings.key or path} is encrypted; securemsg needs an unencrypted key"
+        ) from None
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(
+            f"{setting} file {path} cannot be used for TLS: {reason_text(exc)}"
+        ) from None
     return context
+
+
+class _EncryptedKey(Exception):
+    pass
+
+
+def _no_password() -> str:
+    # Never let OpenSSL prompt for a password on the terminal of a server.
+    raise _EncryptedKey
 
 
 def _describe(exc: BaseException) -> str:
