@@ -45,6 +45,7 @@ from securemsg.core.server_session import (
 from securemsg.errors import ProtocolError
 from securemsg.server.broker import Broker, Link, Opened
 from securemsg.server.timerwheel import TimerWheel
+from securemsg.server.tlstransport import TLSTransport
 from securemsg.tls.contexts import peer_identity
 
 
@@ -292,9 +293,7 @@ class ServerConnection(asyncio.BufferedProtocol):
                     self._on_rejected(event)
                 if not core.is_active:
                     break
-        self._flush()
-        if core.state is ConnectionState.CLOSING:
-            self._close()
+        self._flush(closing=core.state is ConnectionState.CLOSING)
 
     def _hold(self, event: MessageReceived, now: float, ts: float) -> None:
         """Reading is paused (flow control, or a write buffer the client does not empty):
@@ -378,9 +377,7 @@ class ServerConnection(asyncio.BufferedProtocol):
                 self._loop.call_soon(self._carry_on)
             else:
                 self._update_reading()
-        self._flush()
-        if self.core.state is ConnectionState.CLOSING:
-            self._close()
+        self._flush(closing=self.core.state is ConnectionState.CLOSING)
 
     def connection_lost(self, exc: Exception | None) -> None:
         backlog, self._backlog = self._backlog, None
@@ -424,8 +421,7 @@ class ServerConnection(asyncio.BufferedProtocol):
         self._close_reason = code
         self._send_acks()  # what was carried out need not be resent
         self.core.fail(code, message)
-        self._flush()
-        self._close()
+        self._flush(closing=True)
 
     def acks_held(self) -> None:
         """The router held an ack for this connection's session from outside a read (a
@@ -438,8 +434,7 @@ class ServerConnection(asyncio.BufferedProtocol):
         self._close_reason = reason
         self._send_acks()
         self.core.send_bye(reason)
-        self._flush()
-        self._close()
+        self._flush(closing=True)
 
     # -- internals ----------------------------------------------------------------------------
 
@@ -452,7 +447,9 @@ class ServerConnection(asyncio.BufferedProtocol):
     def _name(self) -> str | None:
         return self._session_name
 
-    def _flush(self) -> None:
+    def _flush(self, *, closing: bool = False) -> None:
+        """Write what the core queued (with any held acks); ``closing``: then close, in the
+        same TCP write as the close_notify when the transport can (TLSTransport)."""
         self._flush_scheduled = False
         self._flushed_at = self.core.bytes_out
         session = self.session
@@ -473,7 +470,13 @@ class ServerConnection(asyncio.BufferedProtocol):
             # One write of the joined frames, not writelines: the SSL transports (asyncio's
             # and uvloop's) encrypt each item of writelines as its own TLS record, one
             # SSLObject.write call and ~22 bytes of record overhead per frame.
-            transport.write(data[0] if len(data) == 1 else b"".join(data))
+            payload = data[0] if len(data) == 1 else b"".join(data)
+            if closing and isinstance(transport, TLSTransport):
+                transport.write_and_close(payload)
+                return
+            transport.write(payload)
+        if closing:
+            self._close()
 
     def _send_acks(self) -> None:
         """Send the session's held acks now (they are due, or we are closing)."""
@@ -537,10 +540,9 @@ class ServerConnection(asyncio.BufferedProtocol):
                     dead = event.code == ErrorCode.HEARTBEAT_TIMEOUT
                     grace = 0.0 if dead else _SLOW_CONSUMER_GRACE
                     self._loop.call_later(grace, self.transport.abort)
-        self._flush()
-        if self.core.state is ConnectionState.CLOSING:
-            self._close()
-        elif self.core.state is not ConnectionState.CLOSED:
+        closing = self.core.state is ConnectionState.CLOSING
+        self._flush(closing=closing)
+        if not closing and self.core.state is not ConnectionState.CLOSED:
             self._arm_timer()
 
     def _on_rejected(self, event: FrameRejected) -> None:
@@ -655,10 +657,9 @@ class ServerConnection(asyncio.BufferedProtocol):
                 self.server.session_detached(opened.session)
         finally:
             self._opening = None
-        self._flush()
-        if self.core.state is ConnectionState.CLOSING:
-            self._close()
-        else:
+        closing = self.core.state is ConnectionState.CLOSING
+        self._flush(closing=closing)
+        if not closing:
             self.resume_reading()
 
     def _refuse_hello(self, hello: Hello, refused: ProtocolError) -> None:

@@ -376,9 +376,8 @@ class Server:
             return
         self.counts["accepted"] += 1
         self._pending_handshakes += 1
+        # TCP_NODELAY comes with connect_accepted_socket (both loops set it).
         sock.setblocking(False)
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._tasks.spawn(self._open(sock, peer))
 
     async def _open(self, sock: socket.socket, peer: str) -> None:

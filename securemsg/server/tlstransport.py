@@ -297,6 +297,18 @@ class TLSTransport(asyncio.Transport, asyncio.BufferedProtocol):
     def writelines(self, list_of_data: Any) -> None:
         self.write(b"".join(list_of_data))
 
+    def write_and_close(self, data: bytes) -> None:
+        """:meth:`write` then :meth:`close`, in one TCP write: the last frames (a ``bye``,
+        an error) and the close_notify leave together, one system call (and one wake-up of
+        the peer) fewer per connection than a write and a close."""
+        if data and self._state is _State.OPEN:
+            try:
+                self._ssl.write(data)
+            except ssl.SSLError as exc:
+                self._fatal(exc)
+                return
+        self.close()
+
     def can_write_eof(self) -> bool:
         return False
 
