@@ -115,6 +115,9 @@ class _Link:
     def queue(self, frame: bytes) -> None:
         self.core.send_frame(frame)
 
+    def queue_message(self, frame: bytes) -> None:
+        self.core.send_relayed(frame)
+
     def close_with(self, code: str, message: str) -> None:
         self.core.fail(code, message)
 

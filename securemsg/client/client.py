@@ -307,7 +307,7 @@ class Client:
         mailbox = self._mailbox
         if not confirm and mailbox.closed is None and not mailbox.outbox.full:
             # The hot path: into the outbox and onto the connection, no waiting to set up.
-            mailbox.submit(lambda i: Publish(room=room, body=raw, id=i))
+            mailbox.submit(lambda i: Publish(room=room, body=raw, id=i), relayed=True)
             return
         await self._publish_encoded(room, raw, confirm=confirm, timeout=timeout)
 
@@ -323,7 +323,7 @@ class Client:
         blocking client does both in the caller's thread)."""
         mailbox = self._mailbox
         if not confirm and mailbox.closed is None and not mailbox.outbox.full:
-            mailbox.submit(lambda i: Publish(room=room, body=raw, id=i))
+            mailbox.submit(lambda i: Publish(room=room, body=raw, id=i), relayed=True)
             return
         await mailbox.send(
             lambda i: Publish(room=room, body=raw, id=i), confirm, timeout, f"publish to {room!r}"

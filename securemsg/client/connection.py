@@ -180,6 +180,14 @@ class ClientConnection(asyncio.BufferedProtocol):
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
 
+    def send_relayed(self, frame: bytes) -> None:
+        """:meth:`send_frame` for a ``publish`` or ``direct``: consecutive ones may leave as
+        one ``batch`` frame (protocol 3)."""
+        self.core.send_relayed(frame)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
     def flush_soon(self) -> None:
         """Write what is queued (and the owner's ``ack``) once this loop iteration ends."""
         if not self._flush_scheduled:

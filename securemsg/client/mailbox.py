@@ -248,13 +248,17 @@ class Mailbox:
                     self._space.set()
             raise
 
-    def submit(self, make: Make) -> None:
+    def submit(self, make: Make, *, relayed: bool = False) -> None:
         """Into the outbox (ValueError past the server's max_frame), and onto the live
-        connection if there is one; the id it got is ``session.last_id``."""
+        connection if there is one; the id it got is ``session.last_id``. ``relayed``: a
+        ``publish`` or ``direct``, which may leave with others in one ``batch`` frame."""
         frame = self.session.submit(make)
         conn = self.conn
         if conn is not None:
-            conn.send_frame(frame)
+            if relayed:
+                conn.send_relayed(frame)
+            else:
+                conn.send_frame(frame)
 
     def request_token(self) -> tuple[str, asyncio.Future[Message]]:
         """A fresh ``reply_to`` token and the future its first reply will resolve."""

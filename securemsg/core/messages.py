@@ -28,14 +28,19 @@ from securemsg.errors import ProtocolError
 __all__ = [
     "ACK_BATCH",
     "ACK_DELAY",
+    "BATCH_VERSION",
     "BYE_SERVER_SHUTDOWN",
     "FATAL_CODES",
+    "MAX_BATCH_ITEMS",
     "PROTOCOL_VERSION",
+    "SUPPORTED_VERSIONS",
     "Ack",
+    "Batch",
     "Bye",
     "ClientBound",
     "ClientMessage",
     "Delivery",
+    "DeliveryBatch",
     "Direct",
     "Error",
     "ErrorCode",
@@ -46,6 +51,7 @@ __all__ = [
     "MemberNames",
     "Members",
     "Message",
+    "MessageBatch",
     "Ping",
     "Pong",
     "Presence",
@@ -54,6 +60,8 @@ __all__ = [
     "ServerMessage",
     "Welcome",
     "Who",
+    "batch_frame",
+    "batch_items",
     "client_decoder",
     "decode_at_client",
     "decode_body",
@@ -66,10 +74,17 @@ __all__ = [
     "is_valid_name",
     "is_valid_room",
     "is_valid_room_filter",
+    "relayed_checker",
     "shorten",
 ]
 
-PROTOCOL_VERSION: Final = 2
+PROTOCOL_VERSION: Final = 3
+#: The versions a server accepts in ``hello``: 2 is 3 without ``batch`` frames.
+SUPPORTED_VERSIONS: Final = frozenset({2, 3})
+#: The first version in which both ends may send ``batch`` frames.
+BATCH_VERSION: Final = 3
+#: The most items a ``batch`` may hold (either direction).
+MAX_BATCH_ITEMS: Final = 1024
 #: The longest the server holds an ``ack`` back, hoping to send it with another frame.
 ACK_DELAY: Final = 0.005
 #: Held acks go out at once when this many are pending.
@@ -264,7 +279,14 @@ class Ack(_Base, tag="ack", frozen=True):
     seq: Seq
 
 
-ClientMessage = Hello | Join | Leave | Publish | Direct | Who | Ack | Ping | Pong | Bye
+class Batch(_Base, tag="batch", frozen=True):
+    """Client to server (protocol 3): ``publish`` and ``direct`` messages in one frame, each
+    carried out exactly as if it had come in a frame of its own, in order."""
+
+    items: Annotated[list[Publish | Direct], msgspec.Meta(min_length=1, max_length=MAX_BATCH_ITEMS)]
+
+
+ClientMessage = Hello | Join | Leave | Publish | Direct | Who | Ack | Ping | Pong | Bye | Batch
 
 
 # -- server to client ------------------------------------------------------------------------
@@ -392,23 +414,47 @@ class Error(_Base, tag="error", frozen=True):
     ref: str | None = None
 
 
-ServerMessage = Welcome | Delivery | ServerAck | Presence | Members | Error | Ping | Pong | Bye
+class DeliveryBatch(_Base, tag="batch", frozen=True):
+    """Server to client (protocol 3): ``message`` frames in one frame, in order."""
+
+    items: list[Delivery]
+
+
+class MessageBatch(_Base, tag="batch", frozen=True):
+    """:class:`DeliveryBatch` as the client decodes it: the application's messages."""
+
+    items: list[Message]
+
+
+class RawBatch(_Base, tag="batch", frozen=True):
+    """A ``batch`` whose items are kept encoded: the client's way in when one item cannot be
+    decoded with the rest (it then takes the items one by one)."""
+
+    items: list[msgspec.Raw]
+
+
+ServerMessage = (
+    Welcome | Delivery | ServerAck | Presence | Members | Error | Ping | Pong | Bye | DeliveryBatch
+)
 #: What the client decodes: the same messages, but ``message`` becomes the application's
 #: :class:`Message` directly, its body decoded in the same pass (the server relays bodies as
 #: they are; the client needs their value).
-ClientBound = Welcome | Message | ServerAck | Presence | Members | Error | Ping | Pong | Bye
+ClientBound = (
+    Welcome | Message | ServerAck | Presence | Members | Error | Ping | Pong | Bye | MessageBatch
+)
 
 _CLIENT_TYPES: Final = frozenset(
-    {"hello", "join", "leave", "publish", "direct", "who", "ack", "ping", "pong", "bye"}
+    {"hello", "join", "leave", "publish", "direct", "who", "ack", "ping", "pong", "bye", "batch"}
 )
 _SERVER_TYPES: Final = frozenset(
-    {"welcome", "message", "ack", "presence", "members", "error", "ping", "pong", "bye"}
+    {"welcome", "message", "ack", "presence", "members", "error", "ping", "pong", "bye", "batch"}
 )
 
 _encoder = msgspec.json.Encoder()
 _client_decoder = msgspec.json.Decoder(ClientMessage)
 _server_decoder = msgspec.json.Decoder(ServerMessage)
 _client_bound_decoder = msgspec.json.Decoder(ClientBound)
+_raw_batch_decoder = msgspec.json.Decoder(RawBatch)
 _any_decoder = body_decoder
 
 encode = _encoder.encode
@@ -444,11 +490,13 @@ def decode_client(
 @functools.cache
 def client_decoder(*, max_depth: int, max_frame: int) -> Callable[[bytes], ClientMessage]:
     """:func:`decode_client` for one server's limits, as a plain function (the hot path):
-    made once per pair of limits and shared by every connection."""
+    made once per pair of limits and shared by every connection.
+
+    A ``batch`` is checked as a whole here (its size: at most what a ``publish`` may be, so
+    every item's delivery fits ``max_frame``); its items' bodies are checked one by one by
+    the caller with :func:`relayed_checker`, so that one bad item is refused alone."""
     max_relayed = max_frame - DELIVERY_HEADROOM
-    # A body this short cannot nest past max_depth: msgspec alone judges it, inline.
-    max_shallow = 2 * max_depth + 1
-    check_body = body_decoder.decode
+    check_body = relayed_checker(max_depth=max_depth)
 
     def decode(payload: bytes) -> ClientMessage:
         message = _decode(payload, _client_decoder, _CLIENT_TYPES)
@@ -456,19 +504,39 @@ def client_decoder(*, max_depth: int, max_frame: int) -> Callable[[bytes], Clien
         if kind is Publish or kind is Direct:
             if len(payload) > max_relayed:
                 raise _no_room(message, len(payload), max_frame)
-            body = message.body
-            if len(body) <= max_shallow:
-                try:
-                    check_body(body)
-                except msgspec.DecodeError as exc:
-                    raise _refused(message, f"a client cannot decode the body: {exc}") from None
-            else:
-                problem = body_problem(body, max_depth=max_depth)
-                if problem is not None:
-                    raise _refused(message, problem)
+            check_body(message)
+        elif kind is Batch and len(payload) > max_relayed:
+            raise ProtocolError(
+                "bad_frame",
+                f"a 'batch' of {len(payload)} bytes: at most {max_relayed} bytes"
+                f" (max_frame {max_frame} less {DELIVERY_HEADROOM}), as a 'publish'",
+            )
         return message  # type: ignore[no-any-return]
 
     return decode
+
+
+@functools.cache
+def relayed_checker(*, max_depth: int) -> Callable[[Publish | Direct], None]:
+    """The check of a ``publish`` or ``direct`` body that every client can decode it
+    (:mod:`securemsg.core.gatekeeper`): raises ``bad_message`` with the message's id."""
+    # A body this short cannot nest past max_depth: msgspec alone judges it, inline.
+    max_shallow = 2 * max_depth + 1
+    check_body = body_decoder.decode
+
+    def check(message: Publish | Direct) -> None:
+        body = message.body
+        if len(body) <= max_shallow:
+            try:
+                check_body(body)
+            except msgspec.DecodeError as exc:
+                raise _refused(message, f"a client cannot decode the body: {exc}") from None
+        else:
+            problem = body_problem(body, max_depth=max_depth)
+            if problem is not None:
+                raise _refused(message, problem)
+
+    return check
 
 
 def _refused(message: Publish | Direct, problem: str) -> ProtocolError:
@@ -495,6 +563,24 @@ def decode_server(payload: bytes) -> ServerMessage:
 def decode_at_client(payload: bytes) -> ClientBound:
     """Decode one server-to-client payload, bodies included, or raise :class:`ProtocolError`."""
     return _decode(payload, _client_bound_decoder, _SERVER_TYPES)  # type: ignore[no-any-return]
+
+
+def batch_items(payload: bytes) -> list[bytes] | None:
+    """The items of a ``batch`` frame, each still encoded, or None when the frame is not a
+    list of JSON values under ``items`` (the client takes them one by one when the batch
+    as a whole does not decode)."""
+    try:
+        batch = _raw_batch_decoder.decode(payload)
+    except (msgspec.DecodeError, RecursionError):
+        return None
+    return [bytes(item) for item in batch.items]
+
+
+def batch_frame(frames: list[bytes]) -> bytes:
+    """Whole frames of ``message`` (server) or ``publish``/``direct`` (client) objects as one
+    ``batch`` frame, header included; their payloads are joined as they are."""
+    payload = b'{"type":"batch","items":[' + b",".join([f[4:] for f in frames]) + b"]}"
+    return encode_frame(payload)
 
 
 def _decode(payload: bytes, decoder: msgspec.json.Decoder[Any], types: frozenset[str]) -> Any:

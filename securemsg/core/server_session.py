@@ -47,6 +47,7 @@ from securemsg.core.messages import (
     ACK_BATCH,
     ACK_DELAY,
     PROTOCOL_VERSION,
+    SUPPORTED_VERSIONS,
     Ack,
     Direct,
     Error,
@@ -176,11 +177,11 @@ class HelloPolicy:
 
         ``identity`` is the name of the client's verified certificate, None when it
         presented none."""
-        if hello.version != PROTOCOL_VERSION:
+        if hello.version not in SUPPORTED_VERSIONS:
             raise ProtocolError(
                 ErrorCode.UNSUPPORTED_VERSION,
                 f"protocol version {hello.version} is not supported (this server speaks "
-                f"{PROTOCOL_VERSION})",
+                f"{min(SUPPORTED_VERSIONS)} to {PROTOCOL_VERSION})",
             )
         if self.token is not None:
             offered = (hello.token or "").encode()

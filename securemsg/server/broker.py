@@ -55,6 +55,10 @@ class Link(Protocol):
     def queue(self, frame: bytes) -> None:
         """Queue one whole frame; the driver batches the writes."""
 
+    def queue_message(self, frame: bytes) -> None:
+        """Queue one whole ``message`` frame (a delivery): consecutive ones may leave as one
+        ``batch`` frame when the client speaks protocol 3."""
+
     def pause_reading(self) -> None:
         """Carry out nothing more this connection sends until :meth:`resume_reading`
         (acknowledgements excepted): a session it publishes to is congested."""
@@ -382,9 +386,9 @@ class Broker:
             if self._durable:
                 # A numbered message leaves only once stored: after a crash the number
                 # must not be given to another message the client would take for a repeat.
-                self.store.after_commit(link.queue, frame)
+                self.store.after_commit(link.queue_message, frame)
             else:
-                link.queue(frame)
+                link.queue_message(frame)
         return seq
 
     def _deliver_stored(self, sender: Session, members: Sequence[Session], prefix: bytes) -> None:

@@ -20,7 +20,13 @@ from structlog.typing import FilteringBoundLogger
 
 from securemsg.config import ServerConfig
 from securemsg.core import connection as protocol
-from securemsg.core.connection import ConnectionState, FrameRejected, MessageReceived, PeerTimedOut
+from securemsg.core.connection import (
+    BatchReceived,
+    ConnectionState,
+    FrameRejected,
+    MessageReceived,
+    PeerTimedOut,
+)
 from securemsg.core.messages import (
     PROTOCOL_VERSION,
     Ack,
@@ -289,6 +295,19 @@ class ServerConnection(asyncio.BufferedProtocol):
                         self._on_message(event.message, now, ts)
                         if core.bytes_out - self._flushed_at > _ANSWERS_CHUNK:
                             self._flush()  # a full buffer (pause_writing) holds the rest
+                elif type(event) is BatchReceived:
+                    # Each item as if it had come in a frame of its own.
+                    for rejected in event.rejected:
+                        self._on_rejected(rejected)
+                    for message in event.messages:
+                        if not core.is_active:
+                            break
+                        if self._stash is not None or not self.writable:
+                            self._hold(MessageReceived(message), now, ts)
+                        else:
+                            self._on_message(message, now, ts)
+                    if core.bytes_out - self._flushed_at > _ANSWERS_CHUNK:
+                        self._flush()
                 elif type(event) is FrameRejected:
                     self._on_rejected(event)
                 if not core.is_active:
@@ -334,8 +353,10 @@ class ServerConnection(asyncio.BufferedProtocol):
             self._update_reading()
 
     def _queue_frames(self, frames: list[bytes]) -> None:
+        """Queue deliveries (whole ``message`` frames) and write them."""
+        send = self.core.send_relayed
         for frame in frames:
-            self.core.send_frame(frame)
+            send(frame)
         self._flush()
 
     # -- flow control (broker.Link) -----------------------------------------------------------
@@ -411,6 +432,13 @@ class ServerConnection(asyncio.BufferedProtocol):
 
     def queue(self, frame: bytes) -> None:
         self.core.send_frame(frame)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def queue_message(self, frame: bytes) -> None:
+        # Consecutive deliveries may leave as one batch (protocol 3).
+        self.core.send_relayed(frame)
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
@@ -678,7 +706,8 @@ class ServerConnection(asyncio.BufferedProtocol):
         self._session_id = session.id
         self.core.accept(
             Welcome(
-                version=PROTOCOL_VERSION,
+                # The version both ends speak: a protocol 2 client gets no batch frames.
+                version=min(hello.version, PROTOCOL_VERSION),
                 session=session.token,
                 name=session.name,
                 resumed=opened.resumed,
@@ -693,7 +722,7 @@ class ServerConnection(asyncio.BufferedProtocol):
             self.broker.store.after_commit(self._queue_frames, opened.replay)
         else:
             for frame in opened.replay:
-                self.core.send_frame(frame)
+                self.core.send_relayed(frame)
         if opened.resumed:
             self.log.info(
                 "session_resumed",

@@ -158,6 +158,9 @@ class Wire:
     def queue(self, frame: bytes) -> None:
         self.server.send_frame(frame)
 
+    def queue_message(self, frame: bytes) -> None:
+        self.server.send_relayed(frame)  # in batches: the client hello'd protocol 3
+
     # Flow control is tested over real connections (tests/server/test_broker.py,
     # tests/integration/test_flow_control.py); here the driver goes on reading, as the server
     # did before it, so that overflow at max_pending is reached and its rules exercised.

@@ -40,6 +40,8 @@ class FakeLink:
     def queue(self, frame: bytes) -> None:
         self.frames.append(frame)
 
+    queue_message = queue
+
     def pause_reading(self) -> None:
         assert self.reading, "paused twice"
         self.reading = False
