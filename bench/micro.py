@@ -31,6 +31,7 @@ from securemsg.core.messages import (
     Publish,
     ServerAck,
     Welcome,
+    batch_frame,
     encode,
     encode_body,
 )
@@ -79,12 +80,17 @@ def _frames(messages: list[Any]) -> bytes:
     return b"".join(encode_frame(encode(m)) for m in messages)
 
 
+def _batch(messages: list[Any]) -> bytes:
+    """The messages as one ``batch`` frame (protocol 3), as a client or server sends them."""
+    return batch_frame([encode_frame(encode(m)) for m in messages])
+
+
 async def _drain() -> None:
     for _ in range(3):
         await asyncio.sleep(0)
 
 
-async def server_route(count: int) -> float:
+async def server_route(count: int, batched: bool = False) -> float:
     server = Server(ServerConfig(), ssl_context=ssl.create_default_context())
     server._loop = asyncio.get_running_loop()
 
@@ -99,8 +105,9 @@ async def server_route(count: int) -> float:
     sub, _ = open_conn("sub")
     sub.data_received(_frames([Join(room="bench", id="j")]))
     body = encode_body("x" * 126)
+    pack = _batch if batched else _frames
     reads = [
-        _frames([Publish(room="bench", body=body, id=str(i + j)) for j in range(BATCH)])
+        pack([Publish(room="bench", body=body, id=str(i + j)) for j in range(BATCH)])
         for i in range(0, count, BATCH)
     ]
     await _drain()
@@ -138,7 +145,7 @@ async def _client() -> tuple[Client, ClientConnection, FakeTransport]:
     return client, conn, transport
 
 
-async def client_publish(count: int) -> float:
+async def client_publish(count: int, batched: bool = False) -> float:
     client, conn, _ = await _client()
     body = "x" * 126
     acks = [
@@ -158,11 +165,12 @@ async def client_publish(count: int) -> float:
     return took / (len(acks) * BATCH) * 1e6
 
 
-async def client_receive(count: int) -> float:
+async def client_receive(count: int, batched: bool = False) -> float:
     client, conn, _ = await _client()
     body = encode_body("x" * 126)
+    pack = _batch if batched else _frames
     reads = [
-        _frames(
+        pack(
             [
                 Delivery(room="bench", sender="pub", body=body, id=str(seq), ts=1.0, seq=seq)
                 for seq in range(i + 1, i + BATCH + 1)
@@ -185,12 +193,14 @@ async def main(count: int = 200_000) -> None:
     from securemsg.runner import loop_name
 
     print(f"loop {loop_name()}, {count:,} messages, {BATCH} frames per read (µs per message)")
-    for name, bench in (
-        ("server route (publish in, message + ack out)", server_route),
-        ("client publish", client_publish),
-        ("client receive", client_receive),
+    for name, bench, batched in (
+        ("server route (publish in, message + ack out)", server_route, False),
+        ("  the same, in batches of 64 (protocol 3)", server_route, True),
+        ("client publish (batches when it writes)", client_publish, False),
+        ("client receive", client_receive, False),
+        ("  the same, in batches of 64 (protocol 3)", client_receive, True),
     ):
-        results = [await bench(count) for _ in range(3)]
+        results = [await bench(count, batched) for _ in range(3)]
         print(f"  {name:<46} {min(results):6.2f}  (runs: {', '.join(f'{r:.2f}' for r in results)})")
 
 

@@ -296,23 +296,33 @@ class ServerConnection(asyncio.BufferedProtocol):
                         if core.bytes_out - self._flushed_at > _ANSWERS_CHUNK:
                             self._flush()  # a full buffer (pause_writing) holds the rest
                 elif type(event) is BatchReceived:
-                    # Each item as if it had come in a frame of its own.
-                    for rejected in event.rejected:
-                        self._on_rejected(rejected)
-                    for message in event.messages:
-                        if not core.is_active:
-                            break
-                        if self._stash is not None or not self.writable:
-                            self._hold(MessageReceived(message), now, ts)
-                        else:
-                            self._on_message(message, now, ts)
-                    if core.bytes_out - self._flushed_at > _ANSWERS_CHUNK:
-                        self._flush()
+                    self._on_batch(event, now, ts)
                 elif type(event) is FrameRejected:
                     self._on_rejected(event)
                 if not core.is_active:
                     break
         self._flush(closing=core.state is ConnectionState.CLOSING)
+
+    def _on_batch(self, batch: BatchReceived, now: float, ts: float) -> None:
+        """Each item of a ``batch`` as if it had come in a frame of its own."""
+        for rejected in batch.rejected:
+            self._on_rejected(rejected)
+        core, session, broker = self.core, self.session, self.broker
+        direct = session is not None and not self._durable
+        for message in batch.messages:
+            if self._stash is not None or not self.writable:
+                self._hold(MessageReceived(message), now, ts)
+            elif direct and self.session is session:
+                # _on_message's hot path, inlined: the session is there and not durable.
+                event = session.receive(message, now, ts, broker)  # type: ignore[union-attr]
+                if event is not None:
+                    self._on_session_event(session, event)  # type: ignore[arg-type]
+            else:
+                self._on_message(message, now, ts)
+            if not core.is_active:
+                break
+        if core.bytes_out - self._flushed_at > _ANSWERS_CHUNK:
+            self._flush()
 
     def _hold(self, event: MessageReceived, now: float, ts: float) -> None:
         """Reading is paused (flow control, or a write buffer the client does not empty):

@@ -375,7 +375,7 @@ class DatagramListener(asyncio.DatagramProtocol):
         association.name = name
         idle = self.config.datagram_idle_timeout
         welcome = Welcome(
-            version=PROTOCOL_VERSION,
+            version=min(hello.version, PROTOCOL_VERSION),
             session="",
             name=name,
             resumed=False,
