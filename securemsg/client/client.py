@@ -53,6 +53,7 @@ from securemsg.config import ClientConfig, load_config
 from securemsg.core.address import AddressBook, moves_at_once, parse_address
 from securemsg.core.backoff import backoff_delays
 from securemsg.core.messages import (
+    CheckedPublish,
     Direct,
     Join,
     Leave,
@@ -307,7 +308,8 @@ class Client:
         mailbox = self._mailbox
         if not confirm and mailbox.closed is None and not mailbox.outbox.full:
             # The hot path: into the outbox and onto the connection, no waiting to set up.
-            mailbox.submit(lambda i: Publish(room=room, body=raw, id=i), relayed=True)
+            # The room was checked: CheckedPublish does not check it again.
+            mailbox.submit(lambda i: CheckedPublish(room=room, body=raw, id=i), relayed=True)
             return
         await self._publish_encoded(room, raw, confirm=confirm, timeout=timeout)
 
@@ -323,7 +325,8 @@ class Client:
         blocking client does both in the caller's thread)."""
         mailbox = self._mailbox
         if not confirm and mailbox.closed is None and not mailbox.outbox.full:
-            mailbox.submit(lambda i: Publish(room=room, body=raw, id=i), relayed=True)
+            # The room was checked: CheckedPublish does not check it again.
+            mailbox.submit(lambda i: CheckedPublish(room=room, body=raw, id=i), relayed=True)
             return
         await mailbox.send(
             lambda i: Publish(room=room, body=raw, id=i), confirm, timeout, f"publish to {room!r}"

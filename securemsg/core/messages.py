@@ -37,6 +37,7 @@ __all__ = [
     "Ack",
     "Batch",
     "Bye",
+    "CheckedPublish",
     "ClientBound",
     "ClientMessage",
     "Delivery",
@@ -256,6 +257,17 @@ class Publish(_Base, tag="publish", frozen=True):
 
     def __post_init__(self) -> None:
         _check_room(self.room)
+
+
+class CheckedPublish(_Base, tag="publish", frozen=True):
+    """A ``publish`` whose room its maker checked already: the same wire object as
+    :class:`Publish`, made without checking the room again (a third of the cost of making
+    one; the client's publish path makes one per message). For encoding only."""
+
+    room: str
+    body: msgspec.Raw
+    id: str | None = None
+    reply_to: str | None = None
 
 
 class Direct(_Base, tag="direct", frozen=True):

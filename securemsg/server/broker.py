@@ -308,7 +308,16 @@ class Broker:
         self.messages_received += 1
         members = self.rooms.match(msg.room)
         if members and (len(members) > 1 or members[0] is not session):
-            message = Delivery.of_publish(msg, sender=session.name, ts=ts)
+            # Delivery.of_publish, inlined (a call less per message): the same fields.
+            message = Delivery(
+                room=msg.room,
+                sender=session.name,
+                body=msg.body,
+                id=msg.id,
+                reply_to=msg.reply_to,
+                ts=ts,
+                seq=0,
+            )
             # Encoded once for every recipient; only the sequence number is spliced in.
             prefix = message_prefix(encode(message))
             if self._durable:
