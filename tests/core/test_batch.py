@@ -7,6 +7,8 @@ from __future__ import annotations
 from typing import Any
 
 import msgspec
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from securemsg.core.connection import (
     BatchReceived,
@@ -256,3 +258,45 @@ def test_the_client_keeps_its_batches_within_a_publish_size() -> None:
         assert isinstance(event, BatchReceived) and not event.rejected
         ids += [m.id for m in event.messages]
     assert ids == [str(i) for i in range(20)]
+
+
+# -- a batch means what its items would mean alone ------------------------------------------
+
+_DEEP = b"[" * 70 + b"]" * 70  # past max_depth (64)
+_BODIES = st.sampled_from([b'"hi"', b"1", b"1e400", b"[[[[1]]]]", b'{"a":[1,2]}', b"2e308", _DEEP])
+_ITEMS = st.lists(
+    st.tuples(st.sampled_from(["chat", "a.b", "feed-1"]), _BODIES, st.booleans()),
+    min_size=1,
+    max_size=30,
+)
+
+
+def _outcome(events: list[Any], server: Server) -> tuple[list[Any], list[Any], list[Any]]:
+    carried, refused = [], []
+    for event in events:
+        if isinstance(event, BatchReceived):
+            carried += event.messages
+            refused += [(r.error.code, r.error.ref, r.fatal) for r in event.rejected]
+        elif isinstance(event, MessageReceived):
+            carried.append(event.message)
+        else:
+            assert isinstance(event, FrameRejected)
+            refused.append((event.error.code, event.error.ref, event.fatal))
+    errors = [(f["code"], f.get("ref")) for f in frames_of(server.data_to_send())]
+    return carried, refused, errors
+
+
+@settings(max_examples=200, deadline=None)
+@given(_ITEMS)
+def test_a_batch_is_carried_out_as_its_items_would_be_alone(items: list[Any]) -> None:
+    publishes = [
+        Publish(room=room, body=msgspec.Raw(body), id=str(index) if with_id else None)
+        for index, (room, body, with_id) in enumerate(items)
+    ]
+    alone, batched = open_server(), open_server()
+    singles = b"".join(encode_frame_of(p) for p in publishes)
+    one = batch_of([encode(p) for p in publishes])
+    assert _outcome(alone.receive_data(singles, 1.0), alone) == _outcome(
+        batched.receive_data(one, 1.0), batched
+    )
+    assert alone.state is batched.state is ConnectionState.OPEN
