@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from securemsg.core.messages import Delivery, DeliveryBatch, Join, ServerAck
+from securemsg.core.frames import encode_frame
+from securemsg.core.messages import Delivery, DeliveryBatch, Join, Ping, Pong, ServerAck
+from tests.faults import wait_until
 
 COUNT = 2_000
 
@@ -58,3 +60,31 @@ async def test_a_protocol_2_client_gets_one_message_frame_each(
     assert bodies == list(range(200))
     # ... while the publisher, on protocol 3, sent batches.
     assert _server_side(server, "pub").core.frames_in < 200
+
+
+async def test_a_flood_of_full_batches_does_not_starve_other_clients(
+    start_server: Any, raw: Any
+) -> None:
+    # A batch is carried out whole: at most 1,024 messages in one go, then the others' turn.
+    server = await start_server()
+    flooder, alice = await raw(server.port, "flooder"), await raw(server.port, "alice")
+    loop = asyncio.get_running_loop()
+    item = b'{"type":"publish","room":"void","body":"x"}'
+    batch = encode_frame(b'{"type":"batch","items":[' + b",".join([item] * 1024) + b"]}")
+    total = 1024 * 100
+    drain = asyncio.ensure_future(flooder.reader.read(-1))
+    flooder.send_raw(batch * 100)
+    await wait_until(lambda: server.broker.messages_received > 0, within=10.0)
+    delays = []
+    # Ping while the flood is being carried out (bounded: 500 pings at most).
+    for index in range(500):
+        if server.broker.messages_received >= total:
+            break
+        start = loop.time()
+        alice.send(Ping(id=index))
+        assert await alice.recv_type(Pong) == Pong(id=index)
+        delays.append(loop.time() - start)
+    drain.cancel()
+    assert len(delays) >= 3, "the flood was over before the pings could measure it"
+    delays.sort()
+    assert delays[int(len(delays) * 0.99) - 1] < 0.2, delays
