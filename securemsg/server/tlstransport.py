@@ -285,14 +285,8 @@ class TLSTransport(asyncio.Transport, asyncio.BufferedProtocol):
     # -- the application's transport ----------------------------------------------------------
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        if not data or self._state is not _State.OPEN:
-            return
-        try:
-            self._ssl.write(data)
-        except ssl.SSLError as exc:
-            self._fatal(exc)
-            return
-        self._flush()
+        if data and self._state is _State.OPEN and self._encrypt(data):
+            self._flush()
 
     def writelines(self, list_of_data: Any) -> None:
         self.write(b"".join(list_of_data))
@@ -301,13 +295,18 @@ class TLSTransport(asyncio.Transport, asyncio.BufferedProtocol):
         """:meth:`write` then :meth:`close`, in one TCP write: the last frames (a ``bye``,
         an error) and the close_notify leave together, one system call (and one wake-up of
         the peer) fewer per connection than a write and a close."""
-        if data and self._state is _State.OPEN:
-            try:
-                self._ssl.write(data)
-            except ssl.SSLError as exc:
-                self._fatal(exc)
-                return
+        if data and self._state is _State.OPEN and not self._encrypt(data):
+            return
         self.close()
+
+    def _encrypt(self, data: bytes | bytearray | memoryview) -> bool:
+        """``data`` into the TLS layer; False when that failed the connection."""
+        try:
+            self._ssl.write(data)
+        except ssl.SSLError as exc:
+            self._fatal(exc)
+            return False
+        return True
 
     def can_write_eof(self) -> bool:
         return False
