@@ -6,8 +6,19 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import msgspec
+
 from securemsg.core.frames import encode_frame
-from securemsg.core.messages import Delivery, DeliveryBatch, Join, Ping, Pong, ServerAck
+from securemsg.core.messages import (
+    Delivery,
+    DeliveryBatch,
+    Error,
+    Join,
+    Ping,
+    Pong,
+    Publish,
+    ServerAck,
+)
 from tests.faults import wait_until
 
 COUNT = 2_000
@@ -88,3 +99,54 @@ async def test_a_flood_of_full_batches_does_not_starve_other_clients(
     assert len(delays) >= 3, "the flood was over before the pings could measure it"
     delays.sort()
     assert delays[int(len(delays) * 0.99) - 1] < 0.2, delays
+
+
+def _batch_frame(*items: bytes) -> bytes:
+    return encode_frame(b'{"type":"batch","items":[' + b",".join(items) + b"]}")
+
+
+def _publish(msg_id: str, room: str = "r") -> bytes:
+    return b'{"type":"publish","room":"%s","body":"%s","id":"%s"}' % (
+        room.encode(),
+        msg_id.encode(),
+        msg_id.encode(),
+    )
+
+
+async def test_each_item_of_a_batch_counts_against_the_rate_limit(
+    start_server: Any, raw: Any
+) -> None:
+    server = await start_server(max_msgs_per_sec=2)  # a bucket of two
+    alice = await raw(server.port, "alice")
+    alice.send_raw(_batch_frame(*(_publish(str(i)) for i in range(5))))
+    acked: list[str] = []
+    limited: list[str | None] = []
+    while len(acked) + len(limited) < 5:
+        frame = await alice.recv()
+        if isinstance(frame, ServerAck):
+            acked += frame.ids
+        elif isinstance(frame, Error):
+            assert frame.code == "rate_limited"
+            limited.append(frame.ref)
+    assert (acked, limited) == (["0", "1"], ["2", "3", "4"])
+
+
+async def test_a_resent_batch_is_acknowledged_again_but_delivered_once(
+    start_server: Any, raw: Any
+) -> None:
+    server = await start_server()
+    bob, alice = await raw(server.port, "bob"), await raw(server.port, "alice")
+    bob.send(Join(room="r", id="j"))
+    await bob.recv_type(ServerAck)
+    frame = _batch_frame(*(_publish(str(i)) for i in range(3)))
+    for _ in range(2):  # as a client resends what a cut left unacknowledged
+        alice.send_raw(frame)
+        acked: list[str] = []
+        while len(acked) < 3:
+            acked += (await alice.recv_type(ServerAck)).ids
+        assert acked == ["0", "1", "2"]
+    alice.send(Publish(room="r", body=msgspec.Raw(b'"last"'), id="last"))
+    bodies = []
+    while not bodies or bodies[-1] != "last":
+        bodies.append(msgspec.json.decode((await bob.recv_type(Delivery)).body))
+    assert bodies == ["0", "1", "2", "last"]
