@@ -1,5 +1,6 @@
 """``batch`` frames (protocol 3) over real TLS: a fast publisher's messages travel in batches
-both ways, and arrive all, once and in order; a protocol 2 client never sees a batch."""
+both ways, and arrive all, once and in order; a protocol 2 client never sees a batch; each
+item is rate-limited and deduplicated on its own; a flood of batches starves nobody."""
 
 from __future__ import annotations
 
