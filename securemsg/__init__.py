@@ -8,7 +8,13 @@ The public API: :func:`connect` and :class:`Client` (asyncio), :mod:`securemsg.s
 from __future__ import annotations
 
 import importlib
+import os
 from typing import TYPE_CHECKING, Any
+
+if os.environ.get("SECUREMSG_COMPILED"):  # the optional compiled core: bench/compile.py
+    from securemsg._compiled import install as _install_compiled
+
+    _install_compiled()
 
 from securemsg.errors import (
     AuthError,

@@ -99,7 +99,13 @@ MAY_NOT_IMPORT = {
     "tls": {"server", "client", "cli", "bench"},
     "core": {"server", "client", "tls", "cli", "bench"},
 }
-EDGES = ["securemsg.config", "securemsg.log", "securemsg.errors", "securemsg.runner"]
+EDGES = [
+    "securemsg.config",
+    "securemsg.log",
+    "securemsg.errors",
+    "securemsg.runner",
+    "securemsg._compiled",
+]
 
 
 @pytest.mark.parametrize("module", sorted(MODULES))

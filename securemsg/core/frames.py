@@ -86,10 +86,10 @@ class FrameDecoder:
                 break
             (length,) = _unpack_header_from(data, offset)
             if length == 0 or length > max_frame:
-                self._fail(length)
+                error = self._fail(length)
                 if frames:
                     return frames
-                raise self._error  # type: ignore[misc]
+                raise error
             start = offset + HEADER_SIZE
             if end - start < length:
                 need = HEADER_SIZE + length
@@ -101,11 +101,13 @@ class FrameDecoder:
             self._need = need
         return frames
 
-    def _fail(self, length: int) -> None:
+    def _fail(self, length: int) -> ProtocolError:
         self._buffer.clear()
         if length == 0:
-            self._error = ProtocolError("bad_frame", "frame length 0 is not allowed")
+            error = ProtocolError("bad_frame", "frame length 0 is not allowed")
         else:
-            self._error = ProtocolError(
+            error = ProtocolError(
                 "too_large", f"frame of {length} bytes exceeds max_frame {self.max_frame}"
             )
+        self._error = error
+        return error

@@ -15,7 +15,7 @@ import itertools
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import structlog
 
@@ -81,6 +81,16 @@ class Opened:
     took_over: bool
 
 
+try:  # the optional compiled build (bench/compile.py) reads this decorator
+    from mypy_extensions import mypyc_attr
+except ImportError:  # pure Python without mypy installed: the decorator means nothing
+
+    def mypyc_attr(*args: Any, **kwargs: Any) -> Any:  # type: ignore[misc]
+        return lambda cls: cls
+
+
+# The cluster's registry (and tests) subclass it in Python, also when it is compiled.
+@mypyc_attr(allow_interpreted_subclasses=True)
 class Broker:
     """Every session of this server, by name and by token, and the rooms: carries out the
     requests a :class:`ServerSession` passes on (it is the sessions' router)."""

@@ -129,13 +129,14 @@ class RecordingBroker(Broker):
             self._carried()
         return done
 
-    def deliver(self, session: Any, prefix: bytes) -> None:
+    def deliver(self, session: Any, prefix: bytes) -> int:
         before = session.delivery.last_seq
-        super().deliver(session, prefix)
+        seq = super().deliver(session, prefix)
         if session.delivery.last_seq > before and self.current is not None:
             sender, msg_id = self.current
             entry = (session.delivery.last_seq, sender.name, msg_id, sender.token)
             self.routed.setdefault(session.token, []).append(entry)
+        return seq
 
 
 class Wire:

@@ -1,0 +1,80 @@
+"""The optional compiled core (securemsg/_compiled.py): a build that does not match what is
+running is never loaded; securemsg says why in one line and runs as pure Python.
+
+(A real build is made and tested by .ci/run: bench/compile.py, then tests/core and
+tests/server on it.)"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import securemsg
+
+PACKAGE = Path(securemsg.__file__).resolve().parent
+CHECK = "import securemsg.core.delivery as d; print(type(d.__loader__).__name__)"
+
+
+def _run(build: Path) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, SECUREMSG_COMPILED=str(build))
+    return subprocess.run(
+        [sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, timeout=60
+    )
+
+
+def _manifest(build: Path, *, sha256: str, python: str = sys.implementation.cache_tag) -> None:
+    build.mkdir(parents=True, exist_ok=True)
+    (build / "group__mypyc.so").write_bytes(b"not a library")
+    (build / "delivery.so").write_bytes(b"not a library")
+    manifest = {
+        "python": python,
+        "group": {"name": "group__mypyc", "file": "group__mypyc.so"},
+        "modules": {
+            "securemsg.core.delivery": {
+                "file": "delivery.so",
+                "source": "securemsg/core/delivery.py",
+                "sha256": sha256,
+            }
+        },
+    }
+    (build / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _current_hash() -> str:
+    return hashlib.sha256((PACKAGE / "core" / "delivery.py").read_bytes()).hexdigest()
+
+
+def test_a_build_of_other_sources_is_not_loaded(tmp_path: Path) -> None:
+    _manifest(tmp_path, sha256="0" * 64)
+    done = _run(tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "SourceFileLoader"  # pure Python
+    [line] = done.stderr.strip().splitlines()  # one line, no traceback
+    assert "securemsg/core/delivery.py changed since the build" in line
+    assert line.endswith("running pure Python")
+
+
+def test_a_build_for_another_python_is_not_loaded(tmp_path: Path) -> None:
+    _manifest(tmp_path, sha256=_current_hash(), python="cpython-27")
+    done = _run(tmp_path)
+    assert done.stdout.strip() == "SourceFileLoader"
+    assert "was made for cpython-27" in done.stderr
+
+
+def test_no_build_where_the_variable_points_runs_pure_python(tmp_path: Path) -> None:
+    done = _run(tmp_path / "nothing-here")
+    assert done.stdout.strip() == "SourceFileLoader"
+    assert "no readable build" in done.stderr
+
+
+def test_a_current_build_is_what_gets_loaded(tmp_path: Path) -> None:
+    # The finder takes the build's file: here a fake one, so loading it must fail, and
+    # that failure is the proof that the compiled file, not the source, was chosen.
+    _manifest(tmp_path, sha256=_current_hash())
+    done = _run(tmp_path)
+    assert done.returncode != 0
+    assert "delivery.so" in done.stderr
