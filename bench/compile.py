@@ -86,9 +86,11 @@ def main() -> int:
         import mypyc  # noqa: F401
     except ImportError:
         raise SystemExit("mypyc is not installed: pip install -e '.[test]' brings it") from None
-    manifest = build(args.out.resolve())
-    print(f"compiled {len(manifest['modules'])} modules into {args.out}")  # type: ignore[arg-type]
-    print(f"use it: SECUREMSG_COMPILED={args.out} securemsg server ...")
+    out = args.out.resolve()
+    manifest = build(out)
+    print(f"compiled {len(manifest['modules'])} modules into {out}")  # type: ignore[arg-type]
+    # An absolute path: a relative one would be resolved from each process's own directory.
+    print(f"use it: SECUREMSG_COMPILED={out} securemsg server ...")
     return 0
 
 
