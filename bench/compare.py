@@ -766,10 +766,17 @@ def machine_info() -> dict[str, str]:
     nats_version = subprocess.run(
         [nats_server(), "--version"], capture_output=True, text=True, check=False
     ).stdout.strip()
+    compiled = os.environ.get("SECUREMSG_COMPILED")
     return {
         "cpu": f"{cpu}, {os.cpu_count()} cores",
         "os": f"{platform.system()} {platform.release()}",
         "python": platform.python_version(),
+        # What a line on stderr would say if the build were refused: see the server's log.
+        "securemsg build": (
+            f"the compiled core (SECUREMSG_COMPILED={compiled})"
+            if compiled
+            else "pure Python (the default; the compiled core is optional: bench/compile.py)"
+        ),
         "openssl": ssl.OPENSSL_VERSION,
         "nats-server": nats_version,
         **{k: v for k, v in versions.items()},
