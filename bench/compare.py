@@ -771,7 +771,8 @@ def machine_info() -> dict[str, str]:
         "cpu": f"{cpu}, {os.cpu_count()} cores",
         "os": f"{platform.system()} {platform.release()}",
         "python": platform.python_version(),
-        # What a line on stderr would say if the build were refused: see the server's log.
+        # Which securemsg ran (a build that does not match the sources is refused, and the
+        # processes run pure Python: they say so on stderr, in the server's log).
         "securemsg build": (
             f"the compiled core (SECUREMSG_COMPILED={compiled})"
             if compiled
