@@ -1,6 +1,6 @@
 """The floor under the handshake target: server CPU per TLS handshake of a bare uvloop
 TLS echo server (accept, handshake, echo one byte, close), with securemsg's own server and
-client contexts and development certificates (ECDSA P-256, TLS 1.3, a P-256 key share:
+client contexts and development certificates (ECDSA P-256, TLS 1.3, an X25519 key share:
 no HelloRetryRequest).
 
     python bench/bare_tls.py [COUNT]

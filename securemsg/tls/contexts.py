@@ -19,6 +19,7 @@ from typing import Any, Final, NoReturn, cast
 
 from securemsg.core.clienthello import ALPN_PROTOCOL
 from securemsg.errors import TLSConfigError, TLSError
+from securemsg.tls.groups import set_groups
 from securemsg.tls.resumption import ResumingContext
 
 __all__ = [
@@ -39,14 +40,6 @@ PathLike = str | Path
 #: TLS 1.2 suites: forward secret and AEAD only. TLS 1.3 suites are all of that already.
 TLS12_CIPHERS: Final = "ECDHE+AESGCM:ECDHE+CHACHA20"
 
-#: The one key exchange group, server and client. OpenSSL 3's default list (X25519, P-256,
-#: X448, P-521, P-384) fails Mozilla's profiles (X448 and P-521 are not in them) and Python
-#: 3.11 cannot set a list of groups (an OpenSSL config file would be process-wide), only one
-#: group with set_ecdh_curve(). P-256 is the group every TLS 1.3 peer must support (RFC 8446,
-#: 9.1), so no client is locked out; one that guessed X25519 gets a HelloRetryRequest (one
-#: round trip, and a second ClientHello for the server to process). Our own client offers
-#: P-256 alone, so it guesses right: that saves the server ~150 µs of CPU per handshake.
-KEY_EXCHANGE_GROUP: Final = "prime256v1"
 
 _UNKNOWN_AUTHORITY_CODES: Final = frozenset({2, 18, 19, 20, 21, 27})
 _HOSTNAME_CODES: Final = frozenset({62, 63, 64})
@@ -118,7 +111,7 @@ def server_context(
         # With OP_NO_TICKET, OpenSSL would keep each TLS 1.3 ticket in its session cache
         # instead (~1 KB per ticket, for hours).
         context.options &= ~ssl.OP_NO_TICKET
-    context.set_ecdh_curve(KEY_EXCHANGE_GROUP)
+    set_groups(context)
     _load_identity(context, cert, key)
     if ca is not None:
         _load_ca(context, ca)
@@ -141,7 +134,7 @@ def client_context(
         raise TLSConfigError(f"key file {key} (--key) was given without a certificate (--cert)")
     context = ResumingContext(ssl.PROTOCOL_TLS_CLIENT)  # CERT_REQUIRED and check_hostname
     _harden(context, tls13_only=tls13_only)
-    context.set_ecdh_curve(KEY_EXCHANGE_GROUP)
+    set_groups(context)
     if ca is None:
         context.load_default_certs(ssl.Purpose.SERVER_AUTH)
     else:

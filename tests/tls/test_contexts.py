@@ -493,28 +493,6 @@ def test_contexts_are_hardened(tls_files: TLSFiles) -> None:
     assert client.minimum_version == ssl.TLSVersion.TLSv1_3
 
 
-def test_our_client_guesses_the_servers_key_share_so_no_hello_retry(tls_files: TLSFiles) -> None:
-    # A HelloRetryRequest costs a round trip and a second ClientHello on the server, which
-    # was ~150 µs of server CPU per handshake: with it the client needs two server flights.
-    server = server_context(cert=tls_files.server_cert, key=tls_files.server_key)
-    client = client_context(ca=tls_files.ca_pem)
-    client_in, client_out, server_in, server_out = (ssl.MemoryBIO() for _ in range(4))
-    server_end = server.wrap_bio(server_in, server_out, server_side=True)
-    client_end = client.wrap_bio(client_in, client_out, server_hostname="localhost")
-    server_flights = 0
-    while True:
-        with contextlib.suppress(ssl.SSLWantReadError):
-            client_end.do_handshake()
-            break
-        server_in.write(client_out.read())
-        with contextlib.suppress(ssl.SSLWantReadError):
-            server_end.do_handshake()
-        client_in.write(server_out.read())
-        server_flights += 1
-    assert client_end.version() == "TLSv1.3"
-    assert server_flights == 1
-
-
 def test_the_server_sends_no_session_tickets_unless_told_to(tls_files: TLSFiles) -> None:
     quiet = server_context(cert=tls_files.server_cert, key=tls_files.server_key)
     assert quiet.num_tickets == 0
