@@ -80,6 +80,10 @@ class _Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
         return [(name, _masked(self, name)) for name in self.__struct_fields__]
 
 
+#: The longest busy poll: past a millisecond the spin costs more than a wake-up.
+MAX_BUSY_POLL_US: Final = 1_000
+
+
 class ServerConfig(_Config, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Everything ``securemsg serve`` can be told; read from the ``[server]`` table."""
 
@@ -96,6 +100,7 @@ class ServerConfig(_Config, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     token_file: str | None = None
     token: str | None = None
     handshake_timeout: float = 10.0
+    busy_poll_us: int = 200
     heartbeat_interval: float = 10.0
     heartbeat_timeout: float = 30.0
     session_ttl: float = 60.0
@@ -187,6 +192,8 @@ FIELD_HELP: Final[dict[str, dict[str, str]]] = {
         "token_file": "file holding the token clients must present",
         "token": "token clients must present; set SECUREMSG_TOKEN, never a file or flag",
         "handshake_timeout": "seconds a new connection has to finish TLS and hello",
+        "busy_poll_us": "microseconds the server keeps polling after a message instead of "
+        f"sleeping, so the next one needs no wake-up; 0 to {MAX_BUSY_POLL_US}, 0: off",
         "heartbeat_interval": "seconds between heartbeats, advertised to clients",
         "heartbeat_timeout": "seconds of silence after which a peer counts as dead",
         "session_ttl": "seconds a disconnected client's session is kept for resuming",
@@ -287,6 +294,7 @@ _ZERO_MEANS_OFF: Final = frozenset(
         "cert_expiry_warning_days",
         "datagram_source_rate",
         "tls_session_tickets",
+        "busy_poll_us",
     }
 )
 #: Ports that may also be the word ``off``.
@@ -326,6 +334,11 @@ def _find_problem(config: ServerConfig | ClientConfig) -> _Problem | None:
         # Clients decode bodies recursively: past a few hundred levels they would fail.
         return ("max_depth",), (
             f"max_depth must be between 1 and {MAX_MAX_DEPTH}, got {config.max_depth!r}"
+        )
+    if isinstance(config, ServerConfig) and config.busy_poll_us > MAX_BUSY_POLL_US:
+        return ("busy_poll_us",), (
+            f"busy_poll_us must be between 0 (off) and {MAX_BUSY_POLL_US}, got"
+            f" {config.busy_poll_us!r}"
         )
     low_port = 1 if isinstance(config, ClientConfig) else 0
     if not low_port <= config.port <= 65535:

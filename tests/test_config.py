@@ -224,6 +224,14 @@ def test_a_cross_field_error_blames_the_strongest_source(tmp_path: Path) -> None
         ({"max_depth": 0}, "--max-depth: max_depth must be between 1 and 256, got 0"),
         ({"max_depth": 257}, "--max-depth: max_depth must be between 1 and 256, got 257"),
         (
+            {"busy_poll_us": 1001},
+            "--busy-poll-us: busy_poll_us must be between 0 (off) and 1000, got 1001",
+        ),
+        (
+            {"busy_poll_us": -1},
+            "--busy-poll-us: busy_poll_us must be 0 (off) or more, got -1",
+        ),
+        (
             {"max_msgs_per_sec": -1.0},
             "--max-msgs-per-sec: max_msgs_per_sec must be 0 (no limit) or more, got -1.0",
         ),

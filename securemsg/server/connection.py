@@ -50,6 +50,7 @@ from securemsg.core.server_session import (
 )
 from securemsg.errors import ProtocolError
 from securemsg.server.broker import Broker, Link, Opened
+from securemsg.server.busypoll import BusyPoll
 from securemsg.server.timerwheel import TimerWheel
 from securemsg.server.tlstransport import TLSTransport
 from securemsg.tls.contexts import peer_identity
@@ -68,6 +69,9 @@ class ConnectionHost(Protocol):
 
     @property
     def wheel(self) -> TimerWheel: ...
+
+    @property
+    def busy_poll(self) -> BusyPoll: ...
 
     def connection_closed(self, conn: ServerConnection) -> None: ...
 
@@ -106,6 +110,7 @@ class ServerConnection(asyncio.BufferedProtocol):
     __slots__ = (
         "_ack_timer",
         "_backlog",
+        "_busy_poll",
         "_close_reason",
         "_durable",
         "_faults",
@@ -146,6 +151,7 @@ class ServerConnection(asyncio.BufferedProtocol):
         self.peer = peer
         self.accepted_at = accepted_at
         self._loop = server.loop
+        self._busy_poll = server.busy_poll
         self._read_buffer = read_buffer()
         self.core = protocol.Server(
             now=accepted_at,
@@ -305,6 +311,7 @@ class ServerConnection(asyncio.BufferedProtocol):
 
     def _on_batch(self, batch: BatchReceived, now: float, ts: float) -> None:
         """Each item of a ``batch`` as if it had come in a frame of its own."""
+        self._busy_poll.touch()
         for rejected in batch.rejected:
             self._on_rejected(rejected)
         core, session, broker = self.core, self.session, self.broker
@@ -623,6 +630,9 @@ class ServerConnection(asyncio.BufferedProtocol):
             self.session = None
             self.core.send_bye("client_bye")
             return
+        # A request or a message in: its answer, or the next one, may follow within the
+        # busy poll (not after a hello or a bye, which nothing quick follows).
+        self._busy_poll.touch()
         if self._durable:
             self._receive_stored(session, message, now, ts)
             return

@@ -35,6 +35,7 @@ from securemsg.core.messages import BYE_NODE_UNAVAILABLE, BYE_SERVER_SHUTDOWN
 from securemsg.core.server_session import ServerSession
 from securemsg.errors import ConfigError, StoreError
 from securemsg.server.broker import Broker, Link
+from securemsg.server.busypoll import BusyPoll
 from securemsg.server.certificates import CertificateKeeper, server_context_for
 from securemsg.server.connection import ServerConnection
 from securemsg.server.loopwatch import LoopWatch
@@ -103,6 +104,7 @@ class Server:
         self._ids = itertools.count(1)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wheel: TimerWheel | None = None
+        self._busy_poll: BusyPoll | None = None
         self._stopping = False
         self._stopped: asyncio.Event | None = None
         self._stall_check: asyncio.TimerHandle | None = None
@@ -138,6 +140,13 @@ class Server:
         if self._certificates is None:
             self._certificates = CertificateKeeper(self, self.loop)
         return self._certificates
+
+    @property
+    def busy_poll(self) -> BusyPoll:
+        """The loop's spin after reads (``busy_poll_us``; made with the loop)."""
+        if self._busy_poll is None:
+            self._busy_poll = BusyPoll(self.loop, self.config.busy_poll_us / 1e6)
+        return self._busy_poll
 
     @property
     def wheel(self) -> TimerWheel:
