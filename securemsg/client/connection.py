@@ -65,6 +65,7 @@ __all__ = [
 _AUTH_CODES: Final = frozenset({ErrorCode.UNAUTHORIZED, ErrorCode.NAME_TAKEN})
 #: What a connect attempt may fail with; anything else is a bug and propagates as it is.
 _CONNECT_FAILURES: Final = (OSError, EOFError, builtins.TimeoutError, ProtocolError, RejectedError)
+_RESET_AT_CONNECT: Final = "the server reset the connection (it may be at its connection limit)"
 
 
 class ConnectionOwner(Protocol):
@@ -405,6 +406,10 @@ def connect_error(
             f"could not connect to {where} within {config.connect_timeout:g} s "
             "(TCP, TLS and welcome)"
         )
+    if isinstance(exc, ConnectionResetError):
+        # A server at its max_connections closes at accept, before TLS: a reset when our
+        # ClientHello was in by then (its errno says "reset by peer"), a close otherwise.
+        return ConnectError(f"could not connect to {where}: {_RESET_AT_CONNECT}")
     if isinstance(exc, OSError):
         return ConnectError(f"could not connect to {where}: {_describe(exc)}")
     return ConnectError(f"could not connect to {where}: {exc!r}")
@@ -434,7 +439,7 @@ def _describe(exc: BaseException) -> str:
         return "connection refused (is the server running on that port?)"
     if isinstance(exc, ConnectionResetError) and not exc.strerror:
         # What a server at its max_connections does: close at accept, before TLS.
-        return "the server reset the connection (it may be at its connection limit)"
+        return _RESET_AT_CONNECT
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror[0].lower() + exc.strerror[1:]
     return str(exc) or type(exc).__name__

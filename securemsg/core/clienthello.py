@@ -1,9 +1,10 @@
 """A look at the first bytes of a connection before TLS starts, sans-I/O.
 
-The server peeks (``MSG_PEEK``) at what a client sent first and passes those bytes to
-:func:`inspect_client_hello`. Python's ``ssl`` reports ``selected_alpn_protocol() is None``
-both for a client that offered no ALPN and for one that offered only other protocols, and
-it cannot say that a client spoke plaintext or HTTP; the ClientHello can.
+The server reads what a client sent first and passes those bytes to
+:func:`inspect_client_hello` before it gives them to TLS (``server/incoming.py``). Python's
+``ssl`` reports ``selected_alpn_protocol() is None`` both for a client that offered no ALPN
+and for one that offered only other protocols, and it cannot say that a client spoke
+plaintext or HTTP; the ClientHello can.
 
 Theory of operation: a TLS connection opens with handshake records (content type 22) that
 carry one ClientHello (handshake type 1), possibly split over several records. We collect

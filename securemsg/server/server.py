@@ -1,22 +1,17 @@
 """The asyncio TLS server: listening, accepting, TLS, lifecycle and shutdown.
 
-Accepting is done by hand rather than with ``asyncio.start_server(ssl=...)``, which hides
-failed handshakes: each accepted socket is counted against ``max_connections`` before any
-TLS work, its ClientHello is peeked at (plaintext, HTTP and ALPN offers without
-``securemsg/1`` are refused and logged), and the TLS handshake runs under the handshake
-timeout in :class:`~securemsg.server.tlstransport.TLSTransport` over a plain TCP transport
-(the loops' SSL transports keep a 256 KiB buffer per connection), so every failure is
-visible and logged.
-
-Accepting is on the path of every new connection: the listening sockets are read by one
-reader callback each (no future or task wakeup per accept), and the ClientHello is peeked
-at before waiting for it, since it has often arrived by then.
+The loop accepts on our listening sockets (``loop.create_server(sock=...)``, with no ``ssl``:
+the loops' SSL transports hide failed handshakes and keep a 256 KiB buffer per connection).
+Each accepted connection is an :class:`~securemsg.server.incoming.Incoming` until its TLS
+handshake is done: counted against ``max_connections`` before any TLS work, its ClientHello
+looked at (plaintext, HTTP and ALPN offers without ``securemsg/1`` are refused and logged),
+then TLS in :class:`~securemsg.server.tlstransport.TLSTransport` under the handshake
+timeout, so every failure is visible and logged.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import itertools
 import socket
@@ -30,7 +25,6 @@ from typing import TYPE_CHECKING, Any, Final
 import structlog
 
 from securemsg.config import ServerConfig, read_token
-from securemsg.core.clienthello import ClientHelloInfo, alpn_acceptable, inspect_client_hello
 from securemsg.core.messages import BYE_NODE_UNAVAILABLE, BYE_SERVER_SHUTDOWN
 from securemsg.core.server_session import ServerSession
 from securemsg.errors import ConfigError, StoreError
@@ -38,12 +32,11 @@ from securemsg.server.broker import Broker, Link
 from securemsg.server.busypoll import BusyPoll
 from securemsg.server.certificates import CertificateKeeper, server_context_for
 from securemsg.server.connection import ServerConnection
+from securemsg.server.incoming import Incoming
 from securemsg.server.loopwatch import LoopWatch
 from securemsg.server.store import MemoryStore, SessionStore, SqliteStore
 from securemsg.server.tasks import Tasks
 from securemsg.server.timerwheel import TimerWheel
-from securemsg.server.tlstransport import TLSTransport
-from securemsg.tls.contexts import describe_server_handshake_error
 
 if TYPE_CHECKING:
     from securemsg.server.cluster import ClusterBroker
@@ -54,16 +47,7 @@ __all__ = ["Server"]
 
 logger = structlog.get_logger("securemsg.server.server")
 
-_PEEK_SIZE: Final = 16 * 1024 + 5
 _BACKLOG: Final = 1024
-#: Bounds one wakeup's work so that a burst of connections cannot starve the others.
-_ACCEPTS_PER_WAKEUP: Final = 64
-_ACCEPT_RETRY_DELAY: Final = 0.1
-_HTTP_BODY: Final = b"This is a securemsg TLS port, not HTTP(S).\r\n"
-_HTTP_REFUSAL: Final = (
-    b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\nContent-Type: text/plain\r\n"
-    b"Content-Length: %d\r\n\r\n%s" % (len(_HTTP_BODY), _HTTP_BODY)
-)
 
 
 class Server:
@@ -99,6 +83,7 @@ class Server:
         self.connections: set[ServerConnection] = set()
         self._pending_handshakes = 0
         self._sockets: list[socket.socket] = []
+        self._listeners: list[asyncio.AbstractServer] = []
         self._tasks = Tasks()
         self._expiry: dict[ServerSession[Link], asyncio.TimerHandle] = {}
         self._ids = itertools.count(1)
@@ -219,7 +204,10 @@ class Server:
                     await self.datagram.close()
                 raise
         for sock in self._sockets:
-            self.loop.add_reader(sock.fileno(), self._accept_ready, sock)
+            listener = await self.loop.create_server(
+                lambda: Incoming(self), sock=sock, backlog=_BACKLOG
+            )
+            self._listeners.append(listener)
         self._stall_check = self.loop.call_later(self._stall_period, self._check_stalled)
         if self.config.loop_stall_threshold > 0 or self.metrics is not None:
             self.loopwatch = LoopWatch(self.loop, threshold=self.config.loop_stall_threshold)
@@ -306,11 +294,10 @@ class Server:
         logger.info("server_stopping", connections=len(self.connections))
         if self._stall_check is not None:
             self._stall_check.cancel()
+        for listener in self._listeners:
+            listener.close()  # and its socket
         for sock in self._sockets:
-            if sock.fileno() != -1:  # closed already when start() failed
-                with contextlib.suppress(OSError):
-                    self.loop.remove_reader(sock.fileno())
-            sock.close()
+            sock.close()  # those start() did not get to listen on
         if self.datagram is not None:
             await self.datagram.close()
         await self._tasks.cancel_all()
@@ -347,31 +334,12 @@ class Server:
         assert self._stopped is not None
         self._stopped.set()
 
-    # -- accepting ----------------------------------------------------------------------------
+    # -- accepting (called by Incoming, which the loop makes per accepted connection) --------
 
-    def _accept_ready(self, listener: socket.socket) -> None:
-        for _ in range(_ACCEPTS_PER_WAKEUP):
-            try:
-                sock, address = listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except ConnectionAbortedError:
-                continue  # the client gave up while queued
-            except OSError as exc:
-                # Out of descriptors or memory, say: the backlog keeps the queued clients
-                # while we stop listening for a moment instead of spinning on the error.
-                logger.error("accept_failed", reason=str(exc))
-                self.loop.remove_reader(listener.fileno())
-                self.loop.call_later(_ACCEPT_RETRY_DELAY, self._resume_accepting, listener)
-                return
-            self._accepted(sock, address)
+    def next_connection_id(self) -> int:
+        return next(self._ids)
 
-    def _resume_accepting(self, listener: socket.socket) -> None:
-        if not self._stopping and listener.fileno() >= 0:
-            self.loop.add_reader(listener.fileno(), self._accept_ready, listener)
-
-    def _accepted(self, sock: socket.socket, address: object) -> None:
-        peer = _format_peer(address)
+    def admit(self, peer: str) -> bool:
         if len(self.connections) + self._pending_handshakes >= self.config.max_connections:
             self.counts["refused"] += 1
             self.refusals["max_connections"] += 1
@@ -381,59 +349,21 @@ class Server:
                 reason="max_connections",
                 max_connections=self.config.max_connections,
             )
-            sock.close()
-            return
+            return False
         self.counts["accepted"] += 1
         self._pending_handshakes += 1
-        # TCP_NODELAY comes with connect_accepted_socket (both loops set it).
-        sock.setblocking(False)
-        self._tasks.spawn(self._open(sock, peer))
+        return True
 
-    async def _open(self, sock: socket.socket, peer: str) -> None:
-        loop = self.loop
-        conn_id = next(self._ids)
-        accepted_at = loop.time()
-        logger.debug("connection_opened", conn=conn_id, peer=peer)
-        conn: ServerConnection | None = None
-        reason: str | None = None
-        try:
-            async with asyncio.timeout(self.config.handshake_timeout):
-                info = await _peek_client_hello(loop, sock)
-                reason = _refusal(info)
-                if reason is not None:
-                    _refuse_politely(sock, http=info.kind == "http")
-                    return
-                candidate = ServerConnection(
-                    self, conn_id=conn_id, peer=peer, accepted_at=accepted_at
-                )
-                # TLS over a plain TCP transport: the loop's SSL transport would keep a
-                # 256 KiB read buffer per connection (see tlstransport).
-                layer = TLSTransport(loop, self.ssl_context, candidate)
-                await loop.connect_accepted_socket(lambda: layer, sock)
-                try:
-                    await layer.handshake()
-                except BaseException:
-                    layer.abort()
-                    raise
-                conn = candidate
-        except TimeoutError:
-            reason = "timeout"
-        except (OSError, ssl.SSLError, EOFError) as exc:
-            reason = describe_server_handshake_error(exc)
-        finally:
-            self._pending_handshakes -= 1
-            if conn is None:
-                sock.close()
-                if reason is not None:
-                    self._handshake_failed(conn_id, peer, reason)
-        if conn is None:
-            return
+    def handshake_ended(self) -> None:
+        self._pending_handshakes -= 1
+
+    def connection_opened(self, conn: ServerConnection) -> None:
         self.connections.add(conn)
         tls = conn.transport.get_extra_info("ssl_object") if conn.transport else None
         logger.info(
             "connection_opened",
-            conn=conn_id,
-            peer=peer,
+            conn=conn.id,
+            peer=conn.peer,
             tls_version=tls.version() if tls else None,
             tls_resumed=tls.session_reused if tls else False,
             identity=conn.identity,
@@ -449,7 +379,7 @@ class Server:
                 self.session_ended(session)
         self._stall_check = self.loop.call_later(self._stall_period, self._check_stalled)
 
-    def _handshake_failed(self, conn_id: int, peer: str, reason: str) -> None:
+    def handshake_failed(self, conn_id: int, peer: str, reason: str) -> None:
         self.counts["handshake_failed"] += 1
         self.handshake_failures[reason] += 1
         logger.warning("tls_handshake_failed", conn=conn_id, peer=peer, reason=reason)
@@ -564,64 +494,6 @@ def _metrics_listener(server: Server) -> MetricsListener:
     return MetricsListener(server, host=config.metrics_host, port=config.metrics_port)
 
 
-def _refuse_politely(sock: socket.socket, *, http: bool) -> None:
-    # Consume what was only peeked at: closing with unread data would send a RST, and the
-    # client would lose our answer.
-    with contextlib.suppress(OSError):
-        sock.recv(_PEEK_SIZE)
-        if http:
-            sock.send(_HTTP_REFUSAL)
-        sock.shutdown(socket.SHUT_WR)
-
-
-def _refusal(info: ClientHelloInfo) -> str | None:
-    if info.kind == "http":
-        return "http_request"
-    if info.kind == "plaintext":
-        return "plaintext"
-    if not alpn_acceptable(info):
-        return "alpn_mismatch"
-    return None
-
-
-async def _peek_client_hello(
-    loop: asyncio.AbstractEventLoop, sock: socket.socket
-) -> ClientHelloInfo:
-    """Look at the first bytes without consuming them, so TLS still sees them."""
-    delay = 0.001
-    while True:
-        try:
-            data = sock.recv(_PEEK_SIZE, socket.MSG_PEEK)
-        except BlockingIOError:
-            # About half the time the ClientHello is already here: try before paying
-            # for a reader registration and a future.
-            await _readable(loop, sock)
-            continue
-        if not data:
-            raise EOFError("the client closed before sending a ClientHello")
-        info = inspect_client_hello(data)
-        if info is not None:
-            return info
-        # A partial ClientHello stays readable: back off instead of spinning.
-        await asyncio.sleep(delay)
-        delay = min(delay * 2, 0.1)
-
-
-async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
-    future: asyncio.Future[None] = loop.create_future()
-    fd = sock.fileno()
-    loop.add_reader(fd, _set_done, future)
-    try:
-        await future
-    finally:
-        loop.remove_reader(fd)
-
-
-def _set_done(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
-
-
 def _listen(host: str, port: int) -> list[socket.socket]:
     try:
         infos = socket.getaddrinfo(
@@ -656,10 +528,3 @@ def _listen(host: str, port: int) -> list[socket.socket]:
             sock.close()
         raise
     return sockets
-
-
-def _format_peer(address: object) -> str:
-    if isinstance(address, tuple) and len(address) >= 2:
-        host, port = address[0], address[1]
-        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
-    return str(address)

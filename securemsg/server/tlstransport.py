@@ -115,6 +115,22 @@ class TLSTransport(asyncio.Transport, asyncio.BufferedProtocol):
         if self._waiter is not None:
             await self._waiter
 
+    def when_handshaken(self, callback: Callable[[BaseException | None], None]) -> None:
+        """:meth:`handshake` without a task: ``callback(None)`` soon after the handshake is
+        done, ``callback(exc)`` after it failed. Call it before the first bytes come in."""
+        assert self._waiter is not None, "when_handshaken() after the handshake"
+        self._waiter.add_done_callback(lambda done: callback(done.exception()))
+
+    def feed(self, data: bytes) -> None:
+        """Bytes read from the TCP transport before this layer became its protocol (the
+        ClientHello the server looked at), as if read now."""
+        view = memoryview(data)
+        while view and self._state is not _State.CLOSED and self._tcp is not None:
+            count = min(len(self._buffer), len(view))
+            self._buffer[:count] = view[:count]
+            view = view[count:]
+            self.buffer_updated(count)
+
     # -- the TCP transport's protocol ---------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:

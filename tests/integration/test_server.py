@@ -32,6 +32,7 @@ from securemsg.core.messages import (
     decode_body,
 )
 from securemsg.tls.contexts import client_context
+from tests.faults import wait_until
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -305,6 +306,50 @@ async def test_alpn_offer_without_securemsg_is_refused(start_server, tls_files) 
         finally:
             writer.close()
     assert any(e.get("reason") == "alpn_mismatch" for e in logs)
+
+
+async def test_a_clienthello_in_pieces_is_waited_for_and_every_handshake_is_counted_out(
+    start_server, tls_files, unit
+) -> None:
+    # Before TLS the server reads the first bytes itself (to refuse plaintext, HTTP or a
+    # foreign ALPN without TLS work); a ClientHello that comes in pieces must still reach
+    # TLS whole, and every way a handshake ends must give its place back (max_connections).
+    server = await start_server(handshake_timeout=5 * unit)
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = client_context(ca=tls_files.ca_pem).wrap_bio(
+        incoming, outgoing, server_hostname="localhost"
+    )
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()
+    hello = outgoing.read()
+    with capture_logs() as logs:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        for piece in (hello[:3], hello[3:40], hello[40:]):
+            writer.write(piece)
+            await writer.drain()
+            await asyncio.sleep(unit / 2)  # separate reads on the server
+        while True:
+            incoming.write(await asyncio.wait_for(reader.read(65536), 5))
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                continue
+        writer.write(outgoing.read())  # our Finished
+        await writer.drain()
+        assert tls.version() == "TLSv1.3"
+        # Ended before a ClientHello came: a close, and plaintext.
+        _, quitter = await asyncio.open_connection("127.0.0.1", server.port)
+        quitter.close()
+        r2, w2 = await asyncio.open_connection("127.0.0.1", server.port)
+        w2.write(b"hello there\r\n")
+        assert await asyncio.wait_for(r2.read(), 5) == b""
+        w2.close()
+        await wait_until(lambda: server._pending_handshakes == 0, within=20 * unit)
+    writer.close()
+    reasons = sorted(e["reason"] for e in logs if e["event"] == "tls_handshake_failed")
+    assert reasons == ["eof", "plaintext"]
+    assert server.counts["accepted"] == 3
 
 
 async def test_silent_tcp_connection_times_out_and_real_clients_still_work(
