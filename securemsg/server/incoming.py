@@ -40,11 +40,11 @@ class AcceptHost(ConnectionHost, Protocol):
 
     def next_connection_id(self) -> int: ...
 
-    def admit(self, peer: str) -> bool:
+    def admit(self, incoming: Incoming, peer: str) -> bool:
         """Count a new connection in, or refuse it (max_connections); True if admitted."""
 
-    def handshake_ended(self) -> None:
-        """One handshake fewer in progress (done or failed)."""
+    def handshake_ended(self, incoming: Incoming) -> None:
+        """One handshake fewer in progress (done, failed or aborted)."""
 
     def handshake_failed(self, conn_id: int, peer: str, reason: str) -> None: ...
 
@@ -57,6 +57,7 @@ class Incoming(asyncio.Protocol):
     __slots__ = (
         "_accepted_at",
         "_conn",
+        "_done",
         "_head",
         "_host",
         "_id",
@@ -78,6 +79,7 @@ class Incoming(asyncio.Protocol):
         self._conn: ServerConnection | None = None
         self._layer: TLSTransport | None = None
         self._timed_out = False
+        self._done = False
 
     # -- before TLS: the TCP transport's protocol ---------------------------------------------
 
@@ -85,7 +87,7 @@ class Incoming(asyncio.Protocol):
         tcp: asyncio.Transport = transport  # type: ignore[assignment]
         host = self._host
         self._peer = format_peer(tcp.get_extra_info("peername"))
-        if not host.admit(self._peer):
+        if not host.admit(self, self._peer):
             tcp.abort()
             return
         self._tcp = tcp
@@ -111,10 +113,17 @@ class Incoming(asyncio.Protocol):
         return None  # the transport closes; connection_lost says why
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._tcp is not None and self._layer is None:  # before a ClientHello came
+        if self._tcp is not None:  # before a ClientHello came (TLS has the transport after)
             self._tcp = None
             error = exc or EOFError("the client closed before sending a ClientHello")
             self._end(describe_server_handshake_error(error))
+
+    def abort(self) -> None:
+        """Drop the connection, unlogged (the server is stopping)."""
+        if self._finish():
+            holder = self._layer or self._tcp
+            if holder is not None:
+                holder.abort()
 
     # -- the deadline (the server's timer wheel) ----------------------------------------------
 
@@ -137,7 +146,7 @@ class Incoming(asyncio.Protocol):
             host, conn_id=self._id, peer=self._peer, accepted_at=self._accepted_at
         )
         layer = TLSTransport(host.loop, host.ssl_context, conn)
-        self._conn, self._layer = conn, layer
+        self._conn, self._layer, self._tcp = conn, layer, None
         layer.when_handshaken(self._handshaken)
         tcp.set_protocol(layer)
         layer.connection_made(tcp)
@@ -146,8 +155,8 @@ class Incoming(asyncio.Protocol):
     def _handshaken(self, exc: BaseException | None) -> None:
         conn, layer = self._conn, self._layer
         assert conn is not None and layer is not None
-        self._cancel_deadline()
-        self._host.handshake_ended()
+        if not self._finish():
+            return  # aborted: the server is stopping
         if exc is None:
             self._host.connection_opened(conn)
             return
@@ -166,9 +175,17 @@ class Incoming(asyncio.Protocol):
         self._end(reason)
 
     def _end(self, reason: str) -> None:
+        if self._finish():
+            self._host.handshake_failed(self._id, self._peer, reason)
+
+    def _finish(self) -> bool:
+        """Give the connection's place back, once; False when it was given back already."""
+        if self._done:
+            return False
+        self._done = True
         self._cancel_deadline()
-        self._host.handshake_ended()
-        self._host.handshake_failed(self._id, self._peer, reason)
+        self._host.handshake_ended(self)
+        return True
 
     def _cancel_deadline(self) -> None:
         if self._slot is not None:

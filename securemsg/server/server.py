@@ -81,7 +81,9 @@ class Server:
         else:
             self.broker = self.cluster = _cluster_broker(self, options)
         self.connections: set[ServerConnection] = set()
-        self._pending_handshakes = 0
+        # Accepted connections whose TLS handshake is not done yet (max_connections counts
+        # them too); aborted when the server stops.
+        self._handshaking: set[Incoming] = set()
         self._sockets: list[socket.socket] = []
         self._listeners: list[asyncio.AbstractServer] = []
         self._tasks = Tasks()
@@ -298,6 +300,8 @@ class Server:
             listener.close()  # and its socket
         for sock in self._sockets:
             sock.close()  # those start() did not get to listen on
+        for incoming in list(self._handshaking):
+            incoming.abort()
         if self.datagram is not None:
             await self.datagram.close()
         await self._tasks.cancel_all()
@@ -339,8 +343,12 @@ class Server:
     def next_connection_id(self) -> int:
         return next(self._ids)
 
-    def admit(self, peer: str) -> bool:
-        if len(self.connections) + self._pending_handshakes >= self.config.max_connections:
+    @property
+    def _pending_handshakes(self) -> int:
+        return len(self._handshaking)
+
+    def admit(self, incoming: Incoming, peer: str) -> bool:
+        if len(self.connections) + len(self._handshaking) >= self.config.max_connections:
             self.counts["refused"] += 1
             self.refusals["max_connections"] += 1
             logger.warning(
@@ -351,11 +359,11 @@ class Server:
             )
             return False
         self.counts["accepted"] += 1
-        self._pending_handshakes += 1
+        self._handshaking.add(incoming)
         return True
 
-    def handshake_ended(self) -> None:
-        self._pending_handshakes -= 1
+    def handshake_ended(self, incoming: Incoming) -> None:
+        self._handshaking.discard(incoming)
 
     def connection_opened(self, conn: ServerConnection) -> None:
         self.connections.add(conn)

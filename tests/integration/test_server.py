@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import ssl
 from typing import Any
@@ -350,6 +351,32 @@ async def test_a_clienthello_in_pieces_is_waited_for_and_every_handshake_is_coun
     reasons = sorted(e["reason"] for e in logs if e["event"] == "tls_handshake_failed")
     assert reasons == ["eof", "plaintext"]
     assert server.counts["accepted"] == 3
+
+
+async def test_handshakes_in_progress_are_dropped_when_the_server_stops(
+    start_server, tls_files, unit
+) -> None:
+    server = await start_server(handshake_timeout=60.0)  # not what ends them
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = client_context(ca=tls_files.ca_pem).wrap_bio(
+        incoming, outgoing, server_hostname="localhost"
+    )
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()
+    hello = outgoing.read()
+    silent = await asyncio.open_connection("127.0.0.1", server.port)
+    halfway = await asyncio.open_connection("127.0.0.1", server.port)
+    halfway[1].write(hello)  # the server answers and waits for our Finished
+    await wait_until(lambda: server._pending_handshakes == 2, within=20 * unit)
+    with capture_logs() as logs:
+        await asyncio.wait_for(server.close(), 20 * unit)
+        for reader, writer in (silent, halfway):
+            with contextlib.suppress(ConnectionError):
+                while await asyncio.wait_for(reader.read(65536), 20 * unit):
+                    pass  # the server's flight, then the end
+            writer.close()
+    assert server._pending_handshakes == 0
+    assert not [e for e in logs if e["event"] == "tls_handshake_failed"]
 
 
 async def test_silent_tcp_connection_times_out_and_real_clients_still_work(
