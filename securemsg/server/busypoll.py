@@ -1,18 +1,19 @@
-"""Busy polling: after a read, the loop keeps polling instead of sleeping, for a moment.
+"""Busy polling: after a message, the loop keeps polling instead of sleeping, for a moment.
 
 A request and its reply cross the server twice. Each time, the server process has gone to
 sleep in ``epoll_wait`` and must be woken by the kernel (and, on a virtual machine, its vCPU
 by the hypervisor): most of a round trip through an idle server is those wake-ups, not work.
 Go's scheduler, and so nats-server, spins a little before it sleeps; Linux offers the same
 for sockets as ``SO_BUSY_POLL``, which does nothing on loopback. This is that spin at the
-event loop's level: for ``window`` seconds after the last read, a callback keeps the loop
-polling with a zero timeout, so the next message is picked up without a wake-up.
+event loop's level: for a window after each message, a callback keeps the loop polling with
+a zero timeout, so the next message is picked up without a wake-up.
 
-What it costs is bounded: the loop spins at most ``window`` after each read, so a server that
-receives nothing spends nothing, one that is busy all the time spends almost nothing (the
-callback runs once per loop turn), and the worst case, reads spaced a little over
-``window`` apart, at most doubles the CPU of what they already cost. Measured figures are in
-``docs/operations.md`` (``busy_poll_us``).
+What it costs is bounded: at most the longest window (``busy_poll_us``) of spinning per
+message, and only while messages keep coming within that of each other; wider spacing (a
+paced publisher, heartbeats, a quiet server) closes the window, so it costs nothing there,
+and a server busy all the time runs the callback once per loop turn. Each turn of the spin
+yields the CPU to any process waiting for it. Measured figures: ``docs/operations.md``
+(``busy_poll_us``).
 """
 
 from __future__ import annotations

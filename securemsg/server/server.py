@@ -130,7 +130,7 @@ class Server:
 
     @property
     def busy_poll(self) -> BusyPoll:
-        """The loop's spin after reads (``busy_poll_us``; made with the loop)."""
+        """The loop's spin after messages (``busy_poll_us``; made with the loop)."""
         if self._busy_poll is None:
             self._busy_poll = BusyPoll(self.loop, self.config.busy_poll_us / 1e6)
         return self._busy_poll
