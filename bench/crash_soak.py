@@ -139,6 +139,10 @@ class Listener:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait(10)
             self.kills += 1
+        # No process until the killer starts the next: otherwise the supervisor would see a
+        # dead one and start its own, which the killer's start would then orphan (a listen
+        # process left running after the soak, retrying forever).
+        self.proc = None
 
     def stop(self) -> None:
         self.stopped = True

@@ -20,7 +20,20 @@ ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.timeout(240)
 
 
+def soak_processes() -> set[int]:
+    """Processes of any crash soak (their command lines name its temporary directory)."""
+    found = set()
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            if b"securemsg-crash-soak-" in (entry / "cmdline").read_bytes():
+                found.add(int(entry.name))
+        except OSError:
+            continue  # gone meanwhile
+    return found
+
+
 def test_nothing_acknowledged_is_lost_across_server_and_subscriber_kills() -> None:
+    before = soak_processes()
     args = ["--messages", "2000", "--rate", "400", "--server-kills", "3",
             "--subscriber-kills", "2", "--seed", "7", "--timeout", "150", "--json"]  # fmt: skip
     done = subprocess.run(
@@ -30,6 +43,9 @@ def test_nothing_acknowledged_is_lost_across_server_and_subscriber_kills() -> No
         env=dict(os.environ, PYTHONPATH=str(ROOT)),
     )
     assert done.stdout, done.stderr.decode()[-3000:]
+    # The soak kills and restarts listen processes; none may outlive it (one did: a
+    # supervisor's restart and the killer's raced, and the killer orphaned one).
+    assert not soak_processes() - before
     result = json.loads(done.stdout.decode().splitlines()[-1])
     print("FIGURE", json.dumps(result))
     assert result["server_kills"] == 3
