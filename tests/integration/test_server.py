@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import socket
 import ssl
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -309,6 +310,16 @@ async def test_alpn_offer_without_securemsg_is_refused(start_server, tls_files) 
     assert any(e.get("reason") == "alpn_mismatch" for e in logs)
 
 
+def client_in_memory(ca: Path) -> tuple[ssl.SSLObject, ssl.MemoryBIO, ssl.MemoryBIO]:
+    """A securemsg client's TLS over memory BIOs, its ClientHello waiting in the outgoing one:
+    for tests that write the bytes themselves (in pieces, or then stop)."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = client_context(ca=ca).wrap_bio(incoming, outgoing, server_hostname="localhost")
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return tls, incoming, outgoing
+
+
 async def test_a_clienthello_in_pieces_is_waited_for_and_every_handshake_is_counted_out(
     start_server, tls_files, unit
 ) -> None:
@@ -316,12 +327,7 @@ async def test_a_clienthello_in_pieces_is_waited_for_and_every_handshake_is_coun
     # foreign ALPN without TLS work); a ClientHello that comes in pieces must still reach
     # TLS whole, and every way a handshake ends must give its place back (max_connections).
     server = await start_server(handshake_timeout=5 * unit)
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    tls = client_context(ca=tls_files.ca_pem).wrap_bio(
-        incoming, outgoing, server_hostname="localhost"
-    )
-    with pytest.raises(ssl.SSLWantReadError):
-        tls.do_handshake()
+    tls, incoming, outgoing = client_in_memory(tls_files.ca_pem)
     hello = outgoing.read()
     with capture_logs() as logs:
         reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
@@ -357,12 +363,7 @@ async def test_handshakes_in_progress_are_dropped_when_the_server_stops(
     start_server, tls_files, unit
 ) -> None:
     server = await start_server(handshake_timeout=60.0)  # not what ends them
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    tls = client_context(ca=tls_files.ca_pem).wrap_bio(
-        incoming, outgoing, server_hostname="localhost"
-    )
-    with pytest.raises(ssl.SSLWantReadError):
-        tls.do_handshake()
+    _, _, outgoing = client_in_memory(tls_files.ca_pem)
     hello = outgoing.read()
     silent = await asyncio.open_connection("127.0.0.1", server.port)
     halfway = await asyncio.open_connection("127.0.0.1", server.port)
