@@ -19,12 +19,16 @@ import asyncio
 import ssl
 from typing import Final, Protocol
 
+import structlog
+
 from securemsg.core.clienthello import ClientHelloInfo, alpn_acceptable, inspect_client_hello
 from securemsg.server.connection import ConnectionHost, ServerConnection
 from securemsg.server.tlstransport import TLSTransport
 from securemsg.tls.contexts import describe_server_handshake_error
 
-__all__ = ["AcceptHost", "Incoming", "format_peer"]
+__all__ = ["AcceptHost", "Incoming"]
+
+logger = structlog.get_logger("securemsg.server.incoming")
 
 _HTTP_BODY: Final = b"This is a securemsg TLS port, not HTTP(S).\r\n"
 _HTTP_REFUSAL: Final = (
@@ -86,12 +90,13 @@ class Incoming(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         tcp: asyncio.Transport = transport  # type: ignore[assignment]
         host = self._host
-        self._peer = format_peer(tcp.get_extra_info("peername"))
+        self._peer = _format_peer(tcp.get_extra_info("peername"))
         if not host.admit(self, self._peer):
             tcp.abort()
             return
         self._tcp = tcp
         self._id = host.next_connection_id()
+        logger.debug("connection_opened", conn=self._id, peer=self._peer)
         loop = host.loop
         self._accepted_at = loop.time()
         self._slot = host.wheel.schedule(self._accepted_at + host.config.handshake_timeout, self)
@@ -203,7 +208,7 @@ def _refusal(info: ClientHelloInfo) -> str | None:
     return None
 
 
-def format_peer(address: object) -> str:
+def _format_peer(address: object) -> str:
     if isinstance(address, tuple) and len(address) >= 2:
         host, port = address[0], address[1]
         return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"

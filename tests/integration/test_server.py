@@ -357,6 +357,8 @@ async def test_a_clienthello_in_pieces_is_waited_for_and_every_handshake_is_coun
     reasons = sorted(e["reason"] for e in logs if e["event"] == "tls_handshake_failed")
     assert reasons == ["eof", "plaintext"]
     assert server.counts["accepted"] == 3
+    accepted = [e for e in logs if e["event"] == "connection_opened" and e["log_level"] == "debug"]
+    assert len(accepted) == 3  # one per accepted connection, before TLS (docs/operations.md)
 
 
 async def test_handshakes_in_progress_are_dropped_when_the_server_stops(
