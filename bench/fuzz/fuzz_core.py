@@ -43,12 +43,12 @@ USE_ATHERIS = (
 if USE_ATHERIS:
     with atheris.instrument_imports(include=["securemsg"]):
         from securemsg.core import connection as protocol
-        from securemsg.core import frames, messages, server_session
+        from securemsg.core import delivery, frames, messages, server_session
         from securemsg.errors import ProtocolError
         from securemsg.server.broker import Broker
 else:
     from securemsg.core import connection as protocol
-    from securemsg.core import frames, messages, server_session
+    from securemsg.core import delivery, frames, messages, server_session
     from securemsg.errors import ProtocolError
     from securemsg.server.broker import Broker
 
@@ -117,6 +117,9 @@ class _Link:
 
     def queue_message(self, frame: bytes) -> None:
         self.core.send_relayed(frame)
+
+    def queue_delivery(self, prefix: bytes, seq: int) -> None:
+        self.core.send_relayed_payload(delivery.splice_payload(prefix, seq))
 
     def close_with(self, code: str, message: str) -> None:
         self.core.fail(code, message)

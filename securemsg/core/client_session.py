@@ -329,8 +329,11 @@ class ClientSession:
                         append(ReplyReceived(token, message))
                     # else a late or second reply to one of our requests: never delivered
             elif type(message) is ServerAck:
-                for ref in message.ids:
-                    self._answered(ref, None, out)
+                if self._flushes:
+                    for ref in message.ids:
+                        self._answered(ref, None, out)
+                else:  # _answered without a flush to count: the ids leave the outbox
+                    self.outbox.ack_all(message.ids)
                 append(Acknowledged(message.ids))
             elif type(message) is Members:
                 if message.ref is not None:

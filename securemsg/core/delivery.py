@@ -19,7 +19,15 @@ from collections.abc import Iterable, Iterator
 
 from securemsg.errors import ProtocolError
 
-__all__ = ["DeliveryLog", "Inbox", "Outbox", "RecentIds", "message_prefix", "splice_frame"]
+__all__ = [
+    "DeliveryLog",
+    "Inbox",
+    "Outbox",
+    "RecentIds",
+    "message_prefix",
+    "splice_frame",
+    "splice_payload",
+]
 
 _pack_header = struct.Struct(">I").pack
 _SEQ_TAIL = b',"seq":0}'
@@ -36,6 +44,12 @@ def splice_frame(prefix: bytes, seq: int) -> bytes:
     """One whole frame: header, the shared prefix, then this recipient's sequence number."""
     tail = b"%d}" % seq
     return _pack_header(len(prefix) + len(tail)) + prefix + tail
+
+
+def splice_payload(prefix: bytes, seq: int) -> bytes:
+    """:func:`splice_frame` without the header: the payload, for a ``batch`` (see
+    :meth:`securemsg.core.connection.Connection.send_relayed_payload`)."""
+    return b"%s%d}" % (prefix, seq)
 
 
 class DeliveryLog:
@@ -317,6 +331,16 @@ class Outbox:
             return False
         self.bytes -= len(frame)
         return True
+
+    def ack_all(self, msg_ids: Iterable[str]) -> None:
+        """:meth:`ack` of each id (an ``ack`` frame holds up to 128: one call, not 128)."""
+        pop = self._frames.pop
+        freed = 0
+        for msg_id in msg_ids:
+            frame = pop(msg_id, None)
+            if frame is not None:
+                freed += len(frame)
+        self.bytes -= freed
 
     def unacked(self) -> list[bytes]:
         """Every frame still waiting, in the order it was first sent, for a resend."""

@@ -63,6 +63,7 @@ __all__ = [
     "Who",
     "batch_frame",
     "batch_items",
+    "batch_of",
     "client_decoder",
     "decode_at_client",
     "decode_body",
@@ -591,8 +592,12 @@ def batch_items(payload: bytes) -> list[bytes] | None:
 def batch_frame(frames: list[bytes]) -> bytes:
     """Whole frames of ``message`` (server) or ``publish``/``direct`` (client) objects as one
     ``batch`` frame, header included; their payloads are joined as they are."""
-    payload = b'{"type":"batch","items":[' + b",".join([f[4:] for f in frames]) + b"]}"
-    return encode_frame(payload)
+    return batch_of([f[4:] for f in frames])
+
+
+def batch_of(payloads: list[bytes]) -> bytes:
+    """:func:`batch_frame` of the frames' payloads (no headers)."""
+    return encode_frame(b'{"type":"batch","items":[%s]}' % b",".join(payloads))
 
 
 def _decode(payload: bytes, decoder: msgspec.json.Decoder[Any], types: frozenset[str]) -> Any:

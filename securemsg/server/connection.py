@@ -27,6 +27,7 @@ from securemsg.core.connection import (
     MessageReceived,
     PeerTimedOut,
 )
+from securemsg.core.delivery import splice_payload
 from securemsg.core.messages import (
     PROTOCOL_VERSION,
     Ack,
@@ -456,6 +457,12 @@ class ServerConnection(asyncio.BufferedProtocol):
     def queue_message(self, frame: bytes) -> None:
         # Consecutive deliveries may leave as one batch (protocol 3).
         self.core.send_relayed(frame)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def queue_delivery(self, prefix: bytes, seq: int) -> None:
+        self.core.send_relayed_payload(splice_payload(prefix, seq))
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)

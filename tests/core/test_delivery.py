@@ -218,6 +218,18 @@ def test_an_outbox_keeps_frames_in_send_order_until_acked() -> None:
     assert len(outbox) == 2
 
 
+def test_an_outbox_acks_many_ids_at_once_as_it_acks_each() -> None:
+    outbox = Outbox(max_outbox=10)
+    ids = [outbox.new_id() for _ in range(4)]
+    for msg_id in ids:
+        outbox.add(msg_id, msg_id.encode() * 3)
+    outbox.ack_all([ids[0], ids[2], "unknown", ids[0]])  # unknown and repeated ids: no effect
+    assert outbox.unacked() == [ids[1].encode() * 3, ids[3].encode() * 3]
+    assert outbox.bytes == len(ids[1]) * 3 + len(ids[3]) * 3
+    outbox.ack_all(ids)
+    assert (len(outbox), outbox.bytes) == (0, 0)
+
+
 def test_an_outbox_is_full_at_max_outbox() -> None:
     outbox = Outbox(max_outbox=2)
     outbox.add(outbox.new_id(), b"1")

@@ -51,6 +51,7 @@ from securemsg.core.connection import (
     PongReceived,
     Server,
 )
+from securemsg.core.delivery import splice_payload
 from securemsg.core.messages import (
     PROTOCOL_VERSION,
     Ack,
@@ -161,6 +162,9 @@ class Wire:
 
     def queue_message(self, frame: bytes) -> None:
         self.server.send_relayed(frame)  # in batches: the client hello'd protocol 3
+
+    def queue_delivery(self, prefix: bytes, seq: int) -> None:
+        self.server.send_relayed_payload(splice_payload(prefix, seq))
 
     # Flow control is tested over real connections (tests/server/test_broker.py,
     # tests/integration/test_flow_control.py); here the driver goes on reading, as the server

@@ -7,6 +7,7 @@ import msgspec
 import pytest
 from structlog.testing import capture_logs
 
+from securemsg.core.delivery import splice_frame
 from securemsg.core.frames import FrameDecoder
 from securemsg.core.messages import (
     PROTOCOL_VERSION,
@@ -41,6 +42,9 @@ class FakeLink:
         self.frames.append(frame)
 
     queue_message = queue
+
+    def queue_delivery(self, prefix: bytes, seq: int) -> None:
+        self.frames.append(splice_frame(prefix, seq))
 
     def pause_reading(self) -> None:
         assert self.reading, "paused twice"
