@@ -637,10 +637,13 @@ class Client:
             self._log.error("client_closed", error=failure)
 
 
+_ROOMS_SEEN_VALID = is_valid_room.seen_valid
+
+
 def check_room(room: str) -> None:
     """Raise ValueError unless ``room`` is a concrete room name (cached; the publish path)."""
-    # The cached check: publish runs it for every message.
-    if not isinstance(room, str) or not is_valid_room(room):
+    # The cached check: publish runs it for every message (the cache looked at first, here).
+    if not isinstance(room, str) or (room not in _ROOMS_SEEN_VALID and not is_valid_room(room)):
         raise ValueError(f"invalid room {room!r}")
 
 

@@ -114,7 +114,7 @@ class DeliveryLog:
         if pending and (len(pending) >= self.max_pending or size > self.max_pending_bytes):
             return 0
         self.last_seq = seq = self.last_seq + 1
-        if not isinstance(pending, deque):
+        if not pending:  # () when empty (never an empty deque): see __init__
             pending = self._pending = deque()
         pending.append((seq, prefix))
         self.pending_bytes = size

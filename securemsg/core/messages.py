@@ -163,14 +163,16 @@ class _Validator:
     remembered and the hot path (publish, direct) pays a set lookup instead of a regex per
     message. Bounded: the memory is cleared when full."""
 
-    __slots__ = ("_match", "_valid")
+    __slots__ = ("_match", "seen_valid")
 
     def __init__(self, pattern: str) -> None:
         self._match = re.compile(pattern).match
-        self._valid: set[str] = set()
+        #: The values seen valid (cleared in place when full, never replaced): a caller on
+        #: the hot path may look a value up here before it calls the validator.
+        self.seen_valid: set[str] = set()
 
     def __call__(self, value: str) -> bool:
-        valid = self._valid
+        valid = self.seen_valid
         if value in valid:
             return True
         if self._match(value) is None:
@@ -187,6 +189,8 @@ is_valid_room: Final = _Validator(ROOM_PATTERN)
 is_valid_name: Final = _Validator(NAME_PATTERN)
 #: Is this a valid room filter (join, leave, who: ``*`` and a final ``>`` allowed)?
 is_valid_room_filter: Final = _Validator(ROOM_FILTER_PATTERN)
+_rooms_seen_valid: Final = is_valid_room.seen_valid
+_names_seen_valid: Final = is_valid_name.seen_valid
 
 
 #: The most characters of a client's string that an error text or a log line repeats: a
@@ -257,7 +261,10 @@ class Publish(_Base, tag="publish", frozen=True):
     reply_to: Token | None = None
 
     def __post_init__(self) -> None:
-        _check_room(self.room)
+        # The validator's own first step, inlined: this runs for every publish decoded, and
+        # the two calls it saves were ~5 % of the server's route.
+        if self.room not in _rooms_seen_valid:
+            _check_room(self.room)
 
 
 class CheckedPublish(_Base, tag="publish", frozen=True):
@@ -278,7 +285,8 @@ class Direct(_Base, tag="direct", frozen=True):
     re: Token | None = None
 
     def __post_init__(self) -> None:
-        _check_name(self.to, "to")
+        if self.to not in _names_seen_valid:  # as Publish.__post_init__
+            _check_name(self.to, "to")
 
 
 class Who(_Base, tag="who", frozen=True):

@@ -27,7 +27,6 @@ from securemsg.core.connection import (
     MessageReceived,
     PeerTimedOut,
 )
-from securemsg.core.delivery import splice_payload
 from securemsg.core.messages import (
     PROTOCOL_VERSION,
     Ack,
@@ -462,7 +461,8 @@ class ServerConnection(asyncio.BufferedProtocol):
             self._loop.call_soon(self._flush)
 
     def queue_delivery(self, prefix: bytes, seq: int) -> None:
-        self.core.send_relayed_payload(splice_payload(prefix, seq))
+        # splice_payload inlined (a call less per delivery): the same bytes.
+        self.core.send_relayed_payload(b"%s%d}" % (prefix, seq))
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)

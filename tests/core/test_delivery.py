@@ -14,8 +14,9 @@ from securemsg.core.delivery import (
     RecentIds,
     message_prefix,
     splice_frame,
+    splice_payload,
 )
-from securemsg.core.frames import FrameDecoder
+from securemsg.core.frames import HEADER_SIZE, FrameDecoder
 from securemsg.core.messages import Delivery, decode_server, encode, encode_frame_of
 from securemsg.errors import ProtocolError
 
@@ -114,6 +115,8 @@ def test_a_spliced_frame_is_exactly_the_encoded_message_with_its_seq(
     prefix = message_prefix(encode(message))
     frame = splice_frame(prefix, seq)
     assert frame == encode_frame_of(msgspec.structs.replace(message, seq=seq))
+    assert splice_payload(prefix, seq) == frame[HEADER_SIZE:]
+    assert encode(message)[:-2] == prefix  # what Broker.publish takes for message_prefix
     (payload,) = FrameDecoder().feed(frame)
     decoded = decode_server(payload)
     assert isinstance(decoded, Delivery)
