@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import ssl
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,6 +84,33 @@ def client_ssl_context(tls_files: TLSFiles) -> ssl.SSLContext:
 def unit() -> float:
     """The base time unit of timing tests, in seconds; SECUREMSG_TEST_TIMESCALE stretches it."""
     return float(os.environ.get("SECUREMSG_TEST_TIMESCALE", "1")) * 0.1
+
+
+@pytest.fixture(autouse=True)
+def _serial_tests_run_alone(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[None]:
+    """Under pytest-xdist, a test marked ``serial`` runs while no other test does.
+
+    Every test holds a shared lock while it runs, a serial test an exclusive one. Each first
+    passes a gate that a serial test holds until it ends, so that the other worker, starting
+    test after test, cannot keep the exclusive lock from ever being granted.
+    """
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        yield
+        return
+    serial = request.node.get_closest_marker("serial") is not None
+    shared = tmp_path_factory.getbasetemp().parent  # the run's directory, above each worker's
+    with open(shared / "serial.gate", "a") as gate, open(shared / "serial.lock", "a") as lock:
+        fcntl.flock(gate, fcntl.LOCK_EX)
+        fcntl.flock(lock, fcntl.LOCK_EX if serial else fcntl.LOCK_SH)
+        if not serial:
+            fcntl.flock(gate, fcntl.LOCK_UN)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+            fcntl.flock(gate, fcntl.LOCK_UN)
 
 
 # CI machines are shared and slow: a strategy that takes a second to draw an example is the

@@ -23,7 +23,7 @@ OPERATIONS = ROOT / "docs" / "operations.md"
 README = ROOT / "README.md"
 
 INSTALL_AND_RUN = "pip install -e '.[fast]' && securemsg server --dev"
-INSTALL_AND_TEST = "pip install -e '.[test,fast]' && pytest"
+INSTALL_AND_TEST = "pip install -e '.[test,fast]' && pytest -n 2"
 
 #: What goes in the flag column instead of ``--field-name``.
 _NO_FLAG: dict[str, dict[str, str]] = {

@@ -67,7 +67,7 @@ def test_trailing_bytes_after_the_hello_do_not_matter() -> None:
     )
 
 
-@pytest.mark.parametrize("hello", [HELLO_WITH_ALPN, HELLO_WITHOUT_ALPN])
+@pytest.mark.parametrize("hello", [HELLO_WITH_ALPN, HELLO_WITHOUT_ALPN], ids=["alpn", "no_alpn"])
 def test_every_truncation_of_a_hello_asks_for_more_bytes(hello: bytes) -> None:
     for size in range(len(hello)):
         assert inspect_client_hello(hello[:size]) is None, size

@@ -8,6 +8,7 @@ import asyncio
 from typing import Any
 
 import msgspec
+import pytest
 
 from securemsg.core.frames import encode_frame
 from securemsg.core.messages import (
@@ -74,6 +75,7 @@ async def test_a_protocol_2_client_gets_one_message_frame_each(
     assert _server_side(server, "pub").core.frames_in < 200
 
 
+@pytest.mark.serial
 async def test_a_flood_of_full_batches_does_not_starve_other_clients(
     start_server: Any, raw: Any
 ) -> None:

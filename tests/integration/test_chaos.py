@@ -201,6 +201,7 @@ async def test_every_message_arrives_exactly_once_in_order_through_ten_cuts(
 # -- dead peers ----------------------------------------------------------------------------------
 
 
+@pytest.mark.serial
 async def test_clients_behind_a_black_hole_find_it_within_timeout_plus_interval(
     start_server, open_client, unit
 ) -> None:
@@ -238,6 +239,7 @@ async def test_clients_behind_a_black_hole_find_it_within_timeout_plus_interval(
     assert all(event.resumed for _, event in back)
 
 
+@pytest.mark.serial
 async def test_server_finds_a_sigstopped_client_process_within_heartbeat_timeout(
     start_server, tls_files, unit
 ) -> None:

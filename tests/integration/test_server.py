@@ -527,6 +527,7 @@ async def test_graceful_shutdown_says_bye_after_queued_messages(start_server, ra
     assert any(e["event"] == "server_stopped" for e in logs)
 
 
+@pytest.mark.serial
 async def test_a_flood_of_tiny_frames_does_not_starve_other_clients(start_server, raw) -> None:
     server = await start_server()
     flooder, alice = await raw(server.port, "flooder"), await raw(server.port, "alice")

@@ -12,7 +12,7 @@ import pytest
 
 from securemsg.server.busypoll import BusyPoll
 
-pytestmark = pytest.mark.timeout(10)
+pytestmark = [pytest.mark.timeout(10), pytest.mark.serial]
 
 LONGEST = 0.1  # seconds: a loaded CI machine oversleeps by less than a spacing's slack
 CLOSE = LONGEST * 0.6  # messages this far apart: within the longest spin, not half of it
