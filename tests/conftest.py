@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import os
 import ssl
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,31 +87,45 @@ def unit() -> float:
     return float(os.environ.get("SECUREMSG_TEST_TIMESCALE", "1")) * 0.1
 
 
-@pytest.fixture(autouse=True)
-def _serial_tests_run_alone(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[None]:
+def _serial_lock_files() -> tuple[Path, Path] | None:
+    """The gate and the lock the workers of this pytest-xdist run share, if it is one."""
+    run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    if run is None or "PYTEST_XDIST_WORKER" not in os.environ:
+        return None
+    base = Path(tempfile.gettempdir()) / f"securemsg-tests-{run}"
+    return base.with_suffix(".gate"), base.with_suffix(".lock")
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_protocol(item: pytest.Item) -> Iterator[object]:
     """Under pytest-xdist, a test marked ``serial`` runs while no other test does.
 
     Every test holds a shared lock while it runs, a serial test an exclusive one. Each first
     passes a gate that a serial test holds until it ends, so that the other worker, starting
-    test after test, cannot keep the exclusive lock from ever being granted.
+    test after test, cannot keep the exclusive lock from ever being granted. Taken before
+    pytest-timeout starts its clock (tryfirst): waiting for the other worker's test is not
+    this test's time.
     """
-    if "PYTEST_XDIST_WORKER" not in os.environ:
-        yield
-        return
-    serial = request.node.get_closest_marker("serial") is not None
-    shared = tmp_path_factory.getbasetemp().parent  # the run's directory, above each worker's
-    with open(shared / "serial.gate", "a") as gate, open(shared / "serial.lock", "a") as lock:
+    files = _serial_lock_files()
+    if files is None:
+        return (yield)
+    serial = item.get_closest_marker("serial") is not None
+    with open(files[0], "a") as gate, open(files[1], "a") as lock:
         fcntl.flock(gate, fcntl.LOCK_EX)
         fcntl.flock(lock, fcntl.LOCK_EX if serial else fcntl.LOCK_SH)
         if not serial:
             fcntl.flock(gate, fcntl.LOCK_UN)
         try:
-            yield
+            return (yield)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
             fcntl.flock(gate, fcntl.LOCK_UN)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    # Once a worker is done the other has no one to wait for: the files can go.
+    for path in _serial_lock_files() or ():
+        path.unlink(missing_ok=True)
 
 
 # CI machines are shared and slow: a strategy that takes a second to draw an example is the
