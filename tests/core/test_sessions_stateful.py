@@ -592,7 +592,7 @@ def settle(machine: SessionsMachine) -> None:
 
 
 SessionsMachine.TestCase.settings = settings(
-    max_examples=int(os.environ.get("STATEFUL_EXAMPLES", "800")),
+    max_examples=int(os.environ.get("STATEFUL_EXAMPLES", "400")),
     stateful_step_count=50,
     deadline=None,
 )
