@@ -53,7 +53,6 @@ from securemsg.config import ClientConfig, load_config
 from securemsg.core.address import AddressBook, moves_at_once, parse_address
 from securemsg.core.backoff import backoff_delays
 from securemsg.core.messages import (
-    CheckedPublish,
     Direct,
     Join,
     Leave,
@@ -308,8 +307,7 @@ class Client:
         mailbox = self._mailbox
         if not confirm and mailbox.closed is None and not mailbox.outbox.full:
             # The hot path: into the outbox and onto the connection, no waiting to set up.
-            # The room was checked: CheckedPublish does not check it again.
-            mailbox.submit(lambda i: CheckedPublish(room=room, body=raw, id=i), relayed=True)
+            mailbox.submit_publish(room, raw)
             return
         await self._publish_encoded(room, raw, confirm=confirm, timeout=timeout)
 
@@ -325,8 +323,7 @@ class Client:
         blocking client does both in the caller's thread)."""
         mailbox = self._mailbox
         if not confirm and mailbox.closed is None and not mailbox.outbox.full:
-            # The room was checked: CheckedPublish does not check it again.
-            mailbox.submit(lambda i: CheckedPublish(room=room, body=raw, id=i), relayed=True)
+            mailbox.submit_publish(room, raw)
             return
         await mailbox.send(
             lambda i: Publish(room=room, body=raw, id=i), confirm, timeout, f"publish to {room!r}"

@@ -189,6 +189,13 @@ class ClientConnection(asyncio.BufferedProtocol):
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
 
+    def send_relayed_payload(self, payload: bytes) -> None:
+        """:meth:`send_relayed` for the payload of a frame."""
+        self.core.send_relayed_payload(payload)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
     def flush_soon(self) -> None:
         """Write what is queued (and the owner's ``ack``) once this loop iteration ends."""
         if not self._flush_scheduled:

@@ -31,6 +31,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Final, Generic, TypeVar
 
+import msgspec
 from structlog.typing import FilteringBoundLogger
 
 from securemsg.client.connection import ClientConnection
@@ -120,40 +121,49 @@ class _Received:
     it. Cheaper per message than ``asyncio.Queue``, which does more bookkeeping per put and
     get than a client with one consumer needs."""
 
-    __slots__ = ("_items", "_loop", "_waiters")
+    __slots__ = ("_loop", "_waiters", "items")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        self._items: deque[Message | None] = deque()
+        #: Appended to directly by the mailbox for a read's messages, then :meth:`wake`.
+        self.items: deque[Message | None] = deque()
         self._waiters: list[asyncio.Future[None]] = []
 
     def __len__(self) -> int:
-        return len(self._items)
+        return len(self.items)
 
     def put(self, item: Message | None) -> None:
-        self._items.append(item)
+        self.items.append(item)
         if self._waiters:
             for waiter in self._waiters:  # each re-checks: one of them gets the item
                 if not waiter.done():
                     waiter.set_result(None)
 
+    def wake(self) -> None:
+        """Items may have been appended to ``items`` directly: wake the receivers waiting."""
+        if not self.items:
+            return
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
     def popleft(self) -> Message | None:
-        return self._items.popleft()
+        return self.items.popleft()
 
     def seq_at(self, index: int) -> int | None:
         """The ``seq`` of the ``index``-th message waiting, None when there is none."""
-        items = self._items
+        items = self.items
         if len(items) <= index:
             return None
         item = items[index]
         return None if item is None else item.seq
 
     def put_back(self, item: Message | None) -> None:
-        self._items.appendleft(item)
+        self.items.appendleft(item)
 
     async def wait(self) -> None:
         """Return once an item is there (cancellable, so a timeout can end the wait)."""
-        while not self._items:
+        while not self.items:
             waiter = self._loop.create_future()
             self._waiters.append(waiter)
             try:
@@ -260,6 +270,13 @@ class Mailbox:
             else:
                 conn.send_frame(frame)
 
+    def submit_publish(self, room: str, body: msgspec.Raw) -> None:
+        """:meth:`submit` of a ``publish`` to a checked room (the hot path)."""
+        payload = self.session.submit_publish(room, body)
+        conn = self.conn
+        if conn is not None:
+            conn.send_relayed_payload(payload)
+
     def request_token(self) -> tuple[str, asyncio.Future[Message]]:
         """A fresh ``reply_to`` token and the future its first reply will resolve."""
         token = self.session.request_token()
@@ -292,14 +309,15 @@ class Mailbox:
 
     def take(self) -> Message | None:
         """The next message if one is waiting, without awaiting: receive()'s fast path."""
-        self._done_with_busy()
-        received = self._received
-        if not received or self._paused:
+        if self.busy_seq is not None:
+            self._done_with_busy()
+        items = self._received.items
+        if not items or self._paused:
             return None  # nothing there, or a paused connection to resume: receive() does it
-        message = received.popleft()
+        message = items[0]
         if message is None:
-            received.put_back(None)  # closed: receive() raises
-            return None
+            return None  # closed: receive() raises
+        items.popleft()
         self._taken(message)
         return message
 
@@ -368,10 +386,11 @@ class Mailbox:
     def events_received(self, conn: ClientConnection, events: list[Event]) -> None:
         if conn is not self.conn:
             return
-        put = self._received.put
+        received = self._received
+        append = received.items.append  # then one wake() for the read, not one per message
         for event in self.session.events_received(events):
             if type(event) is Message:
-                put(event)
+                append(event)
             elif type(event) is Acknowledged:
                 if self._waiters:
                     for ref in event.ids:
@@ -380,6 +399,7 @@ class Mailbox:
                 self._flush_completed(event.flush)
             else:
                 self._rare_event_received(conn, event)
+        received.wake()
         if not self._space.is_set() and not self.outbox.full:
             self._space.set()
         if not self.ack_wanted:
