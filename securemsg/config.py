@@ -165,6 +165,7 @@ class ClientConfig(_Config, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     heartbeat_interval: float | None = None
     heartbeat_timeout: float | None = None
     connect_timeout: float = 10.0
+    busy_poll_us: int = 200
     session_file: str | None = None
     log_format: LogFormat = "auto"
     log_level: LogLevel = "warning"
@@ -263,6 +264,9 @@ FIELD_HELP: Final[dict[str, dict[str, str]]] = {
         "heartbeat_interval": "seconds between heartbeats; none: as the server says",
         "heartbeat_timeout": "seconds of silence before reconnecting; none: as the server says",
         "connect_timeout": "seconds to connect, finish TLS and be welcomed",
+        "busy_poll_us": "microseconds the client keeps polling after messages came instead of "
+        f"sleeping, so a reply to what it sends next needs no wake-up; 0 to {MAX_BUSY_POLL_US}, "
+        "0: off",
         "session_file": "file that keeps the session across restarts of the process; one "
         "process per file",
         "log_format": "log format on stderr: auto (JSON unless a terminal), json or console",
@@ -335,7 +339,7 @@ def _find_problem(config: ServerConfig | ClientConfig) -> _Problem | None:
         return ("max_depth",), (
             f"max_depth must be between 1 and {MAX_MAX_DEPTH}, got {config.max_depth!r}"
         )
-    if isinstance(config, ServerConfig) and config.busy_poll_us > MAX_BUSY_POLL_US:
+    if not 0 <= config.busy_poll_us <= MAX_BUSY_POLL_US:
         return ("busy_poll_us",), (
             f"busy_poll_us must be between 0 (off) and {MAX_BUSY_POLL_US}, got"
             f" {config.busy_poll_us!r}"

@@ -18,10 +18,12 @@ import asyncio
 import builtins
 import errno
 import ssl
+import weakref
 from typing import Final, Protocol, cast
 
 import structlog
 
+from securemsg.busypoll import BusyPoll
 from securemsg.config import ClientConfig
 from securemsg.core import connection as protocol
 from securemsg.core.address import Address
@@ -90,10 +92,32 @@ class HandshakeClosedError(EOFError):
         self.reason = reason
 
 
+#: One busy poller per loop and window: the clients of one process spin together, once.
+_busy_polls: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[int, BusyPoll]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def busy_poll_of(loop: asyncio.AbstractEventLoop, busy_poll_us: int) -> BusyPoll | None:
+    """The busy poller the clients on ``loop`` with this ``busy_poll_us`` share (None: 0)."""
+    if not busy_poll_us:
+        return None
+    polls = _busy_polls.setdefault(loop, {})
+    poll = polls.get(busy_poll_us)
+    if poll is None:
+        poll = polls[busy_poll_us] = BusyPoll(loop, busy_poll_us / 1e6)
+    return poll
+
+
 class ClientConnection(asyncio.BufferedProtocol):
-    def __init__(self, loop: asyncio.AbstractEventLoop, hello: Hello) -> None:
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, hello: Hello, *, busy_poll_us: int = 0
+    ) -> None:
         self._loop = loop
         self._hello = hello
+        #: Keeps the loop polling for a moment after messages came (see securemsg.busypoll):
+        #: a reply to what the application sends next then needs no wake-up.
+        self.busy_poll = busy_poll_of(loop, busy_poll_us)
         self.core = protocol.Client(now=loop.time())
         self.transport: asyncio.Transport | None = None
         self.welcomed: asyncio.Future[Welcome] = loop.create_future()
@@ -134,6 +158,8 @@ class ClientConnection(asyncio.BufferedProtocol):
             else:
                 self._early.extend(events)
         if core.state is not ConnectionState.CLOSING and _delivers(events):
+            if self.busy_poll is not None:
+                self.busy_poll.touch()
             # Messages went to the application, which may answer them in this loop
             # iteration: flush after it, so the cumulative ack and the reply share one write.
             if not self._flush_scheduled:
@@ -327,7 +353,7 @@ async def open_connection(
     try:
         async with asyncio.timeout(config.connect_timeout):
             _, conn = await loop.create_connection(
-                lambda: ClientConnection(loop, hello),
+                lambda: ClientConnection(loop, hello, busy_poll_us=config.busy_poll_us),
                 host,
                 port,
                 ssl=context,

@@ -18,6 +18,7 @@ from typing import Any, Protocol, cast
 import structlog
 from structlog.typing import FilteringBoundLogger
 
+from securemsg.busypoll import BusyPoll
 from securemsg.config import ServerConfig
 from securemsg.core import connection as protocol
 from securemsg.core.connection import (
@@ -50,7 +51,6 @@ from securemsg.core.server_session import (
 )
 from securemsg.errors import ProtocolError
 from securemsg.server.broker import Broker, Link, Opened
-from securemsg.server.busypoll import BusyPoll
 from securemsg.server.timerwheel import TimerWheel
 from securemsg.server.tlstransport import TLSTransport
 from securemsg.tls.contexts import peer_identity

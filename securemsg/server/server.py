@@ -24,12 +24,12 @@ from typing import TYPE_CHECKING, Any, Final
 
 import structlog
 
+from securemsg.busypoll import BusyPoll
 from securemsg.config import ServerConfig, read_token
 from securemsg.core.messages import BYE_NODE_UNAVAILABLE, BYE_SERVER_SHUTDOWN
 from securemsg.core.server_session import ServerSession
 from securemsg.errors import ConfigError, StoreError
 from securemsg.server.broker import Broker, Link
-from securemsg.server.busypoll import BusyPoll
 from securemsg.server.certificates import CertificateKeeper, server_context_for
 from securemsg.server.connection import ServerConnection
 from securemsg.server.incoming import Incoming

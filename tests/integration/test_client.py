@@ -123,6 +123,28 @@ async def test_request_is_answered_by_reply_which_never_reaches_receive(
         await alice.receive(timeout=2 * unit)
 
 
+async def test_a_client_that_receives_messages_close_together_keeps_its_loop_polling(
+    start_server, open_client
+) -> None:
+    # The window opens only when messages come within busy_poll_us of each other (1 ms here):
+    # a request/reply exchange does, one message at a time.
+    server = await start_server()
+    alice = await open_client(server.port, "alice", busy_poll_us=0)
+    bob = await open_client(server.port, "bob", busy_poll_us=1000)
+    assert alice._mailbox.conn is not None and alice._mailbox.conn.busy_poll is None
+    poll = bob._mailbox.conn.busy_poll if bob._mailbox.conn is not None else None
+    assert poll is not None and poll.window == 0
+    await bob.join("echo")
+    widest, spinning = 0.0, 0
+    for n in range(50):
+        await alice.publish("echo", n)
+        assert (await bob.receive(timeout=5)).body == n
+        widest = max(widest, poll.window)
+        spinning += poll.active
+    assert 0 < widest <= 1e-3, widest
+    assert spinning, "the loop never polled after a message"
+
+
 async def test_request_times_out_cleanly_when_nobody_answers(
     start_server, open_client, unit
 ) -> None:

@@ -10,7 +10,7 @@ import asyncio
 
 import pytest
 
-from securemsg.server.busypoll import BusyPoll
+from securemsg.busypoll import BusyPoll
 
 pytestmark = [pytest.mark.timeout(10), pytest.mark.serial]
 

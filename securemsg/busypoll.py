@@ -1,8 +1,9 @@
 """Busy polling: after a message, the loop keeps polling instead of sleeping, for a moment.
 
-A request and its reply cross the server twice. Each time, the server process has gone to
-sleep in ``epoll_wait`` and must be woken by the kernel (and, on a virtual machine, its vCPU
-by the hypervisor): most of a round trip through an idle server is those wake-ups, not work.
+A request and its reply cross the server twice, and reach a client process once each. Each
+time, the process has gone to sleep in ``epoll_wait`` and must be woken by the kernel (and, on
+a virtual machine, its vCPU by the hypervisor): most of a round trip through an idle server
+is those wake-ups, not work. The server and the client both spin (``busy_poll_us`` of each).
 Go's scheduler, and so nats-server, spins a little before it sleeps; Linux offers the same
 for sockets as ``SO_BUSY_POLL``, which does nothing on loopback. This is that spin at the
 event loop's level: for a window after each message, a callback keeps the loop polling with
