@@ -207,16 +207,9 @@ class ClientConnection(asyncio.BufferedProtocol):
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
 
-    def send_relayed(self, frame: bytes) -> None:
-        """:meth:`send_frame` for a ``publish`` or ``direct``: consecutive ones may leave as
-        one ``batch`` frame (protocol 3)."""
-        self.core.send_relayed(frame)
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
-
     def send_relayed_payload(self, payload: bytes) -> None:
-        """:meth:`send_relayed` for the payload of a frame."""
+        """Queue the payload of a ``publish`` or ``direct``: consecutive ones may leave as one
+        ``batch`` frame (protocol 3)."""
         self.core.send_relayed_payload(payload)
         if not self._flush_scheduled:
             self._flush_scheduled = True

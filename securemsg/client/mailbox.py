@@ -258,20 +258,16 @@ class Mailbox:
                     self._space.set()
             raise
 
-    def submit(self, make: Make, *, relayed: bool = False) -> None:
+    def submit(self, make: Make) -> None:
         """Into the outbox (ValueError past the server's max_frame), and onto the live
-        connection if there is one; the id it got is ``session.last_id``. ``relayed``: a
-        ``publish`` or ``direct``, which may leave with others in one ``batch`` frame."""
+        connection if there is one; the id it got is ``session.last_id``."""
         frame = self.session.submit(make)
-        conn = self.conn
-        if conn is not None:
-            if relayed:
-                conn.send_relayed(frame)
-            else:
-                conn.send_frame(frame)
+        if self.conn is not None:
+            self.conn.send_frame(frame)
 
     def submit_publish(self, room: str, body: msgspec.Raw) -> None:
-        """:meth:`submit` of a ``publish`` to a checked room (the hot path)."""
+        """:meth:`submit` of a ``publish`` to a checked room (the hot path); it may leave
+        with others in one ``batch`` frame."""
         payload = self.session.submit_publish(room, body)
         conn = self.conn
         if conn is not None:
