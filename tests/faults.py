@@ -266,8 +266,9 @@ def paused_gc() -> Iterator[None]:
     """No garbage collection in this (the test's) process while the block runs.
 
     For tests that time a server in another process from here: a full collection of
-    pytest's heap (the whole suite's modules) stalls this process's event loop for 40 ms on
-    its own, and 150 ms on a slow CI machine, which would be counted as the server's.
+    pytest's heap (the whole suite's modules) stalled this process's event loop for 20-40 ms
+    here (seen with ``gc.callbacks``), which the test would count as the server's; the
+    likely cause of one 155 ms stall, and a p99 of 109 ms, on a slow CI machine.
     """
     gc.collect()
     gc.disable()
