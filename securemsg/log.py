@@ -38,6 +38,7 @@ __all__ = [
     "LogFormat",
     "LogLevel",
     "configure_logging",
+    "logs_at",
     "redact",
 ]
 
@@ -49,6 +50,14 @@ REDACTED: Final = "[redacted]"
 #: Event keys whose values are never written, whoever passes them.
 REDACTED_KEYS: Final = frozenset({"body", "token", "key", "password", "secret", "session_token"})
 
+_LEVEL_NUMBERS: Final[dict[LogLevel, int]] = {
+    "debug": 10,
+    "info": 20,
+    "warning": 30,
+    "error": 40,
+    "critical": 50,
+}
+
 # What configure_logging last installed: (level, json, stream, processors).
 _installed: tuple[str, bool, TextIO, list[Processor]] | None = None
 
@@ -59,6 +68,19 @@ def redact(_logger: WrappedLogger, _method_name: str, event_dict: EventDict) -> 
         for key in REDACTED_KEYS.intersection(event_dict):
             event_dict[key] = REDACTED
     return event_dict
+
+
+def logs_at(level: LogLevel) -> bool:
+    """Whether the structlog configuration in force writes events at ``level``.
+
+    False only where its loggers filter by level (``make_filtering_bound_logger``, as
+    :func:`configure_logging` sets) and ``level`` is below theirs. A filtered event costs a
+    method call, but binding a logger and building the event's context still cost something:
+    for the few events of every connection, a server asks this once, when it starts (as
+    structlog's loggers keep the configuration of their first use).
+    """
+    check = getattr(structlog.get_logger().bind(), "is_enabled_for", None)
+    return True if check is None else bool(check(_LEVEL_NUMBERS[level]))
 
 
 def _is_terminal(stream: TextIO) -> bool:

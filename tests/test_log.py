@@ -11,7 +11,7 @@ import structlog
 from structlog.testing import capture_logs
 
 from securemsg.errors import ConfigError
-from securemsg.log import REDACTED, REDACTED_KEYS, configure_logging, redact
+from securemsg.log import REDACTED, REDACTED_KEYS, configure_logging, logs_at, redact
 
 
 @pytest.fixture(autouse=True)
@@ -79,6 +79,16 @@ def test_events_below_the_level_are_dropped() -> None:
     log.warning("client_too_slow")
     log.error("accept_failed")
     assert [line["event"] for line in json_lines(stream)] == ["client_too_slow", "accept_failed"]
+
+
+def test_logs_at_says_which_levels_the_configuration_in_force_writes() -> None:
+    assert logs_at("debug")  # structlog's own default writes everything
+    configure_logging(level="warning", stream=io.StringIO())
+    assert not logs_at("info")
+    assert logs_at("warning")
+    assert logs_at("error")
+    structlog.reset_defaults()
+    assert logs_at("info")
 
 
 def test_debug_events_are_written_at_debug_level() -> None:

@@ -24,6 +24,7 @@ __all__ = [
     "ClientHelloInfo",
     "alpn_acceptable",
     "inspect_client_hello",
+    "offers_securemsg",
 ]
 
 #: The one application protocol securemsg speaks (re-exported by :mod:`securemsg.tls.contexts`).
@@ -33,6 +34,8 @@ ALPN_PROTOCOL: Final = "securemsg/1"
 MAX_CLIENT_HELLO_PEEK: Final = 16384 + 5
 
 _RECORD_HANDSHAKE: Final = 0x16
+#: ALPN's entry for securemsg/1 in a ClientHello: a length byte, then the name.
+_ALPN_ENTRY: Final = bytes([len(ALPN_PROTOCOL)]) + ALPN_PROTOCOL.encode()
 _HANDSHAKE_CLIENT_HELLO: Final = 1
 _MAX_RECORD: Final = 16384
 _EXT_ALPN: Final = 16
@@ -79,6 +82,18 @@ def inspect_client_hello(data: bytes) -> ClientHelloInfo | None:
         return _parse_client_hello(body)
     except (_MalformedError, IndexError, ValueError):
         return _PLAINTEXT
+
+
+def offers_securemsg(data: bytes) -> bool:
+    """A quick yes for the common case, before :func:`inspect_client_hello`: ``data`` opens a
+    TLS handshake record and holds ALPN's entry for ``securemsg/1``.
+
+    Its yes skips the walk through the ClientHello (~6 µs per connection): OpenSSL parses the
+    hello anyway and fails the handshake if it is malformed. The entry's bytes elsewhere in
+    a hello (a server name, say) cannot get a client more than a hello without ALPN gets:
+    a handshake, which OpenSSL judges.
+    """
+    return bool(data) and data[0] == _RECORD_HANDSHAKE and _ALPN_ENTRY in data
 
 
 def alpn_acceptable(info: ClientHelloInfo) -> bool:

@@ -63,6 +63,9 @@ class ConnectionHost(Protocol):
     broker: Broker
     #: Requests and frames answered with an error, by code (read by the metrics).
     refused_requests: Counter[str]
+    #: Whether info events are written (a connection's opening and closing lines are not
+    #: built when they would not be).
+    logs_info: bool
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop: ...
@@ -428,9 +431,16 @@ class ServerConnection(asyncio.BufferedProtocol):
         if session is not None:
             self.broker.detach(session, self, self._loop.time(), wall=time.time())
             self.server.session_detached(session)
-        core = self.core
         if self._faults > LOGGED_FAULTS:
             self.log.warning("faults_not_logged", count=self._faults - LOGGED_FAULTS)
+        if self.server.logs_info:
+            self._log_closed(exc)
+        self.server.connection_closed(self)
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def _log_closed(self, exc: Exception | None) -> None:
+        core = self.core
         self.log.info(
             "connection_closed",
             name=self._name,
@@ -441,9 +451,6 @@ class ServerConnection(asyncio.BufferedProtocol):
             bytes_in=core.bytes_in,
             bytes_out=core.bytes_out,
         )
-        self.server.connection_closed(self)
-        if not self.closed.done():
-            self.closed.set_result(None)
 
     # -- broker.Link --------------------------------------------------------------------------
 
@@ -750,7 +757,9 @@ class ServerConnection(asyncio.BufferedProtocol):
         else:
             for frame in opened.replay:
                 self.core.send_relayed(frame)
-        if opened.resumed:
+        if not self.server.logs_info:
+            pass
+        elif opened.resumed:
             self.log.info(
                 "session_resumed",
                 last_seq=hello.last_seq,

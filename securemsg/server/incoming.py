@@ -21,7 +21,12 @@ from typing import Final, Protocol
 
 import structlog
 
-from securemsg.core.clienthello import ClientHelloInfo, alpn_acceptable, inspect_client_hello
+from securemsg.core.clienthello import (
+    ClientHelloInfo,
+    alpn_acceptable,
+    inspect_client_hello,
+    offers_securemsg,
+)
 from securemsg.server.connection import ConnectionHost, ServerConnection
 from securemsg.server.tlstransport import TLSTransport
 from securemsg.tls.contexts import describe_server_handshake_error
@@ -103,6 +108,10 @@ class Incoming(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         head = self._head + data if self._head else data
+        if offers_securemsg(head):  # our clients: no need to walk the ClientHello
+            self._head = b""
+            self._start_tls(head)
+            return
         info = inspect_client_hello(head)
         if info is None:  # more to come (bounded: a full ClientHello always has an answer)
             self._head = head

@@ -29,6 +29,7 @@ from securemsg.config import ServerConfig, read_token
 from securemsg.core.messages import BYE_NODE_UNAVAILABLE, BYE_SERVER_SHUTDOWN
 from securemsg.core.server_session import ServerSession
 from securemsg.errors import ConfigError, StoreError
+from securemsg.log import logs_at
 from securemsg.server.broker import Broker, Link
 from securemsg.server.certificates import CertificateKeeper, server_context_for
 from securemsg.server.connection import ServerConnection
@@ -115,6 +116,8 @@ class Server:
         #: The DTLS listener (the datagram channel); None when datagram_port is off.
         self.datagram: DatagramListener | None = None
         self._certificates: CertificateKeeper | None = None
+        #: Whether info events are written (asked at start: see securemsg.log.logs_at).
+        self.logs_info = True
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -185,6 +188,7 @@ class Server:
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        self.logs_info = logs_at("info")
         self._stopped = asyncio.Event()
         await self._restore_sessions()
         if self.config.metrics_port is not None:
@@ -367,6 +371,12 @@ class Server:
 
     def connection_opened(self, conn: ServerConnection) -> None:
         self.connections.add(conn)
+        if self.logs_info:
+            self._log_opened(conn)
+        if self._stopping:
+            conn.send_bye(BYE_SERVER_SHUTDOWN)
+
+    def _log_opened(self, conn: ServerConnection) -> None:
         tls = conn.transport.get_extra_info("ssl_object") if conn.transport else None
         logger.info(
             "connection_opened",
@@ -376,8 +386,6 @@ class Server:
             tls_resumed=tls.session_reused if tls else False,
             identity=conn.identity,
         )
-        if self._stopping:
-            conn.send_bye(BYE_SERVER_SHUTDOWN)
 
     def _check_stalled(self) -> None:
         if self.broker.stalled:

@@ -14,9 +14,10 @@ Theory of operation. One object is both the TCP transport's protocol (``get_buff
 ``buffer_updated``, ``eof_received``, ``connection_lost``, ``pause_writing``,
 ``resume_writing``) and the application protocol's transport (``write``, ``close``,
 ``abort``, ``pause_reading``, ...). States, in order: HANDSHAKE (``do_handshake`` on every
-read, ``handshake()`` waits for it), OPEN (reads are decrypted for the application, writes
-encrypted at once: a memory BIO never blocks, so nothing is buffered here and the TCP
-transport's write buffer is the only one, with its flow control), SHUTDOWN (after
+read; ``when_handshaken`` tells when it is done), OPEN (reads are decrypted for the
+application, writes encrypted at once: a memory BIO never blocks, so nothing is buffered
+here and the TCP transport's write buffer is the only one, with its flow control), SHUTDOWN
+(after
 ``close()``: our close_notify is out, application data is read into the void until the
 peer's close_notify, then TCP closes; :data:`SHUTDOWN_TIMEOUT` bounds the wait, as the
 SSL transports' ``ssl_shutdown_timeout`` does) and CLOSED. A handshake failure closes TCP
@@ -76,6 +77,7 @@ class TLSTransport(asyncio.Transport, asyncio.BufferedProtocol):
         "_error",
         "_incoming",
         "_loop",
+        "_on_handshake",
         "_outgoing",
         "_read_scheduled",
         "_ssl",
@@ -83,7 +85,6 @@ class TLSTransport(asyncio.Transport, asyncio.BufferedProtocol):
         "_tcp",
         "_tcp_paused",
         "_timer",
-        "_waiter",
     )
 
     def __init__(
@@ -102,24 +103,20 @@ class TLSTransport(asyncio.Transport, asyncio.BufferedProtocol):
         self._buffer = read_buffer()
         self._tcp: asyncio.Transport | None = None
         self._state = _State.HANDSHAKE
-        self._waiter: asyncio.Future[None] | None = loop.create_future()
+        self._on_handshake: Callable[[BaseException | None], None] | None = None
         self._app_reading = True
         self._tcp_paused = False
         self._read_scheduled = False
         self._timer: asyncio.TimerHandle | None = None
         self._error: BaseException | None = None
 
-    async def handshake(self) -> None:
-        """Wait until the handshake is done (raises what failed it). The caller bounds the
-        wait and aborts on timeout; the application protocol is connected once it is done."""
-        if self._waiter is not None:
-            await self._waiter
-
     def when_handshaken(self, callback: Callable[[BaseException | None], None]) -> None:
-        """:meth:`handshake` without a task: ``callback(None)`` soon after the handshake is
-        done, ``callback(exc)`` after it failed. Call it before the first bytes come in."""
-        assert self._waiter is not None, "when_handshaken() after the handshake"
-        self._waiter.add_done_callback(lambda done: callback(done.exception()))
+        """``callback(None)`` once the handshake is done (the application protocol is
+        connected just before), ``callback(exc)`` when it failed; called from the read that
+        ended it, once. Set it before the first bytes come in. (A callback, not a future:
+        this runs for every connection, and a future cost a loop turn and ~5 calls.)"""
+        assert self._state is _State.HANDSHAKE, "when_handshaken() after the handshake"
+        self._on_handshake = callback
 
     def feed(self, data: bytes) -> None:
         """Bytes read from the TCP transport before this layer became its protocol (the
@@ -134,7 +131,7 @@ class TLSTransport(asyncio.Transport, asyncio.BufferedProtocol):
     # -- the TCP transport's protocol ---------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._tcp = cast(asyncio.Transport, transport)
+        self._tcp = transport  # type: ignore[assignment]  # a TCP transport
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self._buffer
@@ -168,9 +165,9 @@ class TLSTransport(asyncio.Transport, asyncio.BufferedProtocol):
         if state is _State.HANDSHAKE:
             self._tcp = None  # closed already
             self._fail_handshake(exc or ConnectionResetError("connection lost in the handshake"))
-        elif self._waiter is None:  # the application was connected
+        else:  # the application was connected
             error = self._error if self._error is not None else exc
-            self._app.connection_lost(cast("Exception | None", error))
+            self._app.connection_lost(error)  # type: ignore[arg-type]
 
     def pause_writing(self) -> None:
         if self._state is not _State.HANDSHAKE:
@@ -193,26 +190,27 @@ class TLSTransport(asyncio.Transport, asyncio.BufferedProtocol):
             return
         self._flush()
         self._state = _State.OPEN
-        waiter, self._waiter = self._waiter, None
+        callback, self._on_handshake = self._on_handshake, None
         self._app.connection_made(self)
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        if callback is not None:
+            callback(None)
         if self._state is _State.OPEN:
             self._read()  # what came with the client's Finished (its hello, often)
 
     def _fail_handshake(self, exc: BaseException) -> None:
-        waiter, self._waiter = self._waiter, None
-        if waiter is not None and not waiter.done():
-            waiter.set_exception(exc)
-        if self._tcp is not None:
-            self._tcp.abort()
+        callback, self._on_handshake = self._on_handshake, None
+        tcp, self._tcp = self._tcp, None
+        if tcp is not None:
+            tcp.abort()
+        if callback is not None:
+            callback(exc)
 
     def _read(self) -> None:
         """Decrypt what is there for the application, while it reads: as many records as
         fit in its buffer per ``buffer_updated`` (a record holds at most 16 KiB)."""
         app, incoming, pending = self._app, self._incoming, self._ssl.pending
         # Typeshed says bytes and bytearray; with a buffer it takes any and returns a count.
-        read = cast("Callable[[int, memoryview], int]", self._ssl.read)
+        read: Callable[[int, memoryview], int] = self._ssl.read  # type: ignore[assignment]
         while self._app_reading and self._state is _State.OPEN:
             # Nothing buffered on either side of OpenSSL: a read could only raise
             # SSLWantReadError, which costs ~1 us; a partial record still gets one.
@@ -255,7 +253,7 @@ class TLSTransport(asyncio.Transport, asyncio.BufferedProtocol):
     def _shutdown(self) -> None:
         """Our close_notify out; skip application data until the peer's, then close TCP."""
         sslobj = self._ssl
-        read = cast("Callable[[int, memoryview], int]", sslobj.read)
+        read: Callable[[int, memoryview], int] = sslobj.read  # type: ignore[assignment]
         try:
             while read(_READ_SIZE, self._buffer):
                 pass

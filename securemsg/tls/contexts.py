@@ -19,7 +19,7 @@ from typing import Any, Final, NoReturn, cast
 
 from securemsg.core.clienthello import ALPN_PROTOCOL
 from securemsg.errors import TLSConfigError, TLSError
-from securemsg.tls.groups import set_groups
+from securemsg.tls.algorithms import set_groups, set_tls13_suites
 from securemsg.tls.resumption import ResumingContext
 
 __all__ = [
@@ -149,6 +149,7 @@ def _harden(context: ssl.SSLContext, *, tls13_only: bool) -> None:
     context.set_ciphers(TLS12_CIPHERS)  # TLS 1.2 only; TLS 1.3 suites are all AEAD
     context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION | ssl.OP_NO_TICKET
     context.set_alpn_protocols([ALPN_PROTOCOL])
+    set_tls13_suites(context)
 
 
 def _load_identity(context: ssl.SSLContext, cert: PathLike, key: PathLike | None) -> None:

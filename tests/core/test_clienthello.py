@@ -14,6 +14,7 @@ from securemsg.core.clienthello import (
     ClientHelloInfo,
     alpn_acceptable,
     inspect_client_hello,
+    offers_securemsg,
 )
 
 
@@ -59,6 +60,16 @@ def test_securemsg_among_several_protocols_is_acceptable() -> None:
     assert info is not None
     assert info.alpn == ("h2", ALPN_PROTOCOL)
     assert alpn_acceptable(info)
+
+
+def test_the_quick_check_says_yes_only_to_a_tls_record_offering_securemsg() -> None:
+    assert offers_securemsg(HELLO_WITH_ALPN)
+    assert offers_securemsg(client_hello(alpn=["h2", ALPN_PROTOCOL]))
+    assert offers_securemsg(HELLO_WITH_ALPN[:-20])  # the entry came, the rest is OpenSSL's
+    assert not offers_securemsg(HELLO_WITHOUT_ALPN)
+    assert not offers_securemsg(HELLO_WITH_OTHER_ALPN)
+    assert not offers_securemsg(b"GET /securemsg/1 \x0bsecuremsg/1 HTTP/1.1\r\n")
+    assert not offers_securemsg(b"")
 
 
 def test_trailing_bytes_after_the_hello_do_not_matter() -> None:
