@@ -116,8 +116,8 @@ class Server:
         #: The DTLS listener (the datagram channel); None when datagram_port is off.
         self.datagram: DatagramListener | None = None
         self._certificates: CertificateKeeper | None = None
-        #: Whether info events are written (asked at start: see securemsg.log.logs_at).
-        self.logs_info = True
+        #: Whether info and debug events are written (asked at start: securemsg.log.logs_at).
+        self.logs_info = self.logs_debug = True
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -188,7 +188,7 @@ class Server:
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self.logs_info = logs_at("info")
+        self.logs_info, self.logs_debug = logs_at("info"), logs_at("debug")
         self._stopped = asyncio.Event()
         await self._restore_sessions()
         if self.config.metrics_port is not None:
@@ -405,8 +405,10 @@ class Server:
     def connection_closed(self, conn: ServerConnection) -> None:
         self.connections.discard(conn)
         core, traffic = conn.core, self.closed_traffic
-        for name in traffic:
-            traffic[name] += getattr(core, name, 0)
+        traffic["frames_in"] += core.frames_in
+        traffic["frames_out"] += core.frames_out
+        traffic["bytes_in"] += core.bytes_in
+        traffic["bytes_out"] += core.bytes_out
         self.closes[conn.close_reason] += 1
 
     def session_attached(self, session: ServerSession[Link]) -> None:

@@ -48,6 +48,22 @@ class TimerWheel:
         entries[entry] = None
         return slot
 
+    def reschedule(self, slot: int | None, when: float, entry: Wakeable) -> int:
+        """Move ``entry``, scheduled in ``slot`` (None: nowhere), to ``when``; returns its slot.
+
+        A deadline that moved later keeps its slot: the entry wakes early, finds nothing due
+        and schedules itself again. That is one wake-up more for an entry that lives that
+        long, and nothing at all for one gone before (most connections end long before
+        their handshake deadline, which their heartbeat's replaces).
+        """
+        if slot is not None:
+            entries = self._slots.get(slot)
+            if entries is not None and entry in entries:
+                if slot * self.resolution <= when:
+                    return slot
+                self.cancel(slot, entry)
+        return self.schedule(when, entry)
+
     def cancel(self, slot: int, entry: Wakeable) -> None:
         entries = self._slots.get(slot)
         if entries is None or entry not in entries:

@@ -71,6 +71,23 @@ async def test_cancelling_one_entry_keeps_the_others_of_its_slot() -> None:
     assert [name for name, _ in log] == ["b"]
 
 
+async def test_a_deadline_moved_later_keeps_its_slot_and_one_moved_earlier_moves() -> None:
+    loop = asyncio.get_running_loop()
+    wheel = TimerWheel(loop, 0.02)
+    log: list[tuple[str, float]] = []
+    early, late = Entry("early", log, wheel), Entry("late", log, wheel)
+    start = loop.time()
+    slot = wheel.schedule(start + 0.1, late)
+    assert wheel.reschedule(slot, start + 5.0, late) == slot  # later: kept, wakes early
+    moved = wheel.schedule(start + 5.0, early)
+    assert wheel.reschedule(moved, start + 0.05, early) != moved  # earlier: moved
+    assert wheel.reschedule(None, start + 0.2, Entry("new", log, wheel)) > 0
+    assert len(wheel) == 3
+    await asyncio.sleep(0.4)
+    assert [name for name, _ in log] == ["early", "late", "new"]
+    assert len(wheel) == 0  # nothing left at 5 s: the early entry's old slot was given back
+
+
 async def test_resolution_must_be_positive() -> None:
     with pytest.raises(ValueError, match="positive"):
         TimerWheel(asyncio.get_running_loop(), 0)
