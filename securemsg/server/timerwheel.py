@@ -59,7 +59,7 @@ class TimerWheel:
         if slot is not None:
             entries = self._slots.get(slot)
             if entries is not None and entry in entries:
-                if slot * self.resolution <= when:
+                if slot <= math.ceil(when / self.resolution):  # no later than when's own
                     return slot
                 self.cancel(slot, entry)
         return self.schedule(when, entry)

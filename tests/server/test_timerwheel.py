@@ -79,6 +79,7 @@ async def test_a_deadline_moved_later_keeps_its_slot_and_one_moved_earlier_moves
     start = loop.time()
     slot = wheel.schedule(start + 0.1, late)
     assert wheel.reschedule(slot, start + 5.0, late) == slot  # later: kept, wakes early
+    assert wheel.reschedule(slot, start + 0.1 + 0.001, late) == slot  # later in the same slot
     moved = wheel.schedule(start + 5.0, early)
     assert wheel.reschedule(moved, start + 0.05, early) != moved  # earlier: moved
     assert wheel.reschedule(None, start + 0.2, Entry("new", log, wheel)) > 0
