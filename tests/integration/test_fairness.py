@@ -138,13 +138,21 @@ async def test_a_flood_of_tiny_frames_delays_a_bystanders_ping_little(
     flooder.close()
     writer.close()
     delays = sorted(pinger.delays)
+    p95 = delays[int(0.95 * (len(delays) - 1))]
     p99 = delays[int(0.99 * (len(delays) - 1))]
     record_figure(
         f"flood of {count} tiny frames ({kind}): a bystander's ping",
         flood_s=round(elapsed, 3),
         pings=len(delays),
         p50_ms=round(delays[len(delays) // 2] * 1e3, 2),
+        p95_ms=round(p95 * 1e3, 2),
         p99_ms=round(p99 * 1e3, 2),
         max_ms=round(delays[-1] * 1e3, 2),
     )
-    assert p99 < 0.5 * unit, f"p99 {p99 * 1e3:.1f} ms"  # 50 ms unless the timescale is stretched
+    # 50 ms unless the timescale is stretched. p95, not p99: on a shared 2-core VM one pause
+    # of the whole guest (tens of ms stolen, seen as 33-45 % steal under load) delays every
+    # ping of its span, ~30 of these ~1,000, which is 3 % of them and not the server's doing;
+    # a server that carries out a whole read in one callback delays nearly every ping
+    # (before issue 11: one stall of 561 ms, or 5,151 ms for joins and leaves).
+    assert p95 < 0.5 * unit, f"p95 {p95 * 1e3:.1f} ms"
+    assert delays[-1] < 10 * unit, f"max {delays[-1] * 1e3:.1f} ms"  # no one long stall
