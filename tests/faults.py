@@ -7,6 +7,7 @@ Everything binds to 127.0.0.1 and every wait is bounded.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import gc
 import json
@@ -163,8 +164,20 @@ class FaultProxy:
         self.bandwidth = bytes_per_second
 
 
+#: The stderr files of every server this process started, removed when it exits (not at
+#: kill: tests read a server's log after stopping it).
+_SERVER_LOGS: list[Path] = []
+
+
+@atexit.register
+def _remove_server_logs() -> None:
+    for path in _SERVER_LOGS:
+        path.unlink(missing_ok=True)
+
+
 class ServerProcess:
-    """``securemsg server`` in a subprocess, with JSON logs read from its stderr."""
+    """``securemsg server`` in a subprocess, with JSON logs read from its stderr (a file in
+    the temporary directory, removed when the test process exits)."""
 
     def __init__(self, args: Sequence[str], *, port: int = 0, cwd: Path | None = None) -> None:
         self.args = list(args)
@@ -181,6 +194,7 @@ class ServerProcess:
             prefix="securemsg-server-", suffix=".log", delete=False
         )
         self.stderr_path = Path(handle.name)
+        _SERVER_LOGS.append(self.stderr_path)
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(
             [
