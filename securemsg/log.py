@@ -50,6 +50,7 @@ REDACTED: Final = "[redacted]"
 #: Event keys whose values are never written, whoever passes them.
 REDACTED_KEYS: Final = frozenset({"body", "token", "key", "password", "secret", "session_token"})
 
+#: The standard library's level numbers, which structlog's filtering loggers compare.
 _LEVEL_NUMBERS: Final[dict[LogLevel, int]] = {
     "debug": 10,
     "info": 20,

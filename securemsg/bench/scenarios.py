@@ -45,7 +45,7 @@ _HEADER_CHARS: Final = 34
 MIN_SIZE: Final = _HEADER_CHARS + 2
 _PAYLOAD: Final = "%04d%010d%020d%s"
 #: The shortest sleep of a paced publisher: the timer resolution of uvloop (libuv).
-_TIMER_TICK = 0.001
+_TIMER_TICK: Final = 0.001
 #: Messages a publisher sends between two yields to the event loop when not rate-limited.
 _BATCH: Final = 50
 #: A run ends this long after the last delivery when messages stop arriving.

@@ -761,17 +761,16 @@ class ServerConnection(asyncio.BufferedProtocol):
         else:
             for frame in opened.replay:
                 self.core.send_relayed(frame)
-        if not self.server.logs_info:
-            pass
-        elif opened.resumed:
-            self.log.info(
-                "session_resumed",
-                last_seq=hello.last_seq,
-                replayed=len(opened.replay),
-                took_over=opened.took_over,
-            )
-        else:
-            self.log.info("session_started", resumed_requested=hello.session is not None)
+        if self.server.logs_info:
+            if opened.resumed:
+                self.log.info(
+                    "session_resumed",
+                    last_seq=hello.last_seq,
+                    replayed=len(opened.replay),
+                    took_over=opened.took_over,
+                )
+            else:
+                self.log.info("session_started", resumed_requested=hello.session is not None)
         # The handshake deadline no longer applies: the heartbeat's does (a later one keeps
         # the slot, and on_timer arms again when it comes early).
         self._timer_slot = self.server.wheel.reschedule(

@@ -17,9 +17,8 @@ Theory of operation. One object is both the TCP transport's protocol (``get_buff
 read; ``when_handshaken`` tells when it is done), OPEN (reads are decrypted for the
 application, writes encrypted at once: a memory BIO never blocks, so nothing is buffered
 here and the TCP transport's write buffer is the only one, with its flow control), SHUTDOWN
-(after
-``close()``: our close_notify is out, application data is read into the void until the
-peer's close_notify, then TCP closes; :data:`SHUTDOWN_TIMEOUT` bounds the wait, as the
+(after ``close()``: our close_notify is out, application data is read into the void until
+the peer's close_notify, then TCP closes; :data:`SHUTDOWN_TIMEOUT` bounds the wait, as the
 SSL transports' ``ssl_shutdown_timeout`` does) and CLOSED. A handshake failure closes TCP
 without flushing OpenSSL's alert, as uvloop's and asyncio's SSL transports do.
 """
