@@ -61,6 +61,18 @@ async def test_welcome_carries_session_heartbeat_and_limits(start_server, raw) -
     assert welcome.max_frame == server.config.max_frame
 
 
+async def test_a_connection_and_its_session_are_logged_at_info(start_server, raw, unit) -> None:
+    # The server builds these lines only when info is written (Server.logs_info, asked at
+    # start): structlog's default configuration writes everything, so here they must come.
+    server = await start_server()
+    with capture_logs() as logs:
+        alice = await raw(server.port, "alice")
+        await alice.close()
+        await wait_until(lambda: not server.connections, within=20 * unit)
+    events = [e["event"] for e in logs if e["log_level"] == "info"]
+    assert events == ["connection_opened", "session_started", "connection_closed"]
+
+
 async def test_publish_reaches_every_member_but_the_sender(start_server, raw) -> None:
     server = await start_server()
     alice, bob, carol = [await raw(server.port, n) for n in ("alice", "bob", "carol")]
