@@ -545,6 +545,11 @@ async def test_a_node_that_cannot_reach_nats_at_start_fails_in_one_sentence(
     nobody = f"nats://127.0.0.1:{free_port()}"
     options = server_options(tls_files, unit) | {"cluster": nobody, "datagram_port": "off"}
     node = Server(ServerConfig(**options))
+    assert node.cluster is not None
+    # The first connect waits 3 x request_timeout (2 s): shortened here, where every attempt
+    # is refused at once (request_timeout is not a config key).
+    quick = replace(node.cluster.settings, request_timeout=3 * unit)
+    node.cluster.settings = node.cluster.link.settings = quick
     match = f"^cannot reach the cluster at {nobody}: no connection \\(connection refused\\)$"
     with pytest.raises(ConfigError, match=match):
         async with asyncio.timeout(20):
