@@ -134,13 +134,11 @@ class _Received:
 
     def put(self, item: Message | None) -> None:
         self.items.append(item)
-        if self._waiters:
-            for waiter in self._waiters:  # each re-checks: one of them gets the item
-                if not waiter.done():
-                    waiter.set_result(None)
+        self.wake()
 
     def wake(self) -> None:
-        """Items may have been appended to ``items`` directly: wake the receivers waiting."""
+        """Items may have been appended to ``items`` directly: wake the receivers waiting
+        (each re-checks, so one of them gets each item)."""
         if not self.items:
             return
         for waiter in self._waiters:
