@@ -101,7 +101,8 @@ class Incoming(asyncio.Protocol):
             return
         self._tcp = tcp
         self._id = host.next_connection_id()
-        logger.debug("connection_opened", conn=self._id, peer=self._peer)
+        if host.logs_debug:
+            logger.debug("connection_opened", conn=self._id, peer=self._peer)
         loop = host.loop
         self._accepted_at = loop.time()
         self._slot = host.wheel.schedule(self._accepted_at + host.config.handshake_timeout, self)
