@@ -37,7 +37,7 @@ import msgspec
 import structlog
 
 from securemsg.client.connection import ClientConnection, open_connection, should_retry
-from securemsg.client.mailbox import EventStream, Mailbox, deadline
+from securemsg.client.mailbox import Deadline, EventStream, Mailbox
 from securemsg.client.sessionfile import SessionFile, keep, open_session_file
 from securemsg.client.types import (
     ClientState,
@@ -352,7 +352,7 @@ class Client:
         token, reply = mailbox.request_token()
         what = f"request to {room!r}"
         try:
-            async with deadline(timeout, what):
+            async with Deadline(timeout, what):
                 await mailbox.send(
                     lambda i: Publish(room=room, body=raw, id=i, reply_to=token), False, None, what
                 )

@@ -37,7 +37,7 @@ import structlog
 
 from securemsg.client import client as aio
 from securemsg.client.client import check_room
-from securemsg.client.mailbox import deadline
+from securemsg.client.mailbox import Deadline
 from securemsg.client.types import ClientState, Message, Presence, StateChange
 from securemsg.config import ClientConfig
 from securemsg.core.messages import encode_body
@@ -319,7 +319,7 @@ class SyncClient:
     async def _flush(self, timeout: float | None) -> None:
         loop = asyncio.get_running_loop()
         start = loop.time()
-        async with deadline(timeout, "flush"):
+        async with Deadline(timeout, "flush"):
             await self._handover.drained()
         left = None if timeout is None else max(0.0, timeout - (loop.time() - start))
         await self._client.flush(left)
@@ -366,7 +366,7 @@ class SyncClient:
         start = loop.time()
         # What was handed over goes into the outbox first, so that close() flushes it too.
         with contextlib.suppress(TimeoutError):
-            async with deadline(timeout, "close"):
+            async with Deadline(timeout, "close"):
                 await self._handover.drained()
         await self._client.close(max(0.0, timeout - (loop.time() - start)))
 
