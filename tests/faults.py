@@ -107,6 +107,7 @@ class FaultProxy:
         self.dropped_bytes = 0
         self.bytes = {"up": 0, "down": 0}
         self._server: asyncio.Server | None = None
+        self._closed = False
         self.port = 0
 
     async def __aenter__(self) -> FaultProxy:
@@ -118,6 +119,7 @@ class FaultProxy:
         await self.close()
 
     async def close(self) -> None:
+        self._closed = True
         if self._server is not None:
             self._server.close()
         for link in list(self.links):
@@ -129,12 +131,19 @@ class FaultProxy:
                 await asyncio.wait_for(self._server.wait_closed(), 2)
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self.refusing:
+        if self.refusing or self._closed:
             writer.transport.abort()
             return
         try:
             upstream = await asyncio.wait_for(asyncio.open_connection(*self.target), 5)
         except (OSError, TimeoutError):
+            writer.transport.abort()
+            return
+        if self._closed:
+            # The proxy closed while this connected upstream (a client reconnecting as its
+            # test ends): nothing would close these, and the garbage collector would warn of
+            # the open sockets in whichever test it happened to run in.
+            upstream[1].transport.abort()
             writer.transport.abort()
             return
         self.connections += 1
