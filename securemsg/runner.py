@@ -4,10 +4,15 @@ Set ``SECUREMSG_NO_UVLOOP=1`` to force the standard loop (for comparison, or to 
 
 The end is bounded. ``asyncio.run`` cancels the tasks still running when the coroutine
 returns and waits for every one of them to end, for as long as that takes; a task that
-swallows its cancellation (a library's reconnect or drain loop, say) then keeps a stopped
-process alive for good. Here they get :data:`EXIT_GRACE` seconds, cancelled again each
-tenth of a second; what is still running after that is logged (``tasks_abandoned``) and left
-behind with the loop, and the process goes on to exit.
+swallows its cancellation then keeps a stopped process alive for good. nats-py has such
+paths (``except CancelledError: pass`` in ``drain()``, and in ``flush()`` while it queues the
+PING): a loop of ours that awaits one and then waits again takes the cancel, goes back to
+waiting, and ends only at a second cancel. (A cluster node, its NATS gone as it stopped,
+logged ``server_stopped`` and then sat 20 minutes in ``asyncio.Runner``'s cancel of the
+tasks left; which task it was could not be found.) Here they get :data:`CANCEL_GRACE` seconds,
+cancelled again each tenth of a second (:func:`cancel_and_wait`, which the server's parts
+use for their own tasks too); what still runs after that is logged (``tasks_abandoned``) and
+left behind with the loop, and the process goes on to exit.
 """
 
 from __future__ import annotations
@@ -15,17 +20,18 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable
 from typing import Any, Final, TypeVar
 
 import structlog
 
-__all__ = ["EXIT_GRACE", "loop_factory", "loop_name", "run"]
+__all__ = ["CANCEL_GRACE", "cancel_and_wait", "loop_factory", "loop_name", "run", "task_names"]
 
 T = TypeVar("T")
 
-#: Seconds the tasks left when the main coroutine ends get to finish once cancelled.
-EXIT_GRACE: Final = 5.0
+#: Seconds cancelled tasks get to end (the tasks left when a program's main coroutine ends,
+#: a server part's tasks when it closes).
+CANCEL_GRACE: Final = 5.0
 _RECANCEL_EVERY: Final = 0.1
 
 logger = structlog.get_logger("securemsg.runner")
@@ -45,7 +51,7 @@ def loop_name() -> str:
     return "uvloop" if loop_factory() is not asyncio.new_event_loop else "asyncio"
 
 
-def run(main: Coroutine[Any, Any, T], *, grace: float = EXIT_GRACE) -> T:
+def run(main: Coroutine[Any, Any, T], *, grace: float = CANCEL_GRACE) -> T:
     """``asyncio.run(main)`` on :func:`loop_factory`'s loop, with a bounded end (see the
     module doc): at most ``grace`` seconds for the tasks ``main`` left running."""
     runner = asyncio.Runner(loop_factory=loop_factory())
@@ -57,23 +63,43 @@ def run(main: Coroutine[Any, Any, T], *, grace: float = EXIT_GRACE) -> T:
         if not left:
             runner.close()  # nothing left to wait for: async generators, the executor
         else:
-            logger.warning("tasks_abandoned", count=len(left), tasks=sorted(left)[:10])
+            logger.warning("tasks_abandoned", count=len(left), tasks=left)
             asyncio.set_event_loop(None)
             loop.close()
 
 
 def _cancel_left_tasks(loop: asyncio.AbstractEventLoop, grace: float) -> list[str]:
-    """Cancel what still runs on ``loop``, again and again, for up to ``grace`` seconds; the
-    names of the tasks that did not end."""
+    """Cancel what still runs on ``loop`` (and what that starts meanwhile) for up to
+    ``grace`` seconds; the names of the tasks that did not end."""
     deadline = time.monotonic() + grace
     while True:
         tasks = [task for task in asyncio.all_tasks(loop) if not task.done()]
         if not tasks:
             return []
+        remaining = max(0.0, deadline - time.monotonic())
+        left = loop.run_until_complete(cancel_and_wait(tasks, remaining))
+        if left:
+            return task_names(left)
+
+
+async def cancel_and_wait(
+    tasks: Iterable[asyncio.Task[Any]], grace: float = CANCEL_GRACE
+) -> list[asyncio.Task[Any]]:
+    """Cancel ``tasks`` and wait until they have ended, cancelling again every tenth of a
+    second (a task that swallowed a cancel gets another); the ones still running after
+    ``grace`` seconds, which the caller leaves behind."""
+    pending = {task for task in tasks if not task.done()}
+    deadline = time.monotonic() + grace
+    while pending:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            return [getattr(task.get_coro(), "__qualname__", task.get_name()) for task in tasks]
-        for task in tasks:
+            break
+        for task in pending:
             task.cancel()
-        wait = asyncio.wait(tasks, timeout=min(_RECANCEL_EVERY, remaining))
-        loop.run_until_complete(wait)
+        _, pending = await asyncio.wait(pending, timeout=min(_RECANCEL_EVERY, remaining))
+    return list(pending)
+
+
+def task_names(tasks: Iterable[asyncio.Task[Any]]) -> list[str]:
+    """What ``tasks_abandoned`` names: each task's coroutine, sorted, the first 10."""
+    return sorted(getattr(task.get_coro(), "__qualname__", task.get_name()) for task in tasks)[:10]

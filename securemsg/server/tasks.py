@@ -1,6 +1,7 @@
 """Tasks a part of the server starts and does not await (a connection's opening, a cluster
 node's heartbeat): held, since asyncio keeps only a weak reference to a running task; a
-failure logged as ``task_failed``; all cancelled and awaited when that part closes."""
+failure logged as ``task_failed``; all cancelled and awaited when that part closes, for a
+bounded time (:func:`securemsg.runner.cancel_and_wait`: a library may swallow a cancel)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from collections.abc import Coroutine
 from typing import Any
 
 import structlog
+
+from securemsg.runner import CANCEL_GRACE, cancel_and_wait, task_names
 
 __all__ = ["Tasks"]
 
@@ -35,10 +38,9 @@ class Tasks:
             exc = task.exception()
             logger.error("task_failed", task=task.get_name(), error=repr(exc), exc_info=exc)
 
-    async def cancel_all(self) -> None:
-        """Cancel every task and return once all have ended."""
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
+    async def cancel_all(self, grace: float = CANCEL_GRACE) -> None:
+        """Cancel every task and return once all have ended, or after ``grace`` seconds,
+        leaving the rest (logged)."""
+        left = await cancel_and_wait(list(self._tasks), grace)
+        if left:
+            logger.warning("tasks_abandoned", count=len(left), tasks=task_names(left))
