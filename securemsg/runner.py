@@ -10,7 +10,7 @@ PING): a loop of ours that awaits one and then waits again takes the cancel, goe
 waiting, and ends only at a second cancel. (A cluster node, its NATS gone as it stopped,
 logged ``server_stopped`` and then sat 20 minutes in ``asyncio.Runner``'s cancel of the
 tasks left; which task it was could not be found.) Here they get :data:`CANCEL_GRACE` seconds,
-cancelled again each tenth of a second (:func:`cancel_and_wait`, which the server's parts
+cancelled again each second (:func:`cancel_and_wait`, which the server's parts
 use for their own tasks too); what still runs after that is logged (``tasks_abandoned``) and
 left behind with the loop, and the process goes on to exit.
 """
@@ -32,7 +32,9 @@ T = TypeVar("T")
 #: Seconds cancelled tasks get to end (the tasks left when a program's main coroutine ends,
 #: a server part's tasks when it closes).
 CANCEL_GRACE: Final = 5.0
-_RECANCEL_EVERY: Final = 0.1
+#: A cancelled task gets this long for its clean-up (a ``finally`` that unsubscribes, say)
+#: before it is cancelled again.
+_RECANCEL_EVERY: Final = 1.0
 
 logger = structlog.get_logger("securemsg.runner")
 
@@ -85,9 +87,9 @@ def _cancel_left_tasks(loop: asyncio.AbstractEventLoop, grace: float) -> list[st
 async def cancel_and_wait(
     tasks: Iterable[asyncio.Task[Any]], grace: float = CANCEL_GRACE
 ) -> list[asyncio.Task[Any]]:
-    """Cancel ``tasks`` and wait until they have ended, cancelling again every tenth of a
-    second (a task that swallowed a cancel gets another); the ones still running after
-    ``grace`` seconds, which the caller leaves behind."""
+    """Cancel ``tasks`` and wait until they have ended, cancelling again every second (a task
+    that swallowed a cancel gets another); the ones still running after ``grace`` seconds,
+    which the caller leaves behind."""
     pending = {task for task in tasks if not task.done()}
     deadline = time.monotonic() + grace
     while pending:
