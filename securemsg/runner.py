@@ -25,7 +25,7 @@ from typing import Any, Final, TypeVar
 
 import structlog
 
-__all__ = ["CANCEL_GRACE", "cancel_and_wait", "loop_factory", "loop_name", "run", "task_names"]
+__all__ = ["CANCEL_GRACE", "cancel_and_wait", "loop_factory", "loop_name", "run"]
 
 T = TypeVar("T")
 
@@ -61,27 +61,24 @@ def run(main: Coroutine[Any, Any, T], *, grace: float = CANCEL_GRACE) -> T:
         return runner.run(main)
     finally:
         loop = runner.get_loop()
-        left = _cancel_left_tasks(loop, grace)
-        if not left:
+        if _cancel_left_tasks(loop, grace):
             runner.close()  # nothing left to wait for: async generators, the executor
         else:
-            logger.warning("tasks_abandoned", count=len(left), tasks=left)
             asyncio.set_event_loop(None)
             loop.close()
 
 
-def _cancel_left_tasks(loop: asyncio.AbstractEventLoop, grace: float) -> list[str]:
+def _cancel_left_tasks(loop: asyncio.AbstractEventLoop, grace: float) -> bool:
     """Cancel what still runs on ``loop`` (and what that starts meanwhile) for up to
-    ``grace`` seconds; the names of the tasks that did not end."""
+    ``grace`` seconds; True when all of it ended."""
     deadline = time.monotonic() + grace
     while True:
         tasks = [task for task in asyncio.all_tasks(loop) if not task.done()]
         if not tasks:
-            return []
+            return True
         remaining = max(0.0, deadline - time.monotonic())
-        left = loop.run_until_complete(cancel_and_wait(tasks, remaining))
-        if left:
-            return task_names(left)
+        if loop.run_until_complete(cancel_and_wait(tasks, remaining)):
+            return False
 
 
 async def cancel_and_wait(
@@ -89,7 +86,7 @@ async def cancel_and_wait(
 ) -> list[asyncio.Task[Any]]:
     """Cancel ``tasks`` and wait until they have ended, cancelling again every second (a task
     that swallowed a cancel gets another); the ones still running after ``grace`` seconds,
-    which the caller leaves behind."""
+    logged as ``tasks_abandoned``, which the caller leaves behind."""
     pending = {task for task in tasks if not task.done()}
     deadline = time.monotonic() + grace
     while pending:
@@ -99,9 +96,7 @@ async def cancel_and_wait(
         for task in pending:
             task.cancel()
         _, pending = await asyncio.wait(pending, timeout=min(_RECANCEL_EVERY, remaining))
+    if pending:
+        names = sorted(getattr(t.get_coro(), "__qualname__", t.get_name()) for t in pending)
+        logger.warning("tasks_abandoned", count=len(pending), tasks=names[:10])
     return list(pending)
-
-
-def task_names(tasks: Iterable[asyncio.Task[Any]]) -> list[str]:
-    """What ``tasks_abandoned`` names: each task's coroutine, sorted, the first 10."""
-    return sorted(getattr(task.get_coro(), "__qualname__", task.get_name()) for task in tasks)[:10]

@@ -11,7 +11,7 @@ from typing import Any
 
 import structlog
 
-from securemsg.runner import CANCEL_GRACE, cancel_and_wait, task_names
+from securemsg.runner import CANCEL_GRACE, cancel_and_wait
 
 __all__ = ["Tasks"]
 
@@ -41,6 +41,4 @@ class Tasks:
     async def cancel_all(self, grace: float = CANCEL_GRACE) -> None:
         """Cancel every task and return once all have ended, or after ``grace`` seconds,
         leaving the rest (logged)."""
-        left = await cancel_and_wait(list(self._tasks), grace)
-        if left:
-            logger.warning("tasks_abandoned", count=len(left), tasks=task_names(left))
+        await cancel_and_wait(list(self._tasks), grace)

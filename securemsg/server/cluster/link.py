@@ -38,7 +38,7 @@ from securemsg.core.cluster import (
     stream_position,
 )
 from securemsg.errors import ConfigError
-from securemsg.runner import cancel_and_wait, task_names
+from securemsg.runner import cancel_and_wait
 from securemsg.server.cluster.node_client import (
     NodeClient,
     Outgoing,
@@ -278,9 +278,7 @@ class NatsLink:
         if self._publisher is not None:
             # Cancelled until it ends: a cancel that lands in nats-py's flush can be swallowed,
             # and the loop would go back to waiting for the next batch.
-            left = await cancel_and_wait([self._publisher])
-            if left:
-                logger.warning("tasks_abandoned", count=1, tasks=task_names(left))
+            await cancel_and_wait([self._publisher])
         if self.nc is not None and not self.nc.is_closed:
             with contextlib.suppress(NatsError, TimeoutError, OSError):
                 await asyncio.wait_for(self.nc.drain(), 2.0)
