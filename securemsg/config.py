@@ -131,6 +131,7 @@ class ServerConfig(_Config, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     cluster_key: str | None = None
     cluster_max_bytes: int = 1024 * _MIB
     cluster_node_timeout: float = 3.0
+    cluster_request_timeout: float = 2.0
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
     datagram_port: int | Literal["off"] | None = None
@@ -232,6 +233,8 @@ FIELD_HELP: Final[dict[str, dict[str, str]]] = {
         "cluster_key": "private key of cluster_cert, PEM (default: in cluster_cert)",
         "cluster_max_bytes": "bytes the cluster's message stream keeps at most (JetStream)",
         "cluster_node_timeout": "seconds without a beat after which a node counts as dead",
+        "cluster_request_timeout": "seconds every request to NATS (a record, a replay, a flush) "
+        "may take before it counts as failed",
         "metrics_port": "port of the HTTP listener for /metrics, /healthz, /readyz; none: off",
         "metrics_host": "address of the metrics and health listener",
         "datagram_port": "UDP port of the DTLS (datagram) listener; none: the TCP port's "
@@ -281,7 +284,8 @@ T = TypeVar("T", bound=_Config)
 _DURATIONS: Final = frozenset(
     "handshake_timeout heartbeat_interval heartbeat_timeout session_ttl shutdown_timeout"
     " slow_consumer_timeout datagram_handshake_timeout datagram_idle_timeout"
-    " reconnect_base reconnect_cap connect_timeout cluster_node_timeout".split()
+    " reconnect_base reconnect_cap connect_timeout cluster_node_timeout"
+    " cluster_request_timeout".split()
 )
 _SIZES: Final = frozenset(
     (

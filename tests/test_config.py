@@ -471,6 +471,7 @@ def test_the_cluster_password_flag_is_refused(capsys: pytest.CaptureFixture[str]
             "--cluster-key: cluster_key was given without cluster_cert",
         ),
         ({"cluster": "nats://a:1", "cluster_node_timeout": 0}, "--cluster-node-timeout: "),
+        ({"cluster": "nats://a:1", "cluster_request_timeout": -1}, "--cluster-request-timeout: "),
     ],
 )
 def test_cluster_settings_are_checked_in_one_sentence(given: dict[str, Any], message: str) -> None:

@@ -492,6 +492,7 @@ def _cluster_broker(server: Server, options: dict[str, Any]) -> ClusterBroker:
         max_bytes=config.cluster_max_bytes,
         session_ttl=config.session_ttl,
         node_timeout=config.cluster_node_timeout,
+        request_timeout=config.cluster_request_timeout,
         # Three beats per node_timeout, so one lost beat is no death.
         beat_interval=min(1.0, config.cluster_node_timeout / 3),
     )

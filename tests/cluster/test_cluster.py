@@ -543,13 +543,16 @@ async def test_a_node_that_cannot_reach_nats_at_start_fails_in_one_sentence(
     """nats-py retries a first connect forever when reconnects are unbounded: the node hung
     at start (and ignored SIGTERM meanwhile) instead of saying what is wrong."""
     nobody = f"nats://127.0.0.1:{free_port()}"
-    options = server_options(tls_files, unit) | {"cluster": nobody, "datagram_port": "off"}
+    # The first connect waits 3 x cluster_request_timeout (2 s): shortened here, where every
+    # attempt is refused at once.
+    options = server_options(tls_files, unit) | {
+        "cluster": nobody,
+        "datagram_port": "off",
+        "cluster_request_timeout": 3 * unit,
+    }
     node = Server(ServerConfig(**options))
     assert node.cluster is not None
-    # The first connect waits 3 x request_timeout (2 s): shortened here, where every attempt
-    # is refused at once (request_timeout is not a config key).
-    quick = replace(node.cluster.settings, request_timeout=3 * unit)
-    node.cluster.settings = node.cluster.link.settings = quick
+    assert node.cluster.link.settings.request_timeout == 3 * unit
     match = f"^cannot reach the cluster at {nobody}: no connection \\(connection refused\\)$"
     with pytest.raises(ConfigError, match=match):
         async with asyncio.timeout(20):

@@ -280,10 +280,20 @@ class NatsLink:
             # and the loop would go back to waiting for the next batch.
             await cancel_and_wait([self._publisher])
         if self.nc is not None and not self.nc.is_closed:
-            with contextlib.suppress(NatsError, TimeoutError, OSError):
-                await asyncio.wait_for(self.nc.drain(), 2.0)
+            await self._drain(self.nc)
             if not self.nc.is_closed:
                 await self.nc.close()
+
+    async def _drain(self, nc: NodeClient) -> None:
+        """Drain ``nc`` within request_timeout. Not ``wait_for``: nats-py's ``drain()`` takes
+        the first cancel and goes on to a ``flush()`` of 10 s, so a NATS that stopped
+        answering held a stop for 12 s; the second cancel ends it."""
+        draining = asyncio.ensure_future(nc.drain())
+        done, _ = await asyncio.wait({draining}, timeout=self.settings.request_timeout)
+        if not done:
+            await cancel_and_wait([draining])
+        if draining.done() and not draining.cancelled():
+            draining.exception()  # NATS errors and timeouts: the close goes on all the same
 
     # -- events of the connection ---------------------------------------------------------
 
