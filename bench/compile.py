@@ -25,16 +25,27 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-#: The modules compiled: the sans-I/O core's per-message rules and the broker's route.
-#: (`core/messages` holds msgspec structs mypyc cannot compile; `core/connection` makes
-#: mypyc 2.4 fail; the asyncio drivers gain little as non-native classes.)
+#: The modules compiled: what runs for every message and every connection on the server (the
+#: sans-I/O core's rules, the broker's route, the TLS layer, the connection, the accept), and
+#: the core the client shares. `core/messages` holds msgspec structs mypyc cannot compile;
+#: the client's asyncio layer (its connection and mailbox: futures, async generators, a
+#: generic class) failed tests when compiled by mypyc 2.4. What compiled code must keep in
+#: mind: a native class's attributes are read from its instances (an interpreted subclass's
+#: class attribute is not seen), and a class subclassed in Python needs
+#: ``mypyc_attr(allow_interpreted_subclasses=True)``.
 MODULES = (
     "securemsg/core/frames.py",
     "securemsg/core/delivery.py",
     "securemsg/core/rooms.py",
+    "securemsg/core/connection.py",
+    "securemsg/core/gatekeeper.py",
     "securemsg/core/server_session.py",
     "securemsg/core/client_session.py",
+    "securemsg/busypoll.py",
     "securemsg/server/broker.py",
+    "securemsg/server/tlstransport.py",
+    "securemsg/server/connection.py",
+    "securemsg/server/incoming.py",
 )
 
 

@@ -18,8 +18,17 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
-__all__ = ["ENV", "install"]
+__all__ = ["ENV", "install", "mypyc_attr"]
+
+try:  # mypyc reads this decorator when it compiles a module (bench/compile.py)
+    from mypy_extensions import mypyc_attr
+except ImportError:  # pure Python without mypy installed: the decorator means nothing
+
+    def mypyc_attr(*args: Any, **kwargs: Any) -> Any:  # type: ignore[misc]
+        return lambda cls: cls
+
 
 #: The environment variable that names the build folder.
 ENV = "SECUREMSG_COMPILED"

@@ -23,9 +23,13 @@ import asyncio
 import os
 import time
 
+from securemsg._compiled import mypyc_attr
+
 __all__ = ["BusyPoll"]
 
 
+# Compiled in the optional build (bench/compile.py); tests subclass it in Python.
+@mypyc_attr(allow_interpreted_subclasses=True)
 class BusyPoll:
     """Keeps ``loop`` polling after each :meth:`touch`, for up to ``longest`` seconds (0: off).
 

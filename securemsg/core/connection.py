@@ -439,9 +439,18 @@ class Server(Connection):
         now: float,
         handshake_timeout: float = 10.0,
         max_depth: int = DEFAULT_MAX_DEPTH,
-        **kwargs: float,
+        max_frame: int = DEFAULT_MAX_FRAME,
+        heartbeat_interval: float = 10.0,
+        heartbeat_timeout: float = 30.0,
     ) -> None:
-        super().__init__(now=now, **kwargs)  # type: ignore[arg-type]
+        # Named, not **kwargs: mypyc (the optional compiled build) fails on keyword-only
+        # arguments with defaults followed by **kwargs.
+        super().__init__(
+            now=now,
+            max_frame=max_frame,
+            heartbeat_interval=heartbeat_interval,
+            heartbeat_timeout=heartbeat_timeout,
+        )
         # What every client can receive (see core.gatekeeper): checked as frames are decoded.
         self._decode = client_decoder(max_depth=max_depth, max_frame=self._decoder.max_frame)
         self._check_relayed = relayed_checker(max_depth=max_depth)
@@ -521,8 +530,22 @@ class Client(Connection):
     _sends_errors = False
     _ping_every_interval = True
 
-    def __init__(self, *, now: float, **kwargs: float) -> None:
-        super().__init__(now=now, **kwargs)  # type: ignore[arg-type]
+    def __init__(
+        self,
+        *,
+        now: float,
+        max_frame: int = DEFAULT_MAX_FRAME,
+        heartbeat_interval: float = 10.0,
+        heartbeat_timeout: float = 30.0,
+    ) -> None:
+        # Named, not **kwargs, as in Server: compiled by mypyc, an empty **kwargs passed on
+        # arrived as a dict in max_frame.
+        super().__init__(
+            now=now,
+            max_frame=max_frame,
+            heartbeat_interval=heartbeat_interval,
+            heartbeat_timeout=heartbeat_timeout,
+        )
         self._decode = decode_at_client
 
     def hello(self, hello: Hello) -> None:

@@ -15,10 +15,11 @@ import itertools
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 import structlog
 
+from securemsg._compiled import mypyc_attr
 from securemsg.core.delivery import message_prefix, splice_frame
 from securemsg.core.messages import (
     Delivery,
@@ -85,22 +86,11 @@ class Opened:
     took_over: bool
 
 
-try:  # the optional compiled build (bench/compile.py) reads this decorator
-    from mypy_extensions import mypyc_attr
-except ImportError:  # pure Python without mypy installed: the decorator means nothing
-
-    def mypyc_attr(*args: Any, **kwargs: Any) -> Any:  # type: ignore[misc]
-        return lambda cls: cls
-
-
 # The cluster's registry (and tests) subclass it in Python, also when it is compiled.
 @mypyc_attr(allow_interpreted_subclasses=True)
 class Broker:
     """Every session of this server, by name and by token, and the rooms: carries out the
     requests a :class:`ServerSession` passes on (it is the sessions' router)."""
-
-    #: True when a hello is carried out by :meth:`open_later` (a cluster node), not :meth:`open`.
-    opens_later = False
 
     def __init__(
         self,
@@ -118,6 +108,10 @@ class Broker:
         max_sessions: int = 1 << 62,
         max_disconnected_bytes: int = 1 << 62,
     ) -> None:
+        #: True when a hello is carried out by :meth:`open_later` (a cluster node), not
+        #: :meth:`open`. Set per instance: compiled code reads a native class's attribute
+        #: from its instance, where an interpreted subclass's class attribute is not seen.
+        self.opens_later = False
         self.max_pending = max_pending
         self.max_pending_bytes = max_pending_bytes
         self.dedup_window = dedup_window

@@ -104,8 +104,6 @@ class Pending:
 class ClusterRegistry(Broker):
     """A cluster node's sessions, names and nodes (see the module doc)."""
 
-    opens_later = True
-
     def __init__(
         self,
         settings: ClusterSettings,
@@ -115,6 +113,7 @@ class ClusterRegistry(Broker):
         **options: Any,
     ) -> None:
         super().__init__(**options)
+        self.opens_later = True
         self.settings = settings
         self.node = settings.node
         self.link = NatsLink(settings, on_lost=self._lost, on_back=self._back)
