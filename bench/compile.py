@@ -27,9 +27,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 #: The modules compiled: what runs for every message and every connection on the server (the
 #: sans-I/O core's rules, the broker's route, the TLS layer, the connection, the accept), and
-#: the core the client shares. `core/messages` holds msgspec structs mypyc cannot compile;
-#: the client's asyncio layer (its connection and mailbox: futures, async generators, a
-#: generic class) failed tests when compiled by mypyc 2.4. What compiled code must keep in
+#: the client's core and connection. `core/messages` holds msgspec structs mypyc cannot
+#: compile; the client's mailbox (futures, a generic class, exceptions raised from others)
+#: failed tests when compiled by mypyc 2.4. What compiled code must keep in
 #: mind: a native class's attributes are read from its instances (an interpreted subclass's
 #: class attribute is not seen), and a class subclassed in Python needs
 #: ``mypyc_attr(allow_interpreted_subclasses=True)``.
@@ -46,6 +46,7 @@ MODULES = (
     "securemsg/server/tlstransport.py",
     "securemsg/server/connection.py",
     "securemsg/server/incoming.py",
+    "securemsg/client/connection.py",
 )
 
 

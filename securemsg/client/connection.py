@@ -23,6 +23,7 @@ from typing import Final, Protocol, cast
 
 import structlog
 
+from securemsg._compiled import mypyc_attr
 from securemsg.busypoll import BusyPoll
 from securemsg.config import ClientConfig
 from securemsg.core import connection as protocol
@@ -84,6 +85,8 @@ class ConnectionOwner(Protocol):
         """``conn`` is gone; stop sending on it."""
 
 
+# A Python class in the optional compiled build: mypyc cannot subclass EOFError.
+@mypyc_attr(native_class=False)
 class HandshakeClosedError(EOFError):
     """The server ended the connection before ``welcome`` (EOF, or a ``bye``)."""
 
