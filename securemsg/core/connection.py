@@ -192,9 +192,7 @@ class Connection:
         #: call cost ~3 % of the server's route).
         self.is_active = True
         self._decoder = FrameDecoder(max_frame)
-        self._decode: Callable[[bytes], ClientMessage | ClientBound] = client_decoder(
-            max_depth=DEFAULT_MAX_DEPTH, max_frame=max_frame
-        )
+        self._decode = self._decoder_for(max_frame)
         self._out: list[bytes] = []
         #: Relayed frames waiting to leave as one ``batch`` (see :meth:`send_relayed`).
         self._batch: list[bytes] = []
@@ -213,6 +211,10 @@ class Connection:
         self.close_code: str | None = None
         self.frames_in = self.frames_out = 0
         self.bytes_in = self.bytes_out = 0
+
+    def _decoder_for(self, max_frame: int) -> Callable[[bytes], ClientMessage | ClientBound]:
+        """What decodes the peer's payloads: what every client can receive (the server)."""
+        return client_decoder(max_depth=DEFAULT_MAX_DEPTH, max_frame=max_frame)
 
     def _set_state(self, state: ConnectionState) -> None:
         """The one way :attr:`state` changes, so that :attr:`is_active` follows it."""
@@ -530,23 +532,8 @@ class Client(Connection):
     _sends_errors = False
     _ping_every_interval = True
 
-    def __init__(
-        self,
-        *,
-        now: float,
-        max_frame: int = DEFAULT_MAX_FRAME,
-        heartbeat_interval: float = 10.0,
-        heartbeat_timeout: float = 30.0,
-    ) -> None:
-        # Named, not **kwargs, as in Server: compiled by mypyc, an empty **kwargs passed on
-        # arrived as a dict in max_frame.
-        super().__init__(
-            now=now,
-            max_frame=max_frame,
-            heartbeat_interval=heartbeat_interval,
-            heartbeat_timeout=heartbeat_timeout,
-        )
-        self._decode = decode_at_client
+    def _decoder_for(self, max_frame: int) -> Callable[[bytes], ClientMessage | ClientBound]:
+        return decode_at_client
 
     def hello(self, hello: Hello) -> None:
         self.send(hello)
