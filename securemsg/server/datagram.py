@@ -64,7 +64,8 @@ __all__ = ["DatagramListener"]
 
 logger = structlog.get_logger("securemsg.server.datagram")
 
-#: How often handshake retransmissions and the timeouts are looked at.
+#: How often handshake retransmissions and the timeouts are looked at, while there are
+#: associations (an idle listener does not tick).
 TICK_INTERVAL: Final = 0.05
 _BYE_FRAME_OF = encode_frame_of
 #: The bytes a ``seq`` below 2**53 and the closing brace add to a prefix.
@@ -157,7 +158,6 @@ class DatagramListener(asyncio.DatagramProtocol):
         self._transport = transport
         _widen_receive_buffer(transport)
         self.port = transport.get_extra_info("sockname")[1]
-        self._tick = loop.call_later(TICK_INTERVAL, self._on_tick)
         logger.info(
             "datagram_listening",
             host=host,
@@ -288,6 +288,8 @@ class DatagramListener(asyncio.DatagramProtocol):
             conn, address=address, key=key, send=self._send, now=now, hello_random=hello.random
         )
         self.table.add(key, association, now)
+        if self._tick is None and self._loop is not None:  # the timeouts start being looked at
+            self._tick = self._loop.call_later(TICK_INTERVAL, self._on_tick)
         self._handshake(association)
 
     def _handshake(self, association: Association) -> None:
@@ -455,4 +457,6 @@ class DatagramListener(asyncio.DatagramProtocol):
                 )
         for association in self.table.handshaking():
             association.on_timer()
-        self._tick = self._loop.call_later(TICK_INTERVAL, self._on_tick)
+        # No association left: no tick (20 wake-ups a second of an idle server were this),
+        # until the next one starts.
+        self._tick = self._loop.call_later(TICK_INTERVAL, self._on_tick) if self.table else None

@@ -261,6 +261,8 @@ async def test_an_unfinished_handshake_ends_after_the_handshake_timeout(
     conn.set_ciphertext_mtu(MAX_UDP_PAYLOAD)
     sock = raw_socket()
     address = ("127.0.0.1", udp_port(server))
+    assert server.datagram is not None
+    assert server.datagram._tick is None  # an idle listener does not wake up
     try:
         with contextlib.suppress(SSL.WantReadError):
             conn.do_handshake()
@@ -275,6 +277,7 @@ async def test_an_unfinished_handshake_ends_after_the_handshake_timeout(
         await asyncio.sleep(1.5)  # and the client goes silent
         assert len(server.datagram.table) == 0
         assert server.datagram.counts["handshake_timeout"] == 1
+        assert server.datagram._tick is None  # nothing left to look at: the ticks stopped
     finally:
         sock.close()
 
