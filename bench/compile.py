@@ -35,6 +35,8 @@ ROOT = Path(__file__).resolve().parents[1]
 #: ``mypyc_attr(allow_interpreted_subclasses=True)``.
 MODULES = (
     "securemsg/core/frames.py",
+    "securemsg/core/clienthello.py",
+    "securemsg/core/readbuffer.py",
     "securemsg/core/delivery.py",
     "securemsg/core/rooms.py",
     "securemsg/core/connection.py",
@@ -46,6 +48,7 @@ MODULES = (
     "securemsg/server/tlstransport.py",
     "securemsg/server/connection.py",
     "securemsg/server/incoming.py",
+    "securemsg/server/timerwheel.py",
     "securemsg/client/connection.py",
 )
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import itertools
 import socket
 import ssl
@@ -211,7 +212,7 @@ class Server:
                 raise
         for sock in self._sockets:
             listener = await self.loop.create_server(
-                lambda: Incoming(self), sock=sock, backlog=_BACKLOG
+                functools.partial(Incoming, self), sock=sock, backlog=_BACKLOG
             )
             self._listeners.append(listener)
         self._stall_check = self.loop.call_later(self._stall_period, self._check_stalled)

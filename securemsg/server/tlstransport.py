@@ -266,8 +266,12 @@ class TLSTransport(asyncio.Transport, asyncio.BufferedProtocol):
             pass
         except ssl.SSLError:
             pass  # the peer's close_notify already came, or the stream is broken: close
+        sslobj = self._sslobj
         try:
-            self._ssl.unwrap()
+            if sslobj is self._ssl:
+                sslobj.unwrap()
+            else:  # SSLObject.unwrap() only calls the C object's shutdown() (see __init__)
+                sslobj.shutdown()
         except ssl.SSLWantReadError:
             self._flush()
             return

@@ -7,7 +7,6 @@ lacks replayed).
 from __future__ import annotations
 
 import asyncio
-import secrets
 import time
 
 import msgspec
@@ -28,7 +27,7 @@ from securemsg.core.cluster import (
 from securemsg.core.messages import ErrorCode, Hello
 from securemsg.core.server_session import ServerSession
 from securemsg.errors import ProtocolError
-from securemsg.server.broker import Link, Opened, Session
+from securemsg.server.broker import Link, Opened, Session, session_token
 from securemsg.server.cluster.registry import SessionState
 from securemsg.server.cluster.router import ClusterRouter
 
@@ -89,7 +88,7 @@ class ClusterBroker(ClusterRouter):
                 ErrorCode.SERVER_BUSY,
                 f"the server holds {self.max_sessions} sessions (max_sessions), all connected",
             )
-        token = secrets.token_urlsafe(18)
+        token = session_token()
         key = session_key(token)
         await self.claim(name, key)
         holder = self.by_name.get(name)
