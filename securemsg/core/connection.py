@@ -86,10 +86,25 @@ class ConnectionState(enum.Enum):
     CLOSED = "closed"
 
 
-# Not frozen: made for every message, and a frozen dataclass's __init__ costs twice as much.
-@dataclass(slots=True)
 class MessageReceived:
-    message: ClientMessage | ClientBound
+    """One message arrived (a batch's items arrive as one each)."""
+
+    # A plain class, not a dataclass: made for every message received, and compiled
+    # (bench/compile.py) a dataclass's __init__ stays a Python function; this one does not.
+    __slots__ = ("message",)
+
+    def __init__(self, message: ClientMessage | ClientBound) -> None:
+        self.message = message
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not MessageReceived:
+            return NotImplemented
+        return bool(self.message == other.message)
+
+    __hash__ = None  # type: ignore[assignment]  # equal by value, mutable: as a dataclass
+
+    def __repr__(self) -> str:
+        return f"MessageReceived(message={self.message!r})"
 
 
 @dataclass(frozen=True, slots=True)
