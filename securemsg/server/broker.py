@@ -50,8 +50,8 @@ _URLSAFE = bytes.maketrans(b"+/", b"-_")
 
 def session_token() -> str:
     """A new session's resume token: 18 bytes from ``os.urandom``, URL-safe base64 (what
-    ``secrets.token_urlsafe(18)`` gives, in two C calls instead of eight Python ones: this
-    runs for every new session)."""
+    ``secrets.token_urlsafe(18)`` gives, with C calls only instead of eight Python ones:
+    this runs for every new session)."""
     return binascii.b2a_base64(os.urandom(18), newline=False).translate(_URLSAFE).decode()
 
 
