@@ -446,6 +446,7 @@ class Server(Connection):
         "_check_relayed",
         "_early_pings",
         "_hello_seen",
+        "_max_depth",
         "_peer_version",
         "handshake_deadline",
     )
@@ -460,6 +461,7 @@ class Server(Connection):
         heartbeat_interval: float = 10.0,
         heartbeat_timeout: float = 30.0,
     ) -> None:
+        self._max_depth = max_depth  # before the base's __init__, which calls _decoder_for
         # Named, not **kwargs: mypyc (the optional compiled build) fails on keyword-only
         # arguments with defaults followed by **kwargs.
         super().__init__(
@@ -468,14 +470,16 @@ class Server(Connection):
             heartbeat_interval=heartbeat_interval,
             heartbeat_timeout=heartbeat_timeout,
         )
-        # What every client can receive (see core.gatekeeper): checked as frames are decoded.
-        self._decode = client_decoder(max_depth=max_depth, max_frame=self._decoder.max_frame)
         self._check_relayed = relayed_checker(max_depth=max_depth)
         self._peer_version = 0
         self.handshake_deadline = now + handshake_timeout
         self._hello_seen = False
         #: Pings that came after hello in its read, answered right after welcome.
         self._early_pings: list[int] = []
+
+    def _decoder_for(self, max_frame: int) -> Callable[[bytes], ClientMessage | ClientBound]:
+        # What every client can receive (see core.gatekeeper): checked as frames are decoded.
+        return client_decoder(max_depth=self._max_depth, max_frame=max_frame)
 
     def _check_message(self, message: ClientMessage | ClientBound) -> Event | None:
         # A client may pipeline frames right after its hello; they can arrive in the same read,
